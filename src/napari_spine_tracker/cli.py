@@ -1,0 +1,246 @@
+"""The command line: ``napari-spine-tracker`` (alias ``spinetrack``), a thin layer over core/ and io/.
+
+Exit codes: 0 ok, 2 bad input (the message says what and how to fix it), 1 internal error.
+Every subcommand imports what it needs when it runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("napari_spine_tracker")
+
+
+# --------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .core.synth import SynthConfig, synthesize_series
+    from .io.atomic import atomic_open
+    from .io.series import write_series_tiff
+    from .io.tables import write_spine_table
+
+    overrides = {k: v for k, v in {
+        "sessions": args.sessions,
+        "shape": tuple(args.shape) if args.shape else None,
+        "voxel_size_um": tuple(args.voxel_size) if args.voxel_size else None,
+    }.items() if v is not None}
+    config = SynthConfig.preset(args.preset, seed=args.seed, **overrides)
+    result = synthesize_series(config)
+    out = Path(args.out)
+    write_series_tiff(out / "series.tif", result.image, result.voxel_size_um)
+    write_spine_table(result.truth, out / "truth.csv")
+    with atomic_open(out / "synth.json", "w") as f:
+        json.dump(result.metadata(), f, indent=2)
+    print(f"wrote {out / 'series.tif'} {tuple(result.image.shape)} (T,Z,Y,X), voxel size "
+          f"{result.voxel_size_um} µm, and {out / 'truth.csv'} ({len(result.truth)} spines-sessions, "
+          f"{result.truth['track_id'].nunique()} tracks)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .core.metrics import evaluate_tracks
+    from .io.tables import read_spine_table
+
+    pred = read_spine_table(args.pred)
+    truth = read_spine_table(args.truth)
+    scores = evaluate_tracks(pred, truth, voxel_size_um=tuple(args.voxel_size), tol_um=args.tol_um)
+    print(json.dumps(scores))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .core.detect import detect_series
+    from .core.models import load_model
+    from .io.series import load_series
+    from .io.tables import default_table_path, write_spine_table
+
+    if args.out and len(args.inputs) > 1 and not Path(args.out).is_dir():
+        raise InputError("--out must be a folder when several inputs are given "
+                         f"({len(args.inputs)} inputs, --out {args.out}).")
+    model = load_model(args.model, device=args.device)
+    for inp in args.inputs:
+        series = load_series(inp, voxel_size_um=args.voxel_size, channel=args.channel)
+        out = Path(args.out) if args.out else default_table_path(inp)
+        if out.is_dir():
+            out = out / default_table_path(inp).name
+        with _progress_bar(f"detect {Path(inp).name}", quiet=args.quiet) as progress:
+            table = detect_series(series, model=model, device=args.device, threshold=args.threshold,
+                                  progress=progress)
+        write_spine_table(table, out)
+        print(f"{inp}: {len(table)} spine-sessions in {table['track_id'].nunique()} tracks -> {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .core.train import TrainOptions, train_model
+
+    options = TrainOptions.from_args(args)
+    with _progress_bar("train", quiet=args.quiet) as progress:
+        path = train_model(options, progress=progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_dynamics(args: argparse.Namespace) -> int:
+    from .core.dynamics import run_dynamics_report
+
+    outputs = run_dynamics_report(args.spines, image=args.image, voxel_size_um=args.voxel_size,
+                                  out_dir=args.out, channel=args.channel)
+    for path in outputs:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .core.bench import run_bench
+
+    print(run_bench(quick=args.quick, device=args.device, model=args.model))
+    return 0
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        import napari
+    except ImportError as exc:
+        raise InputError("the GUI needs napari and a Qt binding: pip install 'napari-spine-tracker[pyqt6]'") from exc
+    viewer = napari.Viewer()
+    viewer.window.add_plugin_dock_widget("napari-spine-tracker", "Spine Tracker")
+    if args.input:
+        viewer.open(args.input, plugin="napari-spine-tracker")
+    napari.run()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+
+
+class _progress_bar:
+    """A tqdm bar behind the core's ``progress(done, total)`` callback."""
+
+    def __init__(self, desc: str, quiet: bool = False):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, leave=False)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _voxel_size(parser_action_name: str = "--voxel-size", required: bool = False) -> dict:
+    return dict(nargs=3, type=float, metavar=("Z", "Y", "X"), required=required,
+                help="voxel size in µm, z y x (overrides the file's metadata)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-spine-tracker",
+        description="Find and track dendritic spines in two-photon time series.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("detect", help="detect and track spines; writes a spine table per input")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="4D TIFF (T,Z,Y,X), 3D TIFF (one session) or folder of 3D TIFFs")
+    p.add_argument("--out", help="output CSV (one input) or folder; default INPUT.spines.csv")
+    p.add_argument("--model", default="spinenet-synth", help="shipped model name or checkpoint path")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--voxel-size", **_voxel_size())
+    p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
+    p.add_argument("--threshold", type=float, help="detection score threshold (default: the model's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("synth", help="write a synthetic series (series.tif) with its truth (truth.csv)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sessions", type=int, help="number of sessions T")
+    p.add_argument("--shape", nargs=3, type=int, metavar=("Z", "Y", "X"), help="volume shape in voxels")
+    p.add_argument("--voxel-size", **_voxel_size())
+    p.add_argument("--preset", default="default",
+                   help="a named parameter set (default, large_drift, low_snr, crowded, ...)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("evaluate", help="score predicted spines against truth; prints JSON")
+    p.add_argument("pred", metavar="PRED.csv")
+    p.add_argument("truth", metavar="TRUTH.csv")
+    p.add_argument("--voxel-size", **_voxel_size(required=True))
+    p.add_argument("--tol-um", type=float, default=1.0, help="matching tolerance in µm (default 1.0)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train or fine-tune a model on training sets and synthetic data")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="training-set folders (none: synthetic only)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    p.add_argument("--init", help="start from this model (name or path); default: from scratch")
+    p.add_argument("--steps", type=int, help="optimisation steps")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--size", default="lean", help="architecture preset when training from scratch")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="resume from --out if it holds a run in progress")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dynamics", help="gains, losses, survival and sizes from a spine table")
+    p.add_argument("spines", metavar="SPINES.csv")
+    p.add_argument("--image", help="the series, for dendrite length and spine head sizes")
+    p.add_argument("--voxel-size", **_voxel_size())
+    p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
+    p.add_argument("--out", help="output folder (default: next to SPINES.csv)")
+    p.set_defaults(func=cmd_dynamics)
+
+    p = sub.add_parser("bench", help="speed and accuracy against the trackpy peer on generated series")
+    p.add_argument("--quick", action="store_true", help="small series, for a smoke run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--model", default="spinenet-synth")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gui", help="open napari with the Spine Tracker widget")
+    p.add_argument("input", nargs="?", help="a series or spine table to open")
+    p.set_defaults(func=cmd_gui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("internal error (please report it with the command line you ran)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

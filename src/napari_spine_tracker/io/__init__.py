@@ -1,0 +1,1 @@
+"""Files: TIFF series, spine tables, training sets and checkpoints. Writes are atomic."""

@@ -1,0 +1,143 @@
+"""The spine table (DESIGN §3, a contract): one row per spine per session.
+
+=========  ========  ==========================================================================
+column     dtype     meaning
+=========  ========  ==========================================================================
+track_id   int >= 1  the same spine keeps the same id in every session
+t          int >= 0  session index in the series
+z, y, x    float     head centre in voxels of that session's own image (not registered)
+score      float     model confidence in [0, 1]; 1.0 for a point placed by hand
+status     str       ``predicted``, ``confirmed``, ``added`` or ``edited``
+=========  ========  ==========================================================================
+
+Extra columns are kept in order on a round trip; readers ignore what they do not know.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from .atomic import atomic_open
+
+REQUIRED_COLUMNS = ("track_id", "t", "z", "y", "x", "score", "status")
+#: columns a table of ground truth or a hand-made table must have; score and status get defaults
+MINIMAL_COLUMNS = ("track_id", "t", "z", "y", "x")
+STATUSES = ("predicted", "confirmed", "added", "edited")
+#: statuses a human has vouched for; detection never overwrites them silently
+HUMAN_STATUSES = ("confirmed", "added", "edited")
+TABLE_SUFFIX = ".spines.csv"
+
+
+def empty_spine_table() -> pd.DataFrame:
+    """A spine table with the required columns, typed, and no rows."""
+    return pd.DataFrame(
+        {
+            "track_id": pd.Series(dtype="int64"),
+            "t": pd.Series(dtype="int64"),
+            "z": pd.Series(dtype="float64"),
+            "y": pd.Series(dtype="float64"),
+            "x": pd.Series(dtype="float64"),
+            "score": pd.Series(dtype="float64"),
+            "status": pd.Series(dtype="object"),
+        }
+    )
+
+
+def validate_spine_table(table: pd.DataFrame, *, source: str = "spine table") -> pd.DataFrame:
+    """Check and normalise a spine table; returns a typed copy with the required columns first.
+
+    A table without ``score`` or ``status`` (ground truth, say) gets 1.0 and ``confirmed``.
+    Raises :class:`InputError` naming the missing columns or the offending values.
+    """
+    missing = [c for c in MINIMAL_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"{source} lacks the required column(s) {', '.join(missing)}; a spine table needs "
+            f"{', '.join(REQUIRED_COLUMNS)} (score and status may be omitted)."
+        )
+    table = table.copy()
+    if "score" not in table.columns:
+        table["score"] = 1.0
+    if "status" not in table.columns:
+        table["status"] = "confirmed"
+    for col in ("track_id", "t"):
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = values.isna() | (values != np.round(values))
+        if bad.any():
+            raise InputError(f"{source}: column {col!r} must hold integers; row {int(np.argmax(bad))} "
+                             f"holds {table[col].iloc[int(np.argmax(bad))]!r}.")
+        table[col] = values.astype("int64")
+    for col in ("z", "y", "x", "score"):
+        values = pd.to_numeric(table[col], errors="coerce")
+        if values.isna().any():
+            row = int(np.argmax(values.isna()))
+            raise InputError(f"{source}: column {col!r} must hold numbers; row {row} holds "
+                             f"{table[col].iloc[row]!r}.")
+        table[col] = values.astype("float64")
+    if (table["track_id"] < 1).any():
+        raise InputError(f"{source}: track_id must be >= 1 (found {table['track_id'].min()}).")
+    if (table["t"] < 0).any():
+        raise InputError(f"{source}: t must be >= 0 (found {table['t'].min()}).")
+    if ((table["score"] < 0) | (table["score"] > 1)).any():
+        raise InputError(f"{source}: score must lie in [0, 1].")
+    table["status"] = table["status"].fillna("predicted").astype(str).str.strip()
+    unknown = sorted(set(table["status"]) - set(STATUSES))
+    if unknown:
+        raise InputError(f"{source}: unknown status {unknown}; allowed: {', '.join(STATUSES)}.")
+    duplicated = table.duplicated(["track_id", "t"])
+    if duplicated.any():
+        row = table[duplicated].iloc[0]
+        raise InputError(f"{source}: spine {row.track_id} appears twice in session {row.t}; "
+                         "a track has at most one point per session.")
+    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS]
+    table["status"] = table["status"].astype(object)
+    return table[list(REQUIRED_COLUMNS) + extra].reset_index(drop=True)
+
+
+def read_spine_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate a spine table CSV (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no spine table at {path}: check the path.")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a readable CSV spine table ({exc}).") from exc
+    return validate_spine_table(table, source=str(path))
+
+
+def looks_like_spine_table(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a CSV whose header has the spine-table columns (never raises)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    names = {c.strip().strip('"') for c in header.split(",")}
+    return set(MINIMAL_COLUMNS) <= names
+
+
+def write_spine_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Validate ``table`` and write it atomically as CSV; returns the path."""
+    table = validate_spine_table(table)
+    table = table.sort_values(["t", "track_id"], kind="stable")
+    path = Path(path)
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        table.to_csv(f, index=False)
+    return path
+
+
+def default_table_path(input_path: str | os.PathLike) -> Path:
+    """``dir/NAME.tif`` -> ``dir/NAME.spines.csv``; a folder ``dir/NAME`` -> ``dir/NAME.spines.csv``."""
+    p = Path(input_path)
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + TABLE_SUFFIX)

@@ -1,0 +1,89 @@
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.errors import InputError
+from napari_spine_tracker.io.tables import (
+    REQUIRED_COLUMNS,
+    default_table_path,
+    looks_like_spine_table,
+    read_spine_table,
+    write_spine_table,
+)
+
+
+def _table(**extra):
+    data = dict(track_id=[1, 2, 1], t=[0, 0, 1], z=[1.5, 2, 3], y=[3, 4, 5], x=[5, 6, 7],
+                score=[0.9, 0.8, 1.0], status=["predicted", "confirmed", "added"])
+    data.update(extra)
+    return pd.DataFrame(data)
+
+
+def test_round_trip_keeps_unknown_columns(tmp_path):
+    table = _table(head_radius_um=[0.31, 0.42, 0.5], note=["a", "b", "c"])
+    path = write_spine_table(table, tmp_path / "s.csv")
+    back = read_spine_table(path)
+    assert list(back.columns) == [*REQUIRED_COLUMNS, "head_radius_um", "note"]
+    back = back.sort_values(["track_id", "t"]).reset_index(drop=True)
+    expected = table.sort_values(["track_id", "t"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("column", ["track_id", "t", "x"])
+def test_missing_column_is_named(tmp_path, column):
+    path = tmp_path / "bad.csv"
+    _table().drop(columns=[column]).to_csv(path, index=False)
+    with pytest.raises(InputError, match=column):
+        read_spine_table(path)
+
+
+def test_truth_without_score_and_status_gets_defaults(tmp_path):
+    path = tmp_path / "truth.csv"
+    _table().drop(columns=["score", "status"]).to_csv(path, index=False)
+    table = read_spine_table(path)
+    assert (table["score"] == 1.0).all() and (table["status"] == "confirmed").all()
+
+
+@pytest.mark.parametrize(("column", "value", "message"), [
+    ("status", "maybe", "unknown status"),
+    ("track_id", 0, "track_id must be >= 1"),
+    ("score", 1.5, "score must lie"),
+    ("x", "abc", "must hold numbers"),
+])
+def test_bad_values_rejected(column, value, message, tmp_path):
+    table = _table()
+    table[column] = table[column].astype(object)
+    table.loc[1, column] = value
+    path = tmp_path / "bad.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(InputError, match=message):
+        read_spine_table(path)
+
+
+def test_duplicate_spine_in_session_rejected(tmp_path):
+    table = _table(track_id=[1, 1, 1], t=[0, 0, 1])
+    with pytest.raises(InputError, match="twice"):
+        write_spine_table(table, tmp_path / "dup.csv")
+
+
+def test_empty_table_round_trips(tmp_path):
+    path = write_spine_table(_table().iloc[:0], tmp_path / "empty.csv")
+    assert read_spine_table(path).empty
+
+
+def test_failed_write_leaves_previous_file(tmp_path):
+    path = write_spine_table(_table(), tmp_path / "s.csv")
+    before = path.read_text()
+    with pytest.raises(InputError):
+        write_spine_table(_table(status=["bogus"] * 3), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]
+
+
+def test_sniffing_and_default_path(tmp_path):
+    good = write_spine_table(_table(), tmp_path / "a.csv")
+    other = tmp_path / "b.csv"
+    other.write_text("a,b\n1,2\n")
+    assert looks_like_spine_table(good) and not looks_like_spine_table(other)
+    assert not looks_like_spine_table(tmp_path / "missing.csv")
+    assert default_table_path("/d/mouse1.ome.tif").name == "mouse1.spines.csv"
+    assert default_table_path("/d/sessions").name == "sessions.spines.csv"
