@@ -1,0 +1,260 @@
+"""Scores of predicted spine tracks against ground truth: detection F1, IDF1, association accuracy.
+
+Every distance is in µm: z, y, x voxel coordinates are multiplied by the voxel size first, and a
+prediction and a true spine *match* when they lie within ``tol_um`` of each other in the same session.
+
+- **Detection** (precision, recall, F1): in each session, an optimal one-to-one matching
+  (Hungarian, :func:`scipy.optimize.linear_sum_assignment`) with the largest number of pairs within
+  the tolerance, ties broken by the smallest total distance; counts are summed over sessions
+  (micro average).
+- **Identity** (IDP, IDR, IDF1; Ristani et al. 2016, "Performance measures and a data set for
+  multi-target, multi-camera tracking"): one global one-to-one matching of predicted track ids to
+  true track ids that maximises the identity true positives IDTP, where a (predicted id, true id)
+  pair scores one for each session in which both exist and lie within the tolerance.
+  IDFP = n_pred - IDTP, IDFN = n_true - IDTP, IDF1 = 2 IDTP / (2 IDTP + IDFP + IDFN).
+- **Association accuracy**: a *true link* joins two consecutive appearances of the same true
+  spine, t_a -> t_b with no appearance in between. A session in which the spine is absent from the
+  truth table (a transient miss, a gap) does not break the link: the spine keeps its identity across
+  the gap, and keeping it is exactly what gap closing is for. A link is *evaluable* when both of its
+  ends were matched by the per-session detection matching, and *correct* when the two matched
+  predictions share a track id. ``association_accuracy`` = correct / evaluable, so that it measures
+  linking alone (detection misses are F1's business); ``link_recall`` = correct / all true links
+  mixes both.
+
+Any ratio whose denominator is zero (no predictions, no truth, no evaluable link) is reported as 0.0,
+so that the result is always plain JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from ..errors import InputError
+from ..io.tables import validate_spine_table
+
+__all__ = ["evaluate_tracks", "match_points", "parse_voxel_size"]
+
+
+def parse_voxel_size(voxel_size_um: Sequence[float] | float, *, name: str = "voxel_size_um") -> np.ndarray:
+    """``(z, y, x)`` voxel size in µm as a float array of 3 positive numbers (a scalar means isotropic)."""
+    try:
+        size = np.asarray(voxel_size_um, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be three numbers z, y, x in µm, got {voxel_size_um!r}.") from exc
+    if size.ndim == 0:
+        size = np.repeat(size, 3)
+    if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise InputError(f"{name} must be three positive numbers z, y, x in µm, got {voxel_size_um!r}.")
+    return size
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else 0.0
+
+
+def _components(pairs_a: np.ndarray, pairs_b: np.ndarray, n_a: int, n_b: int) -> list[tuple]:
+    """Connected components of a bipartite graph given as edge lists; yields (rows_a, rows_b, edge mask)."""
+    if len(pairs_a) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(pairs_a)), (pairs_a, n_a + pairs_b)), shape=(n_a + n_b,) * 2)
+    _, labels = connected_components(graph, directed=False)
+    edge_label = labels[pairs_a]
+    comps = []
+    order = np.argsort(edge_label, kind="stable")
+    bounds = np.flatnonzero(np.diff(edge_label[order])) + 1
+    for edges in np.split(order, bounds):
+        comps.append(edges)
+    return comps
+
+
+def _max_weight_matching(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
+                         n_rows: int, n_cols: int, *, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching restricted to the given edges (sparse), solved per component.
+
+    ``maximize=True``: maximise the total weight (IDF1). ``maximize=False``: maximise the number of
+    pairs first, then minimise the total weight (distance matching). Returns matched (rows, cols).
+    """
+    out_r: list[np.ndarray] = []
+    out_c: list[np.ndarray] = []
+    for edges in _components(rows, cols, n_rows, n_cols):
+        r_ids, r_local = np.unique(rows[edges], return_inverse=True)
+        c_ids, c_local = np.unique(cols[edges], return_inverse=True)
+        w = weights[edges]
+        if maximize:
+            # absent edges weigh 0: never better than any real edge (all weights > 0)
+            cost = np.zeros((len(r_ids), len(c_ids)))
+            cost[r_local, c_local] = -w
+        else:
+            # an absent edge costs more than any set of real ones, so the count of pairs comes first
+            big = (float(w.max()) + 1.0) * (min(len(r_ids), len(c_ids)) + 1)
+            cost = np.full((len(r_ids), len(c_ids)), big)
+            cost[r_local, c_local] = w
+        ri, ci = linear_sum_assignment(cost)
+        real = np.zeros((len(r_ids), len(c_ids)), dtype=bool)
+        real[r_local, c_local] = True
+        keep = real[ri, ci]
+        out_r.append(r_ids[ri[keep]])
+        out_c.append(c_ids[ci[keep]])
+    if not out_r:
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    return np.concatenate(out_r), np.concatenate(out_c)
+
+
+def _pairs_within(a_um: np.ndarray, b_um: np.ndarray,
+                  tol_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (i, j) with |a_i - b_j| <= tol_um; returns (i, j, distance_um)."""
+    if len(a_um) == 0 or len(b_um) == 0:
+        empty = np.zeros(0, dtype=int)
+        return empty, empty, np.zeros(0)
+    dist = cKDTree(a_um).sparse_distance_matrix(cKDTree(b_um), tol_um, output_type="coo_matrix")
+    return dist.row.astype(int), dist.col.astype(int), dist.data.astype(float)
+
+
+def match_points(pred_um: np.ndarray, truth_um: np.ndarray, tol_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching of two point sets (N, 3) and (M, 3) in µm within ``tol_um``.
+
+    Maximises the number of pairs, then minimises their total distance. Returns index arrays
+    ``(pred_rows, truth_rows)`` of the matched pairs.
+    """
+    pred_um = np.asarray(pred_um, float).reshape(-1, 3)
+    truth_um = np.asarray(truth_um, float).reshape(-1, 3)
+    i, j, d = _pairs_within(pred_um, truth_um, tol_um)
+    return _max_weight_matching(i, j, d, len(pred_um), len(truth_um), maximize=False)
+
+
+def _prepare(table: pd.DataFrame, source: str) -> pd.DataFrame:
+    if not isinstance(table, pd.DataFrame):
+        raise InputError(f"{source} must be a pandas DataFrame (a spine table), got {type(table).__name__}.")
+    if len(table) == 0:
+        missing = [c for c in ("t", "z", "y", "x") if c not in table.columns]
+        if missing:
+            raise InputError(f"{source} lacks the column(s) {', '.join(missing)}.")
+        return pd.DataFrame({"track_id": pd.Series(dtype="int64"), "t": pd.Series(dtype="int64"),
+                             "z": pd.Series(dtype=float), "y": pd.Series(dtype=float),
+                             "x": pd.Series(dtype=float)})
+    return validate_spine_table(table, source=source)[["track_id", "t", "z", "y", "x"]].reset_index(drop=True)
+
+
+def evaluate_tracks(pred: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: Sequence[float] | float,
+                    tol_um: float = 1.0) -> dict:
+    """Score predicted spine tracks against true ones (see the module docstring for definitions).
+
+    Parameters
+    ----------
+    pred, truth
+        Spine tables (columns ``track_id, t, z, y, x``; z, y, x in voxels of each session's grid).
+    voxel_size_um
+        ``(z, y, x)`` voxel size in µm, used to measure distances in µm.
+    tol_um
+        Largest distance in µm at which a prediction matches a true spine.
+
+    Returns
+    -------
+    dict
+        Plain JSON: ``precision, recall, f1, tp, fp, fn, n_pred, n_true, idf1, idp, idr, idtp, idfp,
+        idfn, association_accuracy, link_recall, n_true_links, n_links_evaluable, n_links_correct,
+        n_pred_tracks, n_true_tracks, tol_um, sessions`` (a list of per-session
+        ``{t, n_pred, n_true, tp, fp, fn}``).
+    """
+    scale = parse_voxel_size(voxel_size_um)
+    if not np.isfinite(tol_um) or tol_um <= 0:
+        raise InputError(f"tol_um must be a positive distance in µm, got {tol_um!r}.")
+    pred = _prepare(pred, "predicted spine table")
+    truth = _prepare(truth, "true spine table")
+    pred_um = pred[["z", "y", "x"]].to_numpy(float) * scale
+    truth_um = truth[["z", "y", "x"]].to_numpy(float) * scale
+    pred_t, truth_t = pred["t"].to_numpy(), truth["t"].to_numpy()
+
+    # global row index of the prediction matched to each true row (-1: missed)
+    truth_match = np.full(len(truth), -1, dtype=int)
+    id_rows: list[np.ndarray] = []
+    id_cols: list[np.ndarray] = []
+    sessions = []
+    for t in np.union1d(np.unique(pred_t), np.unique(truth_t)):
+        p_rows = np.flatnonzero(pred_t == t)
+        g_rows = np.flatnonzero(truth_t == t)
+        i, j, d = _pairs_within(pred_um[p_rows], truth_um[g_rows], tol_um)
+        mi, mj = _max_weight_matching(i, j, d, len(p_rows), len(g_rows), maximize=False)
+        truth_match[g_rows[mj]] = p_rows[mi]
+        id_rows.append(p_rows[i])
+        id_cols.append(g_rows[j])
+        tp = len(mi)
+        sessions.append({"t": int(t), "n_pred": len(p_rows), "n_true": len(g_rows), "tp": tp,
+                         "fp": len(p_rows) - tp, "fn": len(g_rows) - tp})
+    tp = sum(s["tp"] for s in sessions)
+    n_pred, n_true = len(pred), len(truth)
+    precision, recall = _ratio(tp, n_pred), _ratio(tp, n_true)
+
+    idtp = _identity_true_positives(pred, truth, id_rows, id_cols)
+    idp, idr = _ratio(idtp, n_pred), _ratio(idtp, n_true)
+
+    links = _true_links(truth)
+    matched_a, matched_b = truth_match[links[:, 0]], truth_match[links[:, 1]]
+    evaluable = (matched_a >= 0) & (matched_b >= 0)
+    pred_ids = pred["track_id"].to_numpy()
+    correct = evaluable.copy()
+    correct[evaluable] = pred_ids[matched_a[evaluable]] == pred_ids[matched_b[evaluable]]
+    n_eval, n_correct = int(evaluable.sum()), int(correct.sum())
+
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * tp, n_pred + n_true),
+        "tp": int(tp),
+        "fp": int(n_pred - tp),
+        "fn": int(n_true - tp),
+        "n_pred": int(n_pred),
+        "n_true": int(n_true),
+        "idf1": _ratio(2 * idtp, n_pred + n_true),
+        "idp": idp,
+        "idr": idr,
+        "idtp": int(idtp),
+        "idfp": int(n_pred - idtp),
+        "idfn": int(n_true - idtp),
+        "association_accuracy": _ratio(n_correct, n_eval),
+        "link_recall": _ratio(n_correct, len(links)),
+        "n_true_links": len(links),
+        "n_links_evaluable": n_eval,
+        "n_links_correct": n_correct,
+        "n_pred_tracks": int(pred["track_id"].nunique()),
+        "n_true_tracks": int(truth["track_id"].nunique()),
+        "tol_um": float(tol_um),
+        "sessions": sessions,
+    }
+
+
+def _identity_true_positives(pred: pd.DataFrame, truth: pd.DataFrame,
+                             id_rows: list[np.ndarray], id_cols: list[np.ndarray]) -> int:
+    """IDTP: the largest total, over one-to-one matchings of predicted to true track ids, of the
+    number of sessions in which the two tracks lie within the tolerance (rows paired in ``id_rows``,
+    ``id_cols``)."""
+    rows = np.concatenate(id_rows) if id_rows else np.zeros(0, dtype=int)
+    cols = np.concatenate(id_cols) if id_cols else np.zeros(0, dtype=int)
+    if len(rows) == 0:
+        return 0
+    p_codes, p_ids = pd.factorize(pred["track_id"])
+    g_codes, g_ids = pd.factorize(truth["track_id"])
+    pair = pd.DataFrame({"p": p_codes[rows], "g": g_codes[cols]})
+    # each track has one point per session, so each (pred id, true id) pair counts each session once
+    counts = pair.value_counts().reset_index(name="n")
+    r, c = _max_weight_matching(counts["p"].to_numpy(), counts["g"].to_numpy(), counts["n"].to_numpy(float),
+                                len(p_ids), len(g_ids), maximize=True)
+    n_sessions = counts.set_index(["p", "g"])["n"]
+    return int(n_sessions.loc[list(zip(r, c, strict=True))].sum()) if len(r) else 0
+
+
+def _true_links(truth: pd.DataFrame) -> np.ndarray:
+    """(L, 2) row indices of consecutive appearances of each true spine (gaps do not break a link)."""
+    if len(truth) == 0:
+        return np.zeros((0, 2), dtype=int)
+    order = truth.sort_values(["track_id", "t"], kind="stable").index.to_numpy()
+    ids = truth["track_id"].to_numpy()[order]
+    same = ids[1:] == ids[:-1]
+    return np.stack([order[:-1][same], order[1:][same]], axis=1)
