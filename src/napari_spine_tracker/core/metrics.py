@@ -39,7 +39,7 @@ from scipy.spatial import cKDTree
 from ..errors import InputError
 from ..io.tables import validate_spine_table
 
-__all__ = ["evaluate_tracks", "match_points", "parse_voxel_size"]
+__all__ = ["evaluate_tracks", "match_points", "parse_voxel_size", "sparse_assignment"]
 
 
 def parse_voxel_size(voxel_size_um: Sequence[float] | float, *, name: str = "voxel_size_um") -> np.ndarray:
@@ -74,12 +74,15 @@ def _components(pairs_a: np.ndarray, pairs_b: np.ndarray, n_a: int, n_b: int) ->
     return comps
 
 
-def _max_weight_matching(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
-                         n_rows: int, n_cols: int, *, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal one-to-one matching restricted to the given edges (sparse), solved per component.
+def sparse_assignment(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
+                      n_rows: int, n_cols: int, *, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching restricted to the given edges, solved per connected component.
 
-    ``maximize=True``: maximise the total weight (IDF1). ``maximize=False``: maximise the number of
-    pairs first, then minimise the total weight (distance matching). Returns matched (rows, cols).
+    ``rows[k], cols[k], weights[k]`` is one allowed pair; pairs not listed are never matched, so a
+    large sparse problem costs only as much as its largest cluster.
+    ``maximize=True``: maximise the total weight (all weights must be > 0).
+    ``maximize=False``: maximise the number of pairs first, then minimise the total weight.
+    Returns the matched ``(rows, cols)``.
     """
     out_r: list[np.ndarray] = []
     out_c: list[np.ndarray] = []
@@ -126,7 +129,7 @@ def match_points(pred_um: np.ndarray, truth_um: np.ndarray, tol_um: float) -> tu
     pred_um = np.asarray(pred_um, float).reshape(-1, 3)
     truth_um = np.asarray(truth_um, float).reshape(-1, 3)
     i, j, d = _pairs_within(pred_um, truth_um, tol_um)
-    return _max_weight_matching(i, j, d, len(pred_um), len(truth_um), maximize=False)
+    return sparse_assignment(i, j, d, len(pred_um), len(truth_um), maximize=False)
 
 
 def _prepare(table: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -181,7 +184,7 @@ def evaluate_tracks(pred: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: Sequ
         p_rows = np.flatnonzero(pred_t == t)
         g_rows = np.flatnonzero(truth_t == t)
         i, j, d = _pairs_within(pred_um[p_rows], truth_um[g_rows], tol_um)
-        mi, mj = _max_weight_matching(i, j, d, len(p_rows), len(g_rows), maximize=False)
+        mi, mj = sparse_assignment(i, j, d, len(p_rows), len(g_rows), maximize=False)
         truth_match[g_rows[mj]] = p_rows[mi]
         id_rows.append(p_rows[i])
         id_cols.append(g_rows[j])
@@ -244,7 +247,7 @@ def _identity_true_positives(pred: pd.DataFrame, truth: pd.DataFrame,
     pair = pd.DataFrame({"p": p_codes[rows], "g": g_codes[cols]})
     # each track has one point per session, so each (pred id, true id) pair counts each session once
     counts = pair.value_counts().reset_index(name="n")
-    r, c = _max_weight_matching(counts["p"].to_numpy(), counts["g"].to_numpy(), counts["n"].to_numpy(float),
+    r, c = sparse_assignment(counts["p"].to_numpy(), counts["g"].to_numpy(), counts["n"].to_numpy(float),
                                 len(p_ids), len(g_ids), maximize=True)
     n_sessions = counts.set_index(["p", "g"])["n"]
     return int(n_sessions.loc[list(zip(r, c, strict=True))].sum()) if len(r) else 0

@@ -1,0 +1,131 @@
+"""link_detections: drift, gaps, displacement, gating, empty input, ids, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.core.link import link_detections
+from napari_spine_tracker.core.metrics import evaluate_tracks
+from napari_spine_tracker.errors import Cancelled, InputError
+from napari_spine_tracker.io.tables import REQUIRED_COLUMNS
+
+VOXEL = (0.5, 0.1, 0.1)  # µm
+
+
+def detections_from(truth: pd.DataFrame) -> pd.DataFrame:
+    """Shuffled detections (no track ids) made from a truth table."""
+    det = truth.drop(columns="track_id").assign(score=0.9)
+    return det.sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+def same_partition(linked: pd.DataFrame, truth: pd.DataFrame) -> bool:
+    """True when the linked ids group the rows exactly as the true ids (up to renaming)."""
+    key = ["t", "z", "y", "x"]
+    merged = linked.merge(truth, on=key, suffixes=("_pred", "_true"))
+    assert len(merged) == len(truth)
+    pairs = merged[["track_id_pred", "track_id_true"]].drop_duplicates()
+    return pairs["track_id_pred"].is_unique and pairs["track_id_true"].is_unique
+
+
+def grid_truth(drift_vox: np.ndarray, n_spines: int = 6, spacing_vox: float = 10.0) -> pd.DataFrame:
+    """Spines on a line 1 µm apart (10 voxels of 0.1 µm), moved by the drift in every session."""
+    rows = []
+    for t, d in enumerate(drift_vox):
+        for k in range(n_spines):
+            p = np.array([4.0, 50.0, 20.0 + spacing_vox * k]) + d
+            rows.append((k + 1, t, *p))
+    return pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x"])
+
+
+def test_perfect_linking_with_drift():
+    # 3 µm drift between sessions: three times the spacing of the spines
+    drift = np.array([[0, 0, 0], [1, 5, 30], [1, -10, 60], [0, -10, 90]], dtype=float)
+    truth = grid_truth(drift)
+    linked = link_detections(detections_from(truth), VOXEL, drift_vox=drift)
+    assert list(linked.columns[:7]) == list(REQUIRED_COLUMNS)
+    assert (linked["status"] == "predicted").all()
+    assert same_partition(linked, truth)
+    assert evaluate_tracks(linked, truth, VOXEL)["idf1"] == 1.0
+    # without registration the same detections are mislinked
+    unregistered = link_detections(detections_from(truth), VOXEL)
+    assert not same_partition(unregistered, truth)
+
+
+def test_ids_start_at_one_in_order_of_first_appearance_and_extra_columns_kept():
+    det = pd.DataFrame({"t": [1, 0, 0, 1], "z": [0.0, 0, 0, 0], "y": [0.0, 0, 50, 50],
+                        "x": [0.0, 0, 0, 0], "score": [0.5, 0.6, 0.7, 0.8], "head_radius_um": [1, 2, 3, 4]})
+    linked = link_detections(det, VOXEL)
+    assert linked["track_id"].tolist() == [1, 2, 1, 2]
+    assert linked["t"].tolist() == [0, 0, 1, 1]
+    assert linked["head_radius_um"].tolist() == [2, 3, 1, 4]
+    assert linked["score"].tolist() == [0.6, 0.7, 0.5, 0.8]
+
+
+@pytest.mark.parametrize(("gap", "kept"), [(1, True), (2, True), (3, False)])
+def test_gap_closing_keeps_id_up_to_max_gap(gap, kept):
+    drift = np.cumsum(np.full((6, 3), [0.0, 4.0, 8.0]), axis=0)  # 0.9 µm per session
+    truth = grid_truth(drift, n_spines=3)
+    # spine 2 is missed in sessions 1 .. gap
+    missed = (truth["track_id"] == 2) & truth["t"].between(1, gap)
+    truth = truth[~missed]
+    linked = link_detections(detections_from(truth), VOXEL, drift_vox=drift, max_gap=2)
+    spine2 = linked.merge(truth, on=["t", "z", "y", "x"]).query("track_id_y == 2")
+    assert (spine2["track_id_x"].nunique() == 1) == kept
+    # the other spines are never disturbed
+    others = linked.merge(truth, on=["t", "z", "y", "x"]).query("track_id_y != 2")
+    assert others.groupby("track_id_y")["track_id_x"].nunique().eq(1).all()
+
+
+def test_gap_gate_grows_modestly():
+    det = pd.DataFrame({"t": [0, 2], "z": [0.0, 0.0], "y": [0.0, 0.0], "x": [0.0, 16.0], "score": 1.0})
+    # 1.6 µm after one missed session: beyond gate 1.5, within 1.5 + 0.25
+    assert link_detections(det, VOXEL, gate_um=1.5)["track_id"].nunique() == 1
+    assert link_detections(det, VOXEL, gate_um=1.5, gap_gate_growth_um=0.0)["track_id"].nunique() == 2
+
+
+def test_swapped_neighbours_resolved_by_displacement():
+    # two spines 0.4 µm apart trade places (say, a deformation the rigid drift does not explain);
+    # registration alone links by proximity, the predicted displacement knows better
+    det = pd.DataFrame({
+        "t": [0, 0, 1, 1],
+        "z": [2.0, 2.0, 2.0, 2.0], "y": [10.0, 10.0, 10.0, 10.0], "x": [10.0, 14.0, 10.5, 13.5],
+        "score": 0.9,
+        # in session 1: the point at x=10.5 came from x=14, the one at 13.5 from x=10
+        "dz": [np.nan, np.nan, 0.0, 0.0], "dy": [np.nan, np.nan, 0.0, 0.0], "dx": [np.nan, np.nan, 3.5, -3.5],
+    })
+    linked = link_detections(det, VOXEL)
+    ids = linked.set_index(["t", "x"])["track_id"]
+    assert ids[(1, 10.5)] == ids[(0, 14.0)] and ids[(1, 13.5)] == ids[(0, 10.0)]
+    by_proximity = link_detections(det.drop(columns=["dz", "dy", "dx"]), VOXEL)
+    ids = by_proximity.set_index(["t", "x"])["track_id"]
+    assert ids[(1, 10.5)] == ids[(0, 10.0)]
+    assert {"dz", "dy", "dx"} <= set(linked.columns)
+
+
+def test_gating_rejects_far_jumps():
+    det = pd.DataFrame({"t": [0, 1, 2], "z": [0.0, 0.0, 0.0], "y": [0.0, 0.0, 0.0], "x": [0.0, 14.0, 34.0],
+                        "score": 1.0})
+    linked = link_detections(det, VOXEL, gate_um=1.5)
+    # 1.4 µm: linked; then 2.0 µm: a new track
+    assert linked["track_id"].tolist() == [1, 1, 2]
+
+
+def test_empty_input_gives_empty_table():
+    empty = pd.DataFrame({"t": [], "z": [], "y": [], "x": [], "score": []})
+    linked = link_detections(empty, VOXEL)
+    assert len(linked) == 0 and list(linked.columns[:7]) == list(REQUIRED_COLUMNS)
+
+
+def test_progress_cancel_and_bad_input():
+    det = detections_from(grid_truth(np.zeros((3, 3))))
+    calls = []
+    link_detections(det, VOXEL, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(Cancelled):
+        link_detections(det, VOXEL, should_stop=lambda: True)
+    with pytest.raises(InputError, match="drift_vox"):
+        link_detections(det, VOXEL, drift_vox=np.zeros((2, 3)))
+    with pytest.raises(InputError, match="column"):
+        link_detections(det.drop(columns="z"), VOXEL)
