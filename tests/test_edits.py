@@ -1,0 +1,178 @@
+"""Pure correction functions of core/edits.py (no GUI)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.core import edits
+from napari_spine_tracker.errors import InputError
+
+
+def _points(rows):
+    """rows: (track_id, t, z, y, x, score, status)."""
+    table = pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x", "score", "status"])
+    return edits.points_from_table(table)
+
+
+@pytest.fixture
+def two_spines():
+    # spine 1 in sessions 0-2, spine 2 in sessions 0-1
+    return _points([
+        (1, 0, 2, 10, 10, 0.9, "predicted"),
+        (1, 1, 2, 11, 10, 0.4, "predicted"),
+        (1, 2, 2, 11, 11, 0.7, "predicted"),
+        (2, 0, 3, 30, 30, 0.2, "predicted"),
+        (2, 1, 3, 30, 31, 0.6, "confirmed"),
+    ])
+
+
+def _ids(features):
+    return features["track_id"].tolist()
+
+
+def test_table_round_trip_keeps_extra_columns():
+    table = pd.DataFrame(dict(track_id=[3, 1], t=[1, 0], z=[1.5, 2], y=[3, 4], x=[5, 6], score=[0.5, 1.0],
+                              status=["predicted", "added"], head_radius_um=[0.3, 0.4]))
+    data, features = edits.points_from_table(table)
+    assert data.shape == (2, 4)
+    assert list(features.columns) == ["track_id", "score", "status", "head_radius_um"]
+    assert features["track_id"].dtype == np.int64
+    back = edits.table_from_points(data, features)
+    pd.testing.assert_frame_equal(back, edits.table_from_points(*edits.points_from_table(back)))
+    assert back["head_radius_um"].tolist() == [0.3, 0.4]
+    assert back["t"].tolist() == [1, 0]
+
+
+def test_empty_layer_gives_empty_table():
+    table = edits.table_from_points(*edits.empty_points())
+    assert list(table.columns)[:7] == ["track_id", "t", "z", "y", "x", "score", "status"] and table.empty
+
+
+def test_add_spine_new_id_and_continue(two_spines):
+    data, features = edits.add_spine(*two_spines, [1, 5, 50, 50])
+    assert _ids(features)[-1] == 3 and features["status"].iloc[-1] == "added"
+    assert features["score"].iloc[-1] == 1.0 and data[-1].tolist() == [1, 5, 50, 50]
+    data, features = edits.add_spine(data, features, [2.2, 3, 30, 32], track_id=2)
+    assert _ids(features)[-1] == 2 and data[-1, 0] == 2
+    with pytest.raises(InputError, match="already has a point in session 2"):
+        edits.add_spine(data, features, [2, 3, 3, 3], track_id=2)
+    assert len(two_spines[0]) == 5, "inputs must not change"
+
+
+def test_delete_and_move(two_spines):
+    data, features = edits.delete_spines(*two_spines, [0, 3])
+    assert _ids(features) == [1, 1, 2] and data[:, 0].tolist() == [1, 2, 1]
+    data, features = edits.move_spine(*two_spines, 1, [2.5, 12, 9])
+    assert data[1].tolist() == [1, 2.5, 12, 9] and features["status"].iloc[1] == "edited"
+    assert two_spines[0][1].tolist() == [1, 2, 11, 10]
+    data, features = edits.add_spine(*two_spines, [0, 1, 1, 1])
+    _, features = edits.mark_edited(data, features, [5])
+    assert features["status"].iloc[5] == "added", "a hand-placed point stays 'added' when moved"
+    with pytest.raises(InputError, match="no spine selected"):
+        edits.delete_spines(*two_spines, [])
+
+
+def test_confirm_keeps_human_statuses(two_spines):
+    data, features = edits.add_spine(*two_spines, [0, 1, 1, 1])
+    _, features = edits.confirm_spines(data, features, [0, 4, 5])
+    assert features["status"].tolist() == ["confirmed", "predicted", "predicted", "predicted",
+                                           "confirmed", "added"]
+
+
+def test_assign_track_swaps_on_conflict(two_spines):
+    # point 1 (spine 1, session 1) -> spine 2, which has point 4 in session 1: they swap
+    _, features = edits.assign_track(*two_spines, 1, 2)
+    assert _ids(features) == [1, 2, 1, 2, 1]
+    assert features["status"].iloc[1] == "edited" and features["status"].iloc[4] == "confirmed"
+    # a free id just relabels
+    _, features = edits.assign_track(*two_spines, 2, 7)
+    assert _ids(features) == [1, 1, 7, 2, 2]
+
+
+def test_merge_and_split(two_spines):
+    data, features = edits.split_track(*two_spines, 1, 2)
+    assert _ids(features) == [1, 1, 3, 2, 2]
+    with pytest.raises(InputError, match="both have a point"):
+        edits.merge_tracks(data, features, 1, 2)
+    data, features = edits.merge_tracks(data, features, 2, 3)
+    assert _ids(features) == [1, 1, 2, 2, 2]
+    with pytest.raises(InputError, match="no points both before"):
+        edits.split_track(*two_spines, 1, 0)
+
+
+def test_next_unconfirmed_in_rising_score(two_spines):
+    data, features = two_spines
+    order = []
+    index = None
+    for _ in range(5):
+        index = edits.next_unconfirmed(features, after=index)
+        order.append(index)
+    # predicted scores: 0:0.9, 1:0.4, 2:0.7, 3:0.2; then it wraps around
+    assert order == [3, 1, 2, 0, 3]
+    _, features = edits.confirm_spines(data, features, [0, 1, 2, 3])
+    assert edits.next_unconfirmed(features) is None
+
+
+def test_paste_into_next_session_keeps_free_ids(two_spines):
+    data, features = two_spines
+    copied = [0, 3]  # session 0 of spines 1 and 2
+    data, features = edits.paste_spines(data, features, data[copied], features.iloc[copied], session=2)
+    # spine 1 already has a point in session 2 -> new id 3; spine 2 continues
+    assert _ids(features)[-2:] == [3, 2] and data[-2:, 0].tolist() == [2, 2]
+    assert set(features["status"].iloc[-2:]) == {"added"}
+
+
+def test_merge_predictions_keeps_human_points_and_ids():
+    data, features = _points([
+        (5, 0, 2, 10, 10, 0.9, "confirmed"),
+        (6, 0, 2, 40, 40, 0.3, "predicted"),   # not vetted: replaced
+        (7, 1, 2, 60, 60, 1.0, "added"),
+        (8, 2, 2, 80, 80, 0.5, "predicted"),   # session 2 reviewed: kept
+    ])
+    predictions = pd.DataFrame(dict(
+        track_id=[1, 1, 2, 3, 3], t=[0, 1, 0, 1, 2], z=[2, 2, 2, 2, 2],
+        y=[10.5, 11, 41, 60.2, 20], x=[10, 11, 41, 60, 20], score=[0.8, 0.7, 0.6, 0.5, 0.9],
+        status=["predicted"] * 5))
+    data, features = edits.merge_predictions(data, features, predictions, voxel_size_um=(0.5, 0.1, 0.1),
+                                             tol_um=0.2, reviewed_sessions=[2])
+    table = edits.table_from_points(data, features).sort_values(["t", "y"]).reset_index(drop=True)
+    rows = list(table[["track_id", "t", "y", "status"]].itertuples(index=False, name=None))
+    # new track 1 matched human spine 5 in session 0 -> continues as 5 in session 1;
+    # new track 3 matched human spine 7 in session 1; its session-2 point falls in a reviewed session;
+    # new track 2 gets a fresh id above the kept ids
+    assert rows == [(5, 0, 10.0, "confirmed"), (9, 0, 41.0, "predicted"), (5, 1, 11.0, "predicted"),
+                    (7, 1, 60.0, "added"), (8, 2, 80.0, "predicted")]
+
+
+def test_merge_predictions_conflicting_vote_gets_new_id():
+    data, features = _points([(4, 0, 0, 0, 0, 1.0, "added"), (4, 1, 0, 50, 50, 1.0, "added")])
+    predictions = pd.DataFrame(dict(track_id=[1, 1], t=[0, 1], z=[0, 0], y=[0, 10], x=[0, 10],
+                                    score=[0.9, 0.9], status=["predicted"] * 2))
+    _, features = edits.merge_predictions(data, features, predictions, voxel_size_um=(1, 1, 1), tol_um=1)
+    # the session-1 prediction cannot join spine 4 (it has a hand point there) -> its own id
+    assert _ids(features) == [4, 4, 5]
+
+
+def test_history_undo_redo_and_merge_key(two_spines):
+    history = edits.EditHistory(limit=3)
+    states = [edits.SpineState(*two_spines)]
+    history.reset(states[0])
+    assert history.undo() is None
+    for _ in range(2):
+        states.append(edits.SpineState(*edits.delete_spines(states[-1].data, states[-1].features, [0])))
+        history.push(states[-1])
+    assert len(history.current.data) == 3
+    assert history.undo() is states[1] and history.undo() is states[0] and not history.can_undo
+    assert history.redo() is states[1]
+    moved = edits.SpineState(*edits.move_spine(states[1].data, states[1].features, 0, [0, 0, 0]))
+    history.push(moved, merge_key=("move", (0,)))
+    moved2 = edits.SpineState(*edits.move_spine(states[1].data, states[1].features, 0, [1, 1, 1]))
+    history.push(moved2, merge_key=("move", (0,)))
+    assert history.current is moved2 and not history.can_redo
+    assert history.undo() is states[1], "two moves of one drag are one undo step"
+    for _ in range(5):
+        history.push(states[0])
+    steps = 0
+    while history.undo() is not None:
+        steps += 1
+    assert steps == 3, "history keeps at most `limit` undo steps"
