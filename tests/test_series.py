@@ -9,6 +9,7 @@ import tifffile
 
 from napari_spine_tracker.errors import InputError
 from napari_spine_tracker.io.series import (
+    Series,
     SeriesArray,
     list_session_files,
     load_series,
@@ -334,3 +335,27 @@ def test_series_array_is_the_lazy_type(tmp_path, rng):
     series = load_series(_imagej(tmp_path / "l.tif", _series(rng), "TZYX"))
     assert isinstance(series.data, SeriesArray)
     assert series.data.nbytes == 3 * 4 * 10 * 12 * 2
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_ome_axes_in_any_order_and_dask(tmp_path, rng, compression):
+    image = rng.integers(0, 1000, size=(4, 3, 2, 10, 12), dtype=np.uint16)  # Z, T, C, Y, X
+    path = tmp_path / "ztc.ome.tif"
+    tifffile.imwrite(path, image, ome=True, compression=compression, metadata={
+        "axes": "ZTCYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1, "PhysicalSizeZ": 0.5})
+    series = load_series(path, channel=1)
+    expected = image[:, :, 1].transpose(1, 0, 2, 3)
+    assert series.data.shape == (3, 4, 10, 12)
+    np.testing.assert_array_equal(series.data[2, 1:3, ::3, 5], expected[2, 1:3, ::3, 5])
+    da = pytest.importorskip("dask.array")
+    lazy = da.from_array(series.data, chunks=(1, -1, 5, 6))
+    assert int(lazy[1].sum().compute()) == int(expected[1].sum())
+
+
+def test_from_array_and_read_voxel_size_of_a_folder(tmp_path, rng):
+    folder, _ = _folder(tmp_path, rng, [(3, 8, 8)], ["a.tif"])
+    assert read_voxel_size(folder) == pytest.approx((0.5, 0.1, 0.1))
+    series = Series.from_array(_series(rng, (3, 8, 8)), VOXEL, name="synthetic")
+    assert series.data.shape == (1, 3, 8, 8) and series.session_shapes == [(3, 8, 8)]
+    with pytest.raises(InputError, match=r"\(T, Z, Y, X\)"):
+        Series.from_array(np.zeros((8, 8)), VOXEL)

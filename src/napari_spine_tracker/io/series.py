@@ -344,15 +344,14 @@ class _TiffVolume:
         index = self._selection(t, z)
         index[self.axes.index("Y")], index[self.axes.index("X")] = y, x
         try:
-            with self._lock:
-                if self._memmappable:
-                    if self._memmap is None:
-                        self._memmap = tifffile.memmap(self.path, series=self._series_index, mode="r")
-                    block = np.asarray(self._memmap[tuple(index)])
-                elif self._pagewise:
-                    block = self._read_pages(index)
-                else:
-                    block = self._handle().asarray(series=self._series_index)[tuple(index)]
+            if self._memmappable:  # reading a memory map is thread-safe; only opening it is locked
+                block = np.asarray(self._get_memmap()[tuple(index)])
+            else:
+                with self._lock:  # a TiffFile is not thread-safe
+                    if self._pagewise:
+                        block = self._read_pages(index)
+                    else:
+                        block = self._handle().asarray(series=self._series_index)[tuple(index)]
         except InputError:
             raise
         except Exception as exc:  # decoding errors of any codec: the file is broken, not our code
@@ -361,6 +360,12 @@ class _TiffVolume:
         if self.z_axis is None:
             block = block[np.newaxis][z]
         return block.astype(self.dtype, copy=False)
+
+    def _get_memmap(self) -> np.ndarray:
+        with self._lock:
+            if self._memmap is None:
+                self._memmap = tifffile.memmap(self.path, series=self._series_index, mode="r")
+            return self._memmap
 
     def _handle(self) -> tifffile.TiffFile:
         if self._tiff is None:
