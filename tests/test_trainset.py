@@ -99,6 +99,7 @@ def test_uint16_conversion_rule(tmp_path, rng, caplog):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"name": "../escape"}, "name"),
     ({"name": ""}, "name"),
+    ({"name": ".hidden"}, "name"),
     ({"voxel_size_um": (0.5, 0.1)}, "voxel size"),
     ({"voxel_size_um": (0.5, -0.1, 0.1)}, "voxel size"),
     ({"reviewed_sessions": [3]}, "reviewed session 3 does not exist"),

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "spine-trainset/1"
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 _UINT16_MAX = 65535
 
 
@@ -139,7 +139,7 @@ def append_training_item(folder: str | os.PathLike, name: str, image: np.ndarray
     """
     folder = Path(folder)
     if not isinstance(name, str) or not _NAME.match(name):
-        raise InputError(f"training item name {name!r} must start with a letter or digit and hold only "
+        raise InputError(f"training item name {name!r} must not start with '.' and may hold only "
                          "letters, digits and . _ + - (it becomes a file name), e.g. 'mouse1_dendrite3'.")
     voxel = validate_voxel_size(voxel_size_um, source=f"training item {name!r}: voxel size")
     if isinstance(image, Series):
