@@ -43,13 +43,13 @@ def points_from_table(table: pd.DataFrame) -> Points:
     table = validate_spine_table(table)
     data = table[list(POINT_COLUMNS)].to_numpy(dtype=float).reshape(-1, 4)
     features = table.drop(columns=list(POINT_COLUMNS)).reset_index(drop=True)
-    return data, _typed(features)
+    return data, typed_features(features)
 
 
 def table_from_points(data: np.ndarray, features: pd.DataFrame) -> pd.DataFrame:
     """``data`` (N, 4) ``t, z, y, x`` + ``features`` -> a validated spine table (``t`` rounded)."""
     data = _as_data(data)
-    features = _typed(features)
+    features = typed_features(features)
     if len(features) != len(data):
         raise InputError(f"{len(data)} points but {len(features)} feature rows; they must match.")
     if len(data) == 0:
@@ -65,7 +65,7 @@ def _extra(features: pd.DataFrame) -> list[str]:
     return [c for c in features.columns if c not in REQUIRED_COLUMNS]
 
 
-def _typed(features: pd.DataFrame) -> pd.DataFrame:
+def typed_features(features: pd.DataFrame) -> pd.DataFrame:
     """Features with the three required columns first and typed (a copy)."""
     features = features.reset_index(drop=True).copy()
     for name, value in HAND_DEFAULTS.items():
@@ -156,7 +156,7 @@ def add_spine(data: np.ndarray, features: pd.DataFrame, point: Sequence[float], 
     ``track_id`` continues an existing spine in this session; None gives a new id. ``extra``
     fills extra feature columns (others get NaN).
     """
-    data, features = _as_data(data), _typed(features)
+    data, features = _as_data(data), typed_features(features)
     point = np.asarray(point, dtype=float).reshape(4)
     session = round(float(point[0]))
     point[0] = session
@@ -169,7 +169,7 @@ def add_spine(data: np.ndarray, features: pd.DataFrame, point: Sequence[float], 
                          "point instead, or add a new spine.")
     row = {**{c: np.nan for c in features.columns}, **extra, **HAND_DEFAULTS, "track_id": int(track_id)}
     features = pd.concat([features, pd.DataFrame([row])[features.columns]], ignore_index=True)
-    return np.vstack([data, point]), _typed(features)
+    return np.vstack([data, point]), typed_features(features)
 
 
 def delete_spines(data: np.ndarray, features: pd.DataFrame, indices: Iterable[int]) -> Points:
@@ -177,13 +177,13 @@ def delete_spines(data: np.ndarray, features: pd.DataFrame, indices: Iterable[in
     indices = _check_indices(features, indices)
     keep = np.ones(len(features), bool)
     keep[indices] = False
-    return _as_data(data)[keep], _typed(features)[keep].reset_index(drop=True)
+    return _as_data(data)[keep], typed_features(features)[keep].reset_index(drop=True)
 
 
 def mark_edited(data: np.ndarray, features: pd.DataFrame, indices: Iterable[int]) -> Points:
     """Status ``edited`` for moved predictions (``added`` points stay ``added``)."""
     indices = _check_indices(features, indices)
-    features = _typed(features)
+    features = typed_features(features)
     rows = features.index.isin(indices) & (features["status"] != "added")
     features.loc[rows, "status"] = "edited"
     return _as_data(data).copy(), features
@@ -199,7 +199,7 @@ def move_spine(data: np.ndarray, features: pd.DataFrame, index: int, zyx: Sequen
 def confirm_spines(data: np.ndarray, features: pd.DataFrame, indices: Iterable[int]) -> Points:
     """Mark predictions at ``indices`` ``confirmed`` (points already added or edited keep that status)."""
     indices = _check_indices(features, indices)
-    features = _typed(features)
+    features = typed_features(features)
     rows = features.index.isin(indices) & (features["status"] == "predicted")
     features.loc[rows, "status"] = "confirmed"
     return _as_data(data).copy(), features
@@ -221,7 +221,7 @@ def assign_track(data: np.ndarray, features: pd.DataFrame, index: int, track_id:
     (index,) = _check_indices(features, [index])
     if track_id < 1:
         raise InputError(f"track ids start at 1 (got {track_id}).")
-    data, features = _as_data(data).copy(), _typed(features)
+    data, features = _as_data(data).copy(), typed_features(features)
     ids = features["track_id"].to_numpy().copy()
     old_id = int(ids[index])
     if old_id == track_id:
@@ -241,7 +241,7 @@ def merge_tracks(data: np.ndarray, features: pd.DataFrame, keep_id: int, other_i
 
     Raises :class:`InputError` when both have a point in the same session.
     """
-    data, features = _as_data(data).copy(), _typed(features)
+    data, features = _as_data(data).copy(), typed_features(features)
     ids = features["track_id"].to_numpy().copy()
     if keep_id == other_id:
         raise InputError(f"select points of two different spines to merge (both are {keep_id}).")
@@ -261,7 +261,7 @@ def merge_tracks(data: np.ndarray, features: pd.DataFrame, keep_id: int, other_i
 
 def split_track(data: np.ndarray, features: pd.DataFrame, track_id: int, session: int) -> Points:
     """Cut spine ``track_id`` before ``session``: its points from ``session`` on get a new id."""
-    data, features = _as_data(data).copy(), _typed(features)
+    data, features = _as_data(data).copy(), typed_features(features)
     ids = features["track_id"].to_numpy().copy()
     sessions = sessions_of(data)
     track = ids == track_id
@@ -281,7 +281,8 @@ def paste_spines(data: np.ndarray, features: pd.DataFrame, copied_data: np.ndarr
     Copying a session's spines into the next one keeps each spine's identity; a spine that already
     has a point there gets a new id. Pasted points are ``added``.
     """
-    for point, (_, row) in zip(_as_data(copied_data), _typed(copied_features).iterrows(), strict=True):
+    copied = typed_features(copied_features)
+    for point, (_, row) in zip(_as_data(copied_data), copied.iterrows(), strict=True):
         tid = int(row["track_id"])
         free = tid >= 1 and not track_has_point(data, features, tid, session)
         extra = {k: row[k] for k in _extra(features) if k in row}
@@ -308,7 +309,7 @@ def merge_predictions(data: np.ndarray, features: pd.DataFrame, predictions: pd.
 
     ``voxel_size_um`` is (z, y, x). Returns ``(data, features)`` with the kept points first.
     """
-    data, features = _as_data(data), _typed(features)
+    data, features = _as_data(data), typed_features(features)
     new_data, new_features = points_from_table(predictions)
     reviewed = np.array(sorted({int(s) for s in reviewed_sessions}), dtype=int)
     keep = human_vetted(features) | np.isin(sessions_of(data), reviewed)
@@ -355,7 +356,7 @@ def merge_predictions(data: np.ndarray, features: pd.DataFrame, predictions: pd.
     new_features["track_id"] = assigned
     merged_data = np.vstack([kept_data, new_data]) if len(new_data) else kept_data.copy()
     merged_features = pd.concat([kept_features, new_features], ignore_index=True)
-    return merged_data.reshape(-1, 4), _typed(merged_features)
+    return merged_data.reshape(-1, 4), typed_features(merged_features)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,286 @@
+"""The Detect section: image, voxel size, model, device, threshold, and a cancellable detection run.
+
+Detection runs in a napari ``create_worker`` thread. The worker only calls :func:`run_detection`
+and returns its DataFrame; it never touches layers or widgets (progress reaches the GUI through a
+queued Qt signal). Layers are built on the main thread by whoever handles ``detected``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QProgressBar,
+    QPushButton,
+    QWidget,
+)
+
+from ..errors import Cancelled, InputError
+from . import _dialogs
+
+log = logging.getLogger(__name__)
+
+DETECT_LABEL = "Detect spines"
+BROWSE = "Browse…"
+DEFAULT_MODEL = "spinenet-synth"
+
+
+def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None,
+                  progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> pd.DataFrame:
+    """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
+
+    Module-level so that tests can replace it with a fake.
+    """
+    from ..core.detect import detect_series
+
+    return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold,
+                         progress=progress, should_stop=should_stop)
+
+
+def available_models() -> list[tuple[str, str]]:
+    """(name, description) of the shipped models; the default alone when none can be listed."""
+    try:
+        from ..core.models import list_models
+
+        models = [(m.name, getattr(m, "description", "")) for m in list_models()]
+    except Exception as exc:  # a broken model registry must not break the widget
+        log.warning("cannot list models: %s", exc)
+        models = []
+    return models or [(DEFAULT_MODEL, "the shipped model")]
+
+
+def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
+    """Voxel size (z, y, x) µm of an image layer: its scale, its metadata, or its file's metadata."""
+    scale = tuple(float(s) for s in layer.scale[-3:])
+    if not np.allclose(scale, 1.0):
+        return scale  # type: ignore[return-value]
+    voxel = layer.metadata.get("voxel_size_um")
+    if voxel is not None:
+        return tuple(float(v) for v in voxel)  # type: ignore[return-value]
+    path = layer.source.path
+    if path:
+        try:
+            from ..io.series import read_voxel_size
+
+            return read_voxel_size(path)
+        except Exception as exc:  # a voxel size hint, never an error
+            log.debug("no voxel size from %s: %s", path, exc)
+    return None
+
+
+def series_input(layer: Image):
+    """The image to detect on, as (T, Z, Y, X); a 3D image is one session."""
+    if layer.rgb or layer.multiscale or layer.ndim not in (3, 4):
+        raise InputError(f"layer {layer.name!r} has {layer.ndim} dimensions; choose a 3D (Z, Y, X) or "
+                         "4D (T, Z, Y, X) grayscale image.")
+    return layer.data if layer.ndim == 4 else np.asarray(layer.data)[None]
+
+
+class _ProgressRelay(QObject):
+    """Carries ``progress(done, total)`` from the worker thread to the GUI thread (queued signal)."""
+
+    progressed = Signal(int, int)
+
+
+class DetectPanel(QWidget):
+    """Controls for a detection run; emits ``detected(table, image_layer, voxel_size_um)``."""
+
+    detected = Signal(object, object, object)
+
+    def __init__(self, viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.worker = None
+        self._stop = threading.Event()
+        self._pbar: napari_progress | None = None
+        self._relay = _ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.image = QComboBox()
+        self.image.setToolTip("The series to analyse: 4D (T, Z, Y, X) or 3D (one session)")
+        self.image.currentIndexChanged.connect(self._on_image_changed)
+        form.addRow("Image", self.image)
+        voxel_row = QHBoxLayout()
+        self.voxel = []
+        for axis in "zyx":
+            box = QDoubleSpinBox()
+            box.setDecimals(3)
+            box.setRange(0.001, 100.0)
+            box.setSingleStep(0.01)
+            box.setSuffix(" µm")
+            box.setToolTip(f"voxel size along {axis} in µm (from the layer scale or the file; editable)")
+            voxel_row.addWidget(box)
+            self.voxel.append(box)
+        form.addRow("Voxel z,y,x", voxel_row)
+        self.model = QComboBox()
+        for name, description in available_models():
+            self.model.addItem(name)
+            self.model.setItemData(self.model.count() - 1, description, 3)  # 3: Qt.ToolTipRole
+        self.model.addItem(BROWSE)
+        self.model.setToolTip("A shipped model, or Browse… for a fine-tuned checkpoint (.pt)")
+        self.model.activated.connect(self._on_model_activated)
+        form.addRow("Model", self.model)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        self.device.setToolTip("auto: the GPU when there is one, else the CPU")
+        form.addRow("Device", self.device)
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setSpecialValueText("model default")
+        self.threshold.setToolTip("Detection score threshold: lower finds more spines (and more false ones)")
+        form.addRow("Threshold", self.threshold)
+        self.run_button = QPushButton(DETECT_LABEL)
+        self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
+        self.run_button.clicked.connect(self._on_run_clicked)
+        form.addRow(self.run_button)
+        self.bar = QProgressBar()
+        self.bar.setVisible(False)
+        form.addRow(self.bar)
+        self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold]
+
+        viewer.layers.events.inserted.connect(self.refresh_images)
+        viewer.layers.events.removed.connect(self.refresh_images)
+        self.refresh_images()
+
+    # ---------------------------------------------------------------------------------------
+    # choices
+
+    def image_layer(self) -> Image | None:
+        name = self.image.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        return layer if isinstance(layer, Image) else None
+
+    def refresh_images(self, event=None) -> None:
+        current = self.image.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image.blockSignals(True)
+        self.image.clear()
+        self.image.addItems(names)
+        if current in names:
+            self.image.setCurrentText(current)
+        self.image.blockSignals(False)
+        if self.image.currentText() != current:
+            self._on_image_changed()
+        if event is not None and isinstance(getattr(event, "value", None), Image):
+            event.value.events.name.connect(self.refresh_images)
+
+    def _on_image_changed(self, index: int | None = None) -> None:
+        layer = self.image_layer()
+        voxel = image_voxel_size(layer) if layer is not None else None
+        for box, value in zip(self.voxel, voxel or (1.0, 1.0, 1.0), strict=True):
+            box.setValue(value)
+        tip = "from the image" if voxel else "unknown: enter the voxel size in µm"
+        for box in self.voxel:
+            box.setStyleSheet("" if voxel or layer is None else "color: orange;")
+            box.setStatusTip(tip)
+
+    def voxel_size_um(self) -> tuple[float, float, float]:
+        return tuple(box.value() for box in self.voxel)  # type: ignore[return-value]
+
+    def model_choice(self) -> str:
+        return self.model.currentText()
+
+    def _on_model_activated(self, index: int) -> None:
+        if self.model.itemText(index) != BROWSE:
+            return
+        path = _dialogs.choose_open_file(self, "Choose a model checkpoint", "Checkpoints (*.pt)")
+        if path:
+            self.model.insertItem(index, path)
+            self.model.setItemData(index, path, 3)
+            self.model.setCurrentIndex(index)
+        else:
+            self.model.setCurrentIndex(0)
+
+    # ---------------------------------------------------------------------------------------
+    # running
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _on_run_clicked(self) -> None:
+        if self.running:
+            self._stop.set()
+            self.run_button.setText("Cancelling…")
+            self.run_button.setEnabled(False)
+            return
+        self.start()
+
+    def start(self) -> None:
+        """Start a detection run on the chosen image (returns at once)."""
+        layer = self.image_layer()
+        try:
+            if layer is None:
+                raise InputError("no image to analyse: open a series (File > Open) or a sample first.")
+            image = series_input(layer)
+        except InputError as exc:
+            show_error(str(exc))
+            return
+        voxel = self.voxel_size_um()
+        # points and image must agree on the voxel size the user settled on
+        layer.scale = (*layer.scale[:-3], *voxel)
+        self._stop.clear()
+        self._pbar = napari_progress(total=0, desc="Detecting spines")
+        self.bar.setRange(0, 0)
+        self.bar.setVisible(True)
+        self.run_button.setText("Cancel")
+        for control in self._controls:
+            control.setEnabled(False)
+        relay = self._relay
+        self.worker = create_worker(
+            run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
+            threshold=self.threshold.value() or None,
+            progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
+            should_stop=self._stop.is_set,
+            _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
+                      "errored": self._on_errored, "finished": self._on_finished},
+        )
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.bar.setRange(0, max(total, 1))
+        self.bar.setValue(done)
+        if self._pbar is not None:
+            self._pbar.total = total
+            self._pbar.update(done - self._pbar.n)
+
+    def _on_returned(self, table: pd.DataFrame, layer: Image, voxel) -> None:
+        if self._stop.is_set():  # cancelled while the model finished anyway
+            show_info("Detection cancelled; nothing changed.")
+            return
+        self.detected.emit(table, layer, voxel)
+
+    def _on_errored(self, exc: Exception) -> None:
+        if isinstance(exc, Cancelled):
+            show_info("Detection cancelled; nothing changed.")
+        elif isinstance(exc, InputError):
+            show_error(str(exc))
+        else:
+            log.error("detection failed", exc_info=exc)
+            show_error(f"Detection failed: {type(exc).__name__}: {exc}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.bar.setVisible(False)
+        self.run_button.setText(DETECT_LABEL)
+        self.run_button.setEnabled(True)
+        for control in self._controls:
+            control.setEnabled(True)

@@ -1,0 +1,281 @@
+"""The ``Spine Tracker`` dock widget: detect, review and correct, autosave, export.
+
+Sections (collapsible, added with :meth:`SpineTrackerWidget.add_section`): Detect
+(:class:`~.detect.DetectPanel`), Review and correct (:class:`~.review.ReviewPanel` over a
+:class:`~.review.SpineEditor`), Export, and Dynamics when ``widgets/dynamics.py`` provides it. The
+widget wires them together: detection results become the ``spines`` layer (merged with the human
+corrections when asked), every change is autosaved, and a saved session is offered back when its
+image is opened again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import napari
+import numpy as np
+import pandas as pd
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from superqt import QCollapsible
+
+from ..core import edits
+from ..core.edits import SpineState
+from ..errors import InputError
+from ..io.autosave import Autosaver, find_autosave
+from . import _dialogs
+from .detect import DetectPanel, series_input
+from .review import ReviewPanel, SpineEditor
+
+log = logging.getLogger(__name__)
+
+
+def export_training_set(folder: str | Path, name: str, image, spines: pd.DataFrame,
+                        voxel_size_um: Sequence[float], reviewed_sessions: Iterable[int]):
+    """Append one corrected series to the training set in ``folder`` (DESIGN §3); returns the item.
+
+    ``image`` (T, Z, Y, X); ``spines`` a spine table; voxel size z, y, x in µm.
+    """
+    from ..io.trainset import append_training_item
+
+    return append_training_item(folder, name, np.asarray(image), spines, tuple(voxel_size_um),
+                                sorted(int(s) for s in reviewed_sessions))
+
+
+def _image_key(layer: Image) -> tuple[str | None, str, tuple[int, ...]]:
+    """What identifies an image for its autosave: file path (if any), name, shape."""
+    return layer.source.path, layer.name, tuple(int(n) for n in layer.data.shape)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "series"
+
+
+class SpineTrackerWidget(QWidget):
+    """The plugin's main dock widget, titled ``Spine Tracker`` (DESIGN §3)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.autosaver: Autosaver | None = None
+        self._autosave_image: Image | None = None
+        self._offered: set[tuple] = set()
+        self._export_worker = None
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        self._sections = QVBoxLayout()
+        layout.addLayout(self._sections)
+        layout.addStretch(1)
+
+        self.editor = SpineEditor(napari_viewer)
+        self.detect = DetectPanel(napari_viewer)
+        self.review = ReviewPanel(self.editor)
+        self.add_section("Detect", self.detect)
+        self.add_section("Review and correct", self.review)
+        self.add_section("Export", self._build_export())
+        self._add_dynamics()
+
+        self.detect.detected.connect(self._on_detected)
+        self.editor.changed.connect(self._on_spines_changed)
+        self.detect.image.currentIndexChanged.connect(lambda _: QTimer.singleShot(0, self.offer_restore))
+        napari_viewer.dims.events.current_step.connect(self.review.refresh)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.flush_autosave)
+        QTimer.singleShot(0, self.offer_restore)
+
+    # ---------------------------------------------------------------------------------------
+    # sections
+
+    def add_section(self, title: str, widget: QWidget, *, expanded: bool = True) -> QCollapsible:
+        """Add a collapsible section (e.g. a Train panel) below the others; returns it."""
+        section = QCollapsible(title, self)
+        section.addWidget(widget)
+        if expanded:
+            section.expand(animate=False)
+        else:
+            section.collapse(animate=False)
+        self._sections.addWidget(section)
+        return section
+
+    def _add_dynamics(self) -> None:
+        try:
+            from .dynamics import DynamicsWidget
+        except ImportError as exc:
+            log.debug("no dynamics section: %s", exc)
+            return
+        self.add_section("Dynamics", DynamicsWidget(self.viewer), expanded=False)
+
+    def _build_export(self) -> QWidget:
+        panel = QWidget()
+        row = QHBoxLayout(panel)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.save_button = QPushButton("Save table…")
+        self.save_button.setToolTip("Write the spines as a spine table (CSV)")
+        self.save_button.clicked.connect(self.save_table)
+        self.export_button = QPushButton("Export training set…")
+        self.export_button.setToolTip("Append the image, the corrected spines and the reviewed sessions "
+                                      "to a training-set folder, for `napari-spine-tracker train`")
+        self.export_button.clicked.connect(self.export)
+        row.addWidget(self.save_button)
+        row.addWidget(self.export_button)
+        return panel
+
+    # ---------------------------------------------------------------------------------------
+    # detection results
+
+    def _on_detected(self, table: pd.DataFrame, image: Image, voxel_size_um: Sequence[float]) -> None:
+        data, features = edits.points_from_table(table)
+        state = SpineState(data, features)
+        current = self.editor.state
+        if current is not None and (edits.human_vetted(current.features).any() or current.reviewed_sessions):
+            choice = _dialogs.ask_merge_or_replace(self, int(edits.human_vetted(current.features).sum()))
+            if choice == "cancel":
+                show_info("New detection discarded; your spines are unchanged.")
+                return
+            if choice == "merge":
+                data, features = edits.merge_predictions(
+                    current.data, current.features, table, voxel_size_um=voxel_size_um,
+                    reviewed_sessions=current.reviewed_sessions)
+                state = SpineState(data, features, current.reviewed_sessions)
+        self._bind_autosave(image)
+        self.editor.show(state, scale=(1.0, *voxel_size_um), translate=self._points_translate(image))
+        show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks.")
+
+    @staticmethod
+    def _points_translate(image: Image) -> tuple[float, ...]:
+        translate = tuple(float(v) for v in image.translate)
+        return translate if image.ndim == 4 else (0.0, *translate[-3:])
+
+    # ---------------------------------------------------------------------------------------
+    # autosave
+
+    def _bind_autosave(self, image: Image) -> None:
+        if self._autosave_image is image and self.autosaver is not None:
+            return
+        self.flush_autosave()
+        path, name, shape = _image_key(image)
+        self.autosaver = Autosaver(path, name, shape, on_error=self._autosave_failed)
+        self._autosave_image = image
+        self._offered.add(_image_key(image))  # its autosave is now this session's work
+
+    def _autosave_failed(self, message: str) -> None:
+        # called from the writer thread: hand the message to the GUI thread
+        QTimer.singleShot(0, lambda: show_warning(message))
+
+    def _on_spines_changed(self) -> None:
+        state = self.editor.state
+        if state is None:
+            return
+        if self.autosaver is None:
+            image = self.detect.image_layer()
+            if image is None:
+                return
+            self._bind_autosave(image)
+        try:
+            self.autosaver.submit(state.table(), state.reviewed_sessions)
+        except InputError as exc:
+            show_warning(f"not autosaved: {exc}")
+
+    def flush_autosave(self) -> None:
+        """Write a pending autosave now (on quit, before switching images)."""
+        if self.autosaver is not None:
+            self.autosaver.flush()
+
+    def offer_restore(self) -> bool:
+        """If the chosen image has an autosave from an earlier session, offer to restore it."""
+        image = self.detect.image_layer()
+        if image is None or _image_key(image) in self._offered:
+            return False
+        self._offered.add(_image_key(image))
+        record = find_autosave(*_image_key(image))
+        if record is None:
+            return False
+        current = self.editor.state
+        if current is not None and current.table().equals(record.table):
+            return False
+        when = datetime.fromtimestamp(record.saved_at).strftime("%Y-%m-%d %H:%M")
+        reviewed = ", ".join(map(str, record.reviewed_sessions)) or "none"
+        question = (f"Spines autosaved for {image.name!r} on {when}: {len(record.table)} points, "
+                    f"reviewed sessions: {reviewed}.\n({record.path})\n\nRestore them?")
+        if not _dialogs.ask_yes_no(self, "Restore autosaved spines?", question):
+            return False
+        data, features = edits.points_from_table(record.table)
+        self._bind_autosave(image)
+        voxel = self.detect.voxel_size_um()
+        self.editor.show(SpineState(data, features, frozenset(record.reviewed_sessions)),
+                         scale=(1.0, *voxel), translate=self._points_translate(image))
+        show_info(f"restored {len(record.table)} spine points from {record.path}")
+        return True
+
+    # ---------------------------------------------------------------------------------------
+    # export
+
+    def _spines_or_warn(self) -> SpineState | None:
+        state = self.editor.state
+        if state is None:
+            show_warning("no spines to save: run detection or open a spine table first.")
+        return state
+
+    def save_table(self) -> Path | None:
+        """Ask for a path and write the spines there as a spine table."""
+        from ..io.tables import default_table_path, write_spine_table
+
+        state = self._spines_or_warn()
+        if state is None:
+            return None
+        image = self._autosave_image or self.detect.image_layer()
+        suggestion = (str(default_table_path(image.source.path)) if image is not None and image.source.path
+                      else f"{_safe_name(image.name if image is not None else 'spines')}.spines.csv")
+        path = _dialogs.choose_save_file(self, "Save spine table", suggestion, "Spine tables (*.csv)")
+        if not path:
+            return None
+        try:
+            written = write_spine_table(state.table(), path)
+        except (InputError, OSError) as exc:
+            show_error(f"could not save the spine table: {exc}")
+            return None
+        show_info(f"saved {len(state.data)} spine points to {written}")
+        return written
+
+    def export(self) -> None:
+        """Ask for a training-set folder and append this series to it (in a worker thread)."""
+        state = self._spines_or_warn()
+        image = self._autosave_image or self.detect.image_layer()
+        if state is None:
+            return
+        if image is None:
+            show_warning("no image to export: choose the image the spines belong to.")
+            return
+        if not state.reviewed_sessions and not _dialogs.ask_yes_no(
+                self, "No session reviewed",
+                "No session is marked reviewed (R), so the export gives the spines but no complete "
+                "session to learn from. Export anyway?"):
+            return
+        folder = _dialogs.choose_directory(self, "Training-set folder (new or existing)")
+        if not folder:
+            return
+        try:
+            series = series_input(image)
+        except InputError as exc:
+            show_error(str(exc))
+            return
+        self.export_button.setEnabled(False)
+        self._export_worker = create_worker(
+            export_training_set, folder, _safe_name(image.name), series, state.table(),
+            self.detect.voxel_size_um(), state.reviewed_sessions,
+            _connect={"returned": lambda item: show_info(f"exported {image.name!r} to {folder}"),
+                      "errored": lambda exc: show_error(f"export failed: {exc}"),
+                      "finished": self._on_export_finished})
+
+    def _on_export_finished(self) -> None:
+        self._export_worker = None
+        self.export_button.setEnabled(True)

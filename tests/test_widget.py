@@ -1,0 +1,347 @@
+"""The Spine Tracker dock widget, driven like a user would: detect, correct, cancel, autosave, export."""
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from napari.utils.key_bindings import coerce_keybinding
+from qtpy.QtCore import Qt
+
+from napari_spine_tracker.core import edits
+from napari_spine_tracker.errors import Cancelled, InputError
+from napari_spine_tracker.io import autosave
+from napari_spine_tracker.widgets import _dialogs, detect
+from napari_spine_tracker.widgets.main import SpineTrackerWidget
+
+pytestmark = pytest.mark.gui
+
+VOXEL = (0.5, 0.1, 0.1)
+
+
+def _predictions():
+    """Three spines over three sessions; spine 3 appears in session 1."""
+    rows = [(1, 0, 3, 10, 10, 0.9), (1, 1, 3, 10, 11, 0.8), (1, 2, 3, 11, 11, 0.95),
+            (2, 0, 4, 20, 20, 0.3), (2, 1, 4, 20, 21, 0.5), (2, 2, 4, 21, 21, 0.4),
+            (3, 1, 2, 5, 25, 0.6), (3, 2, 2, 5, 26, 0.7)]
+    table = pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x", "score"])
+    table[["z", "y", "x"]] = table[["z", "y", "x"]].astype(float)
+    table["status"] = "predicted"
+    return table
+
+
+class FakeDetect:
+    """Stands in for run_detection: reports progress, honours should_stop, records its call."""
+
+    def __init__(self, table=None, wait_for_stop=False, error=None):
+        self.table = _predictions() if table is None else table
+        self.wait_for_stop, self.error = wait_for_stop, error
+        self.calls = []
+        self.started = threading.Event()
+
+    def __call__(self, image, voxel_size_um, *, model, device, threshold, progress, should_stop):
+        self.calls.append(dict(shape=image.shape, voxel_size_um=voxel_size_um, model=model, device=device,
+                               threshold=threshold))
+        self.started.set()
+        deadline = time.monotonic() + 10
+        for t in range(image.shape[0]):
+            progress(t, image.shape[0])
+        while self.wait_for_stop and time.monotonic() < deadline:
+            if should_stop():
+                raise Cancelled("stopped")
+            time.sleep(0.01)
+        if self.error is not None:
+            raise self.error
+        progress(image.shape[0], image.shape[0])
+        return self.table.copy()
+
+
+@pytest.fixture(autouse=True)
+def no_stray_dialogs(monkeypatch, tmp_path):
+    """Autosaves go to a temporary user folder; a dialog a test did not answer fails the test."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError(f"unexpected dialog: {args[1:]}")
+
+    for name in ("ask_yes_no", "ask_merge_or_replace", "choose_directory", "choose_open_file",
+                 "choose_save_file"):
+        monkeypatch.setattr(_dialogs, name, unexpected)
+
+
+@pytest.fixture
+def fake_detect(monkeypatch):
+    fake = FakeDetect()
+    monkeypatch.setattr(detect, "run_detection", fake)
+    return fake
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).integers(0, 1000, (3, 6, 32, 32), dtype=np.uint16)
+    viewer.add_image(image, name="series", scale=(1.0, *VOXEL))
+    widget = SpineTrackerWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Spine Tracker")
+    yield viewer, widget
+    widget.flush_autosave()
+
+
+def _detect(qtbot, widget):
+    qtbot.mouseClick(widget.detect.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not widget.detect.running, timeout=10000)
+
+
+def _table(viewer, sort=False):
+    layer = viewer.layers["spines"]
+    table = edits.table_from_points(layer.data, layer.features)
+    return table.sort_values(["t", "track_id"]).reset_index(drop=True) if sort else table
+
+
+def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
+    viewer, widget = viewer_widget
+    assert widget.detect.run_button.text() == "Detect spines"
+    assert widget.detect.voxel_size_um() == pytest.approx(VOXEL), "voxel size comes from the layer scale"
+    _detect(qtbot, widget)
+    assert fake_detect.calls[0]["shape"] == (3, 6, 32, 32)
+    assert fake_detect.calls[0]["voxel_size_um"] == pytest.approx(VOXEL)
+    assert fake_detect.calls[0]["threshold"] is None
+    spines = viewer.layers["spines"]
+    assert spines.ndim == 4 and len(spines.data) == 8
+    assert spines.features["track_id"].dtype == np.int64 and spines.features["score"].dtype == np.float64
+    assert set(spines.features["status"]) == {"predicted"}
+    assert tuple(spines.scale) == pytest.approx((1.0, *VOXEL))
+    assert spines.metadata["spine_tracker"]["schema"] == "spine-points/1"
+    assert spines.text.string.format == "{track_id}"
+    colours = {tid: tuple(c) for tid, c in zip(spines.features["track_id"], spines.face_color, strict=True)}
+    assert len(set(colours.values())) == 3, "each spine has its own colour"
+    tracks = viewer.layers["spine tracks"]
+    assert tracks.data.shape == (8, 5)
+    assert sorted(map(tuple, tracks.data[:, :2].astype(int))) == sorted(
+        zip(_predictions()["track_id"], _predictions()["t"], strict=True))
+    assert viewer.layers.selection.active is spines
+
+
+def test_errors_reach_the_user_as_notifications(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    shown = []
+    monkeypatch.setattr(detect, "show_error", shown.append)
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(error=InputError("voxel size too coarse: fix it")))
+    _detect(qtbot, widget)
+    assert shown == ["voxel size too coarse: fix it"] and "spines" not in viewer.layers
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(error=RuntimeError("CUDA out of memory")))
+    _detect(qtbot, widget)
+    assert shown[-1] == "Detection failed: RuntimeError: CUDA out of memory"
+    assert widget.detect.run_button.isEnabled() and widget.detect.model.isEnabled()
+
+
+def test_cancel(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    fake = FakeDetect(wait_for_stop=True)
+    monkeypatch.setattr(detect, "run_detection", fake)
+    qtbot.mouseClick(widget.detect.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(fake.started.is_set, timeout=5000)
+    assert widget.detect.run_button.text() == "Cancel"
+    assert not widget.detect.model.isEnabled() and not widget.detect.image.isEnabled()
+    qtbot.mouseClick(widget.detect.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not widget.detect.running, timeout=5000)
+    assert widget.detect.run_button.text() == "Detect spines" and widget.detect.model.isEnabled()
+    assert "spines" not in viewer.layers
+
+
+def test_corrections_with_keys_and_undo(viewer_widget, qtbot, fake_detect):
+    viewer, widget = viewer_widget
+    _detect(qtbot, widget)
+    spines, editor = viewer.layers["spines"], widget.editor
+
+    def press(key):
+        binding = coerce_keybinding(key)
+        assert binding in spines.keymap, f"{key} is not bound on the spines layer"
+        spines.keymap[binding](spines)
+
+    # next unconfirmed: lowest score first (spine 2 in session 0, score 0.3), viewer moves there
+    press("N")
+    (index,) = spines.selected_data
+    assert spines.features["score"].iloc[index] == 0.3
+    assert viewer.dims.current_step[0] == 0 and viewer.dims.point[1] == pytest.approx(4 * VOXEL[0])
+    press("C")
+    assert spines.features["status"].iloc[index] == "confirmed"
+    assert tuple(spines.border_color[index]) == (1.0, 1.0, 1.0, 1.0), "vetted points get a white border"
+    press("N")
+    assert spines.features["score"].iloc[next(iter(spines.selected_data))] == 0.4
+
+    # split spine 1 at session 1, then merge it back (select the new part, N = 1)
+    rows = _table(viewer)
+    at = int(np.flatnonzero((spines.features["track_id"] == 1).to_numpy() & (spines.data[:, 0] == 1))[0])
+    spines.selected_data = {at}
+    press("X")
+    assert spines.features["track_id"].iloc[at] == 4
+    assert len(viewer.layers["spine tracks"].properties["track_id"]) == 8
+    assert set(viewer.layers["spine tracks"].data[:, 0].astype(int)) == {1, 2, 3, 4}
+    widget.review.track.setValue(1)
+    qtbot.mouseClick(widget.review.buttons["merge_selected"], Qt.MouseButton.LeftButton)
+    assert spines.features["track_id"].iloc[at] == 1
+
+    # assign: re-link the point of spine 3 in session 2 to spine 2 (swaps with spine 2's point)
+    s3 = int(np.flatnonzero((spines.features["track_id"] == 3).to_numpy() & (spines.data[:, 0] == 2))[0])
+    s2 = int(np.flatnonzero((spines.features["track_id"] == 2).to_numpy() & (spines.data[:, 0] == 2))[0])
+    spines.selected_data = {s2}
+    spines.selected_data = {s3}
+    assert editor.previous_track_id == 2
+    widget.review.track.setValue(0)
+    press("T")
+    assert spines.features["track_id"].iloc[s3] == 2 and spines.features["track_id"].iloc[s2] == 3
+    assert spines.features["status"].iloc[s3] == "edited"
+
+    # mark session 0 reviewed
+    viewer.dims.set_current_step(0, 0)
+    press("R")
+    assert spines.metadata["spine_tracker"]["reviewed_sessions"] == [0]
+
+    # delete with the button, then undo everything step by step and redo one
+    spines.selected_data = {0}
+    qtbot.mouseClick(widget.review.buttons["delete_selected"], Qt.MouseButton.LeftButton)
+    assert len(spines.data) == 7 and len(viewer.layers["spine tracks"].data) == 7
+    for _ in range(6):
+        press("Control-Z")
+    pd.testing.assert_frame_equal(_table(viewer), edits.table_from_points(*edits.points_from_table(
+        _predictions())))
+    assert not widget.review.buttons["undo"].isEnabled()
+    press("Control-Shift-Z")
+    assert spines.features["status"].iloc[index] == "confirmed"
+    assert rows.shape == (8, 7)
+
+
+def test_napari_tools_add_move_delete(viewer_widget, qtbot, fake_detect):
+    viewer, widget = viewer_widget
+    _detect(qtbot, widget)
+    spines, editor = viewer.layers["spines"], widget.editor
+    # napari's add tool: a new spine with a new id
+    spines.add([1, 3, 28, 28])
+    assert spines.features["track_id"].iloc[-1] == 4 and spines.features["status"].iloc[-1] == "added"
+    assert spines.features["score"].iloc[-1] == 1.0
+    assert 4 in viewer.layers["spine tracks"].data[:, 0]
+    # link mode: select spine 3's session-2 point, add in session 0 -> continues spine 3
+    s3 = int(np.flatnonzero((spines.features["track_id"] == 3).to_numpy() & (spines.data[:, 0] == 2))[0])
+    spines.selected_data = {s3}
+    widget.review.link.click()
+    assert editor.link_new_points
+    spines.add([0, 2, 5, 24])
+    assert spines.features["track_id"].iloc[-1] == 3 and spines.data[-1, 0] == 0
+    # linking into a session where the spine already is gives a new id and a warning
+    spines.selected_data = {s3}
+    spines.add([2, 2, 30, 2])
+    assert spines.features["track_id"].iloc[-1] == 5
+    # a drag (napari's move) marks a prediction edited, as one undo step
+    spines.selected_data = {0}
+    spines._move({0}, [0, 3, 10, 10])
+    spines._move({0}, [0, 3, 12, 12])
+    assert spines.features["status"].iloc[0] == "edited"
+    # napari's Delete key
+    n = len(spines.data)
+    spines.selected_data = {n - 1}
+    spines.remove_selected()
+    assert len(spines.data) == n - 1
+    widget.editor.undo()
+    assert len(spines.data) == n
+    widget.editor.undo()
+    assert spines.features["status"].iloc[0] == "predicted", "the whole drag is one undo step"
+    # copy session 0 and paste into session 2: free ids are kept
+    viewer.dims.set_current_step(0, 0)
+    at0 = set(np.flatnonzero(spines.data[:, 0] == 0).tolist())
+    spines.selected_data = at0
+    spines.keymap[coerce_keybinding("Control-C")](spines)
+    viewer.dims.set_current_step(0, 2)
+    spines.keymap[coerce_keybinding("Control-V")](spines)
+    pasted = spines.features.iloc[-len(at0):]
+    assert set(pasted["status"]) == {"added"} and (spines.data[-len(at0):, 0] == 2).all()
+
+
+def test_rerun_keeps_corrections_when_asked(viewer_widget, qtbot, fake_detect, monkeypatch):
+    viewer, widget = viewer_widget
+    _detect(qtbot, widget)
+    spines = viewer.layers["spines"]
+    spines.selected_data = {3}  # spine 2, session 0
+    widget.editor.confirm_selected()
+    asked = []
+    monkeypatch.setattr(_dialogs, "ask_merge_or_replace", lambda parent, n: asked.append(n) or "cancel")
+    _detect(qtbot, widget)
+    assert asked == [1] and spines.features["status"].iloc[3] == "confirmed"
+    # the new run moved spine 2 a little and numbers tracks differently
+    moved = _predictions()
+    moved["track_id"] = moved["track_id"].map({1: 7, 2: 8, 3: 9})
+    moved.loc[3, "y"] += 0.5
+    fake_detect.table = moved
+    monkeypatch.setattr(_dialogs, "ask_merge_or_replace", lambda parent, n: "merge")
+    _detect(qtbot, widget)
+    table = _table(viewer)
+    kept = table[(table["t"] == 0) & (table["status"] == "confirmed")]
+    assert kept[["track_id", "y"]].values.tolist() == [[2, 20.0]], "the confirmed point and its id stay"
+    assert sorted(table.loc[table["y"].between(19, 22), "track_id"].unique()) == [2], \
+        "the new run's track through the confirmed point took its id"
+    assert len(table) == 8
+    monkeypatch.setattr(_dialogs, "ask_merge_or_replace", lambda parent, n: "replace")
+    _detect(qtbot, widget)
+    assert set(_table(viewer)["status"]) == {"predicted"}
+    widget.editor.undo()
+    assert "confirmed" in set(_table(viewer)["status"]), "a replacing run can be undone"
+
+
+def test_autosave_and_restore(make_napari_viewer, qtbot, fake_detect, monkeypatch, tmp_path):
+    from napari_spine_tracker.io.series import write_series_tiff
+
+    path = tmp_path / "mouse1.tif"
+    write_series_tiff(path, np.random.default_rng(1).integers(0, 500, (3, 6, 32, 32), dtype=np.uint16), VOXEL)
+    viewer = make_napari_viewer()
+    viewer.open(path, plugin="napari")  # napari's own TIFF reader: no scale, the widget reads the file's
+    widget = SpineTrackerWidget(viewer)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[0]["voxel_size_um"] == pytest.approx(VOXEL)
+    sidecar = tmp_path / "mouse1.spines.autosave.csv"
+    qtbot.waitUntil(sidecar.exists, timeout=5000)
+    spines = viewer.layers["spines"]
+    spines.selected_data = {0}
+    widget.editor.confirm_selected()
+    widget.editor.toggle_reviewed(1)
+    qtbot.waitUntil(lambda: autosave.read_autosave(sidecar).reviewed_sessions == (1,), timeout=5000)
+    assert (autosave.read_autosave(sidecar).table["status"] == "confirmed").sum() == 1
+    expected = _table(viewer, sort=True)
+    widget.flush_autosave()
+
+    # reopen the same file in a new viewer: the widget offers the autosave
+    viewer2 = make_napari_viewer()
+    viewer2.open(path, plugin="napari")
+    asked = []
+    monkeypatch.setattr(_dialogs, "ask_yes_no", lambda parent, title, text: asked.append(text) or True)
+    widget2 = SpineTrackerWidget(viewer2)
+    qtbot.waitUntil(lambda: "spines" in viewer2.layers, timeout=5000)
+    assert len(asked) == 1 and "mouse1" in asked[0]
+    pd.testing.assert_frame_equal(_table(viewer2, sort=True), expected)
+    assert viewer2.layers["spines"].metadata["spine_tracker"]["reviewed_sessions"] == [1]
+    assert tuple(viewer2.layers["spines"].scale) == pytest.approx((1.0, 0.5, 0.1, 0.1))
+    widget2.flush_autosave()
+
+
+def test_export_training_set_and_save_table(viewer_widget, qtbot, fake_detect, monkeypatch, tmp_path):
+    trainset = pytest.importorskip("napari_spine_tracker.io.trainset")
+    viewer, widget = viewer_widget
+    _detect(qtbot, widget)
+    widget.editor.toggle_reviewed(0)
+    folder = tmp_path / "trainset"
+    monkeypatch.setattr(_dialogs, "choose_directory", lambda parent, title: str(folder))
+    widget.export()
+    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=10000)
+    viewer.layers["series"].name = "series 2"
+    widget.export()
+    qtbot.waitUntil(lambda: widget._export_worker is None, timeout=10000)
+    items = trainset.read_training_set(folder)
+    assert len(items) == 2
+    assert list(items[0].reviewed_sessions) == [0]
+    assert tuple(items[0].voxel_size_um) == pytest.approx(VOXEL)
+
+    out = tmp_path / "out.spines.csv"
+    monkeypatch.setattr(_dialogs, "choose_save_file", lambda *args: str(out))
+    assert widget.save_table() == out
+    back = pd.read_csv(out)
+    assert len(back) == 8 and set(back["track_id"]) == {1, 2, 3}
