@@ -324,7 +324,10 @@ def test_autosave_and_restore(make_napari_viewer, qtbot, fake_detect, monkeypatc
 
 
 def test_export_training_set_and_save_table(viewer_widget, qtbot, fake_detect, monkeypatch, tmp_path):
-    trainset = pytest.importorskip("napari_spine_tracker.io.trainset")
+    import tifffile
+
+    from napari_spine_tracker.io import trainset
+
     viewer, widget = viewer_widget
     _detect(qtbot, widget)
     widget.editor.toggle_reviewed(0)
@@ -339,6 +342,9 @@ def test_export_training_set_and_save_table(viewer_widget, qtbot, fake_detect, m
     assert len(items) == 2
     assert list(items[0].reviewed_sessions) == [0]
     assert tuple(items[0].voxel_size_um) == pytest.approx(VOXEL)
+    image = tifffile.imread(items[0].image_path)
+    np.testing.assert_array_equal(image, viewer.layers["series 2"].data)
+    assert len(pd.read_csv(items[1].spines_path)) == 8
 
     out = tmp_path / "out.spines.csv"
     monkeypatch.setattr(_dialogs, "choose_save_file", lambda *args: str(out))

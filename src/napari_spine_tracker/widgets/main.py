@@ -43,9 +43,12 @@ def export_training_set(folder: str | Path, name: str, image, spines: pd.DataFra
 
     ``image`` (T, Z, Y, X); ``spines`` a spine table; voxel size z, y, x in µm.
     """
+    from ..io.series import SeriesArray
     from ..io.trainset import append_training_item
 
-    return append_training_item(folder, name, np.asarray(image), spines, tuple(voxel_size_um),
+    if not isinstance(image, np.ndarray | SeriesArray):  # e.g. dask; a SeriesArray is written lazily
+        image = np.asarray(image)
+    return append_training_item(folder, name, image, spines, tuple(voxel_size_um),
                                 sorted(int(s) for s in reviewed_sessions))
 
 
@@ -55,7 +58,7 @@ def _image_key(layer: Image) -> tuple[str | None, str, tuple[int, ...]]:
 
 
 def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "series"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_").lstrip(".") or "series"
 
 
 class SpineTrackerWidget(QWidget):
