@@ -1,0 +1,106 @@
+"""estimate_drift: known shifts (sub-voxel and 3 µm), reference, lazy input, progress and cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_spine_tracker.core.register import estimate_drift
+from napari_spine_tracker.errors import Cancelled, InputError
+
+VOXEL = np.array([0.5, 0.1, 0.1])  # µm
+
+
+def shifted_series(rng: np.random.Generator, drift_vox: np.ndarray, shape=(16, 96, 96)) -> np.ndarray:
+    """Blobs on a larger canvas, moved by ``drift_vox[t]`` and cropped, with Poisson noise."""
+    pad = np.array([8, 48, 48])
+    canvas = np.zeros(np.array(shape) + 2 * pad, np.float32)
+    points = rng.uniform(0, canvas.shape, size=(250, 3)).astype(int)
+    canvas[tuple(points.T)] = 1.0
+    canvas = ndimage.gaussian_filter(canvas, (1.0, 2.5, 2.5)) * 4000
+    crop = tuple(slice(p, p + n) for p, n in zip(pad, shape, strict=True))
+    spectrum = np.fft.fftn(canvas)
+    # an exact sub-voxel shift (circular, but the pad is wider than the largest shift)
+    moved = [np.fft.ifftn(ndimage.fourier_shift(spectrum, d)).real[crop] for d in drift_vox]
+    return np.stack([rng.poisson(m.clip(0) + 30).astype(np.uint16) for m in moved])
+
+
+# sub-voxel steps and a 3 µm step in y (30 voxels)
+DRIFT_VOX = np.array([[0, 0, 0], [0.6, 4.3, -2.7], [1.4, 34.3, -0.2]])
+
+
+@pytest.fixture(scope="module")
+def series() -> np.ndarray:
+    return shifted_series(np.random.default_rng(0), DRIFT_VOX)
+
+
+def test_recovers_known_drift_including_3_um(series):
+    estimate = estimate_drift(series, VOXEL)
+    assert estimate.shape == (3, 3)
+    error_um = np.linalg.norm((estimate - DRIFT_VOX) * VOXEL, axis=1)
+    assert error_um[0] == 0.0
+    assert error_um.max() < 0.1, error_um
+
+
+def test_reference_session_is_zero(series):
+    from_0 = estimate_drift(series, VOXEL)
+    from_2 = estimate_drift(series, VOXEL, reference=2)
+    np.testing.assert_allclose(from_2[2], 0.0)
+    np.testing.assert_allclose(from_2, from_0 - from_0[2], atol=1e-9)
+
+
+class LazySeries:
+    """A series that hands out one session at a time and refuses to be loaded whole."""
+
+    def __init__(self, array: np.ndarray):
+        self._array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        assert isinstance(key, (int, np.integer)), f"read {key!r}: more than one session"
+        self.reads.append(int(key))
+        return self._array[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole series was loaded")
+
+
+class SeriesLike:
+    def __init__(self, data, voxel_size_um):
+        self.data, self.voxel_size_um = data, voxel_size_um
+
+
+def test_reads_one_session_at_a_time_and_accepts_series(series):
+    lazy = LazySeries(series)
+    estimate = estimate_drift(SeriesLike(lazy, tuple(VOXEL)))
+    assert lazy.reads == [0, 1, 2]
+    np.testing.assert_allclose(estimate, estimate_drift(series, VOXEL))
+
+
+def test_progress_cancel_and_bad_input(series):
+    calls = []
+    estimate_drift(series, VOXEL, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(Cancelled):
+        estimate_drift(series, VOXEL, should_stop=lambda: True)
+    with pytest.raises(InputError, match="4D"):
+        estimate_drift(series[0], VOXEL)
+    with pytest.raises(InputError, match="voxel size"):
+        estimate_drift(series)
+    with pytest.raises(InputError, match="reference"):
+        estimate_drift(series, VOXEL, reference=3)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_synthetic_series_with_large_drift(seed):
+    synth = pytest.importorskip("napari_spine_tracker.core.synth")
+    # rigid drift only (no deformation), so that the true answer is the engine's drift
+    config = synth.SynthConfig.preset("large_drift", seed=seed, sessions=3, shape=(16, 192, 192),
+                                      deformation_um=0.0)
+    series = synth.synthesize_series(config)
+    voxel = np.asarray(series.voxel_size_um)
+    true_um = series.drift_um - series.drift_um[0]
+    assert np.abs(np.diff(true_um, axis=0)).max() > 1.5  # a large step indeed
+    error_um = np.abs(estimate_drift(series.image, voxel) * voxel - true_um)
+    assert np.linalg.norm(error_um[:, 1:], axis=1).max() < 0.2, error_um   # y, x
+    assert error_um[:, 0].max() < voxel[0], error_um                       # z: within a z voxel
