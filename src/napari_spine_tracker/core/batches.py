@@ -1,0 +1,182 @@
+"""Training patches: series brought to the model grid, cropped, augmented, with their targets.
+
+Two sources feed the trainer through one interface (:class:`PreparedSeries`): a pool of
+synthetic series from the data engine, refreshed as training goes (domain randomisation), and
+training-set folders of corrected user data (DESIGN §3), where only the reviewed sessions count
+as complete labels (elsewhere the heatmap loss is masked).
+
+A patch follows the inference engine exactly: every session is cropped at the window position
+moved by the (rounded) registration drift, so the network sees roughly aligned sessions and
+learns the residual displacement, as it will at inference; a random jitter of the crop stands in
+for registration error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .intensity import DEFAULT_NORMALIZATION, grid_scale, normalize, read_resampled, session_range
+from .targets import SessionPoints, make_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedSeries:
+    """A series on the model grid, normalised per session, with labels in model-grid voxels."""
+
+    image: np.ndarray  # (T, Z, Y, X) float16
+    labels: pd.DataFrame  # track_id, t, z, y, x (model grid), radius_um (NaN if unknown)
+    drift_vox: np.ndarray  # (T, 3) model-grid voxels; content of session 0 at p is at p + drift[t]
+    labelled: np.ndarray  # (T,) bool: sessions whose labels are complete
+    name: str = ""
+    by_session: list[pd.DataFrame] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.by_session = [self.labels[self.labels["t"] == t] for t in range(self.image.shape[0])]
+
+
+def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, model_voxel_um: Sequence[float],
+                   normalization: dict = DEFAULT_NORMALIZATION, labelled_sessions: Sequence[int] | None = None,
+                   drift_vox: np.ndarray | None = None, name: str = "") -> PreparedSeries:
+    """Resample ``image`` (T, Z, Y, X) to the model grid, normalise it, and map the labels.
+
+    ``labels`` is a spine table in native voxels (``head_radius_um`` used when present);
+    ``drift_vox`` is in native voxels (see core/register.py); ``labelled_sessions`` defaults to all.
+    """
+    scale = grid_scale(voxel_size_um, model_voxel_um)
+    t_count = image.shape[0]
+    native_shape = image.shape[1:]
+    model_shape = tuple(int(round(n * s)) for n, s in zip(native_shape, scale))
+    out = np.empty((t_count, *model_shape), np.float16)
+    for t in range(t_count):
+        session = np.asarray(image[t])
+        block = read_resampled(session, (0, 0, 0), model_shape, scale, fill=float(np.median(session)))
+        out[t] = normalize(block, session_range(session, normalization))
+    zyx = labels[["z", "y", "x"]].to_numpy(np.float64)
+    mapped = (zyx + 0.5) * np.asarray(scale) - 0.5
+    radius = labels["head_radius_um"].to_numpy(np.float64) if "head_radius_um" in labels else np.full(len(labels), np.nan)
+    table = pd.DataFrame({"track_id": labels["track_id"].to_numpy(), "t": labels["t"].to_numpy(),
+                          "z": mapped[:, 0], "y": mapped[:, 1], "x": mapped[:, 2], "radius_um": radius})
+    drift = np.zeros((t_count, 3)) if drift_vox is None else np.asarray(drift_vox, float) * np.asarray(scale)
+    labelled = np.zeros(t_count, bool)
+    labelled[list(range(t_count)) if labelled_sessions is None else list(labelled_sessions)] = True
+    return PreparedSeries(out, table, drift, labelled, name)
+
+
+@dataclass
+class PatchOptions:
+    shape: tuple[int, int, int] = (16, 96, 96)  # model-grid voxels, z y x
+    sessions: int = 3
+    jitter_um: float = 0.4  # registration error to simulate, per axis, at most
+    near_label_fraction: float = 0.6  # crops centred near a labelled spine (the rest anywhere)
+    augment: bool = True
+
+
+def crop(volume: np.ndarray, origin: Sequence[int], shape: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """``volume[origin : origin + shape]`` with out-of-range voxels set to ``fill``."""
+    out = np.full(shape, fill, dtype=np.float32)
+    src, dst = [], []
+    for o, n, size in zip(origin, shape, volume.shape):
+        a, b = max(o, 0), min(o + n, size)
+        if a >= b:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - o, b - o))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def sample_patch(series: PreparedSeries, rng: np.random.Generator, options: PatchOptions,
+                 model_voxel_um: Sequence[float]):
+    """One training patch: image (T, 1, Z, Y, X) float32, per-session points, labelled mask (T,)."""
+    t_count = series.image.shape[0]
+    sessions = min(options.sessions, t_count)
+    t0 = int(rng.integers(0, t_count - sessions + 1))
+    window = range(t0, t0 + sessions)
+    shape = np.asarray(options.shape)
+    labels0 = series.by_session[t0]
+    if len(labels0) and rng.random() < options.near_label_fraction:
+        centre = labels0[["z", "y", "x"]].to_numpy()[rng.integers(len(labels0))]
+        centre = centre + rng.uniform(-0.35, 0.35, 3) * shape
+    else:
+        centre = rng.uniform(0, 1, 3) * np.asarray(series.image.shape[1:])
+    origin0 = np.round(centre - shape / 2).astype(int)
+    jitter_vox = options.jitter_um / np.asarray(model_voxel_um)
+    images, points, labelled = [], [], []
+    previous = None  # (track ids, positions in patch voxels) of the previous session in the window
+    for t in window:
+        origin = origin0 + np.round(series.drift_vox[t] - series.drift_vox[t0]).astype(int)
+        if t != t0:
+            origin = origin + np.round(rng.uniform(-1, 1, 3) * jitter_vox).astype(int)
+        images.append(crop(series.image[t], origin, shape))
+        rows = series.by_session[t]
+        zyx = rows[["z", "y", "x"]].to_numpy() - origin
+        inside = np.all((zyx > -1) & (zyx < shape), axis=1)
+        ids = rows["track_id"].to_numpy()
+        disp = np.full((len(rows), 3), np.nan)
+        if previous is not None:
+            prev_ids, prev_zyx = previous
+            lookup = dict(zip(prev_ids, prev_zyx))
+            for i, track in enumerate(ids):
+                if track in lookup:
+                    disp[i] = (lookup[track] - zyx[i]) * np.asarray(model_voxel_um)
+        is_labelled = bool(series.labelled[t])
+        previous = (ids, zyx) if is_labelled else None
+        labelled.append(is_labelled)
+        if is_labelled:
+            points.append(SessionPoints(zyx[inside], disp[inside], rows["radius_um"].to_numpy()[inside]))
+        else:
+            points.append(SessionPoints.empty())
+    image = np.stack(images)[:, None]
+    if options.augment:
+        image, points = augment(image, points, rng)
+    return image, points, np.asarray(labelled)
+
+
+def augment(image: np.ndarray, points: list[SessionPoints], rng: np.random.Generator):
+    """Geometry (same for all sessions): flips in z, y, x and a y/x swap; intensity per session:
+    gain, offset, gamma and extra noise. ``image`` (T, 1, Z, Y, X)."""
+    shape = np.asarray(image.shape[2:])
+    pts = [SessionPoints(p.zyx.copy(), p.displacement_um.copy(), p.radius_um) for p in points]
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image = np.flip(image, axis=2 + axis)
+            for p in pts:
+                p.zyx[:, axis] = shape[axis] - 1 - p.zyx[:, axis]
+                p.displacement_um[:, axis] *= -1
+    if rng.random() < 0.5 and shape[1] == shape[2]:
+        image = np.swapaxes(image, 3, 4)
+        for p in pts:
+            p.zyx[:, [1, 2]] = p.zyx[:, [2, 1]]
+            p.displacement_um[:, [1, 2]] = p.displacement_um[:, [2, 1]]
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    for t in range(image.shape[0]):
+        x = image[t]
+        gamma = float(np.exp(rng.uniform(-0.35, 0.35)))
+        positive = np.maximum(x, 0)
+        x = np.where(x > 0, positive**gamma, x)
+        x = x * float(np.exp(rng.uniform(-0.35, 0.35))) + float(rng.uniform(-0.05, 0.05))
+        if rng.random() < 0.5:
+            x = x + rng.normal(0, rng.uniform(0, 0.15), x.shape).astype(np.float32)
+        image[t] = x
+    return image, pts
+
+
+def make_batch(patches, out_shape, stride, output_voxel_um):
+    """Stack patches into numpy arrays: ``image`` (B, T, 1, Z, Y, X), targets (B, T, C, ...), and
+    ``labelled`` (B, T)."""
+    images, targets, labelled = [], [], []
+    for image, points, mask in patches:
+        images.append(image)
+        targets.append(make_targets(points, out_shape, stride, output_voxel_um))
+        labelled.append(mask)
+    batch = {name: np.stack([t[name] for t in targets]) for name in targets[0]}
+    batch["image"] = np.stack(images)
+    batch["labelled"] = np.stack(labelled).astype(np.float32)
+    return batch

@@ -1,0 +1,243 @@
+"""Tiled inference over a whole series of any size, on CPU or GPU.
+
+The series stays where it is (a numpy array, a memory map or a lazy TIFF reader): each tile of
+each session is read, resampled to the model grid and normalised on its own, so memory is the
+input plus a few tiles, never a float copy of the series.
+
+Geometry. The model grid of session ``t`` is its native grid scaled by ``scale`` (native voxel /
+model voxel, see core/intensity.py). Tiles partition the model grid of the reference frame into
+*cores*; a tile reads its core plus a *halo* of context, and keeps only the peaks inside its core,
+so a spine on a seam is reported exactly once. Session ``t``'s tile is read at the tile position
+moved by the session's rounded registration drift, so the ConvLSTM, which runs over all sessions
+of a tile, sees roughly aligned content and the displacement head only has to find what remains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..errors import Cancelled
+from .decode import decode_peaks, nms_kernel
+from .intensity import grid_scale, normalize, read_resampled, session_range
+
+log = logging.getLogger(__name__)
+
+DETECTION_COLUMNS = ["t", "z", "y", "x", "score", "dz", "dy", "dx", "head_radius_um"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    origin: tuple[int, int, int]  # model-grid voxel of the tile input's first voxel (reference frame)
+    keep: tuple[slice, slice, slice]  # the core, in tile-input voxels
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    input_shape: tuple[int, int, int]  # every tile reads this many model-grid voxels
+    tiles: tuple[Tile, ...]
+
+
+def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Sequence[int],
+               multiple: Sequence[int]) -> TilePlan:
+    """Cut ``model_shape`` into tiles whose cores partition it.
+
+    Along an axis that fits in ``max_input`` there is one tile (no halo needed: the volume edge is
+    the edge); otherwise cores of ``max_input - 2 * halo`` with ``halo`` context on each side. Input
+    shapes are rounded up to ``multiple`` (the network's total stride).
+    """
+    axes_origins, axes_keep, input_shape = [], [], []
+    for n, limit, h, m in zip(model_shape, max_input, halo, multiple):
+        n, limit, h, m = int(n), int(limit), int(h), int(m)
+        if n <= limit:
+            size = math.ceil(n / m) * m
+            axes_origins.append([0])
+            axes_keep.append([slice(0, n)])
+        else:
+            size = max(m, (limit // m) * m)
+            core = size - 2 * h
+            if core < m:
+                raise ValueError(f"tile input {size} too small for halo {h}")
+            count = math.ceil(n / core)
+            axes_origins.append([i * core - h for i in range(count)])
+            axes_keep.append([slice(h, h + min(core, n - i * core)) for i in range(count)])
+        input_shape.append(size)
+    tiles = tuple(
+        Tile(tuple(o), tuple(k))
+        for o, k in zip(itertools.product(*axes_origins), itertools.product(*axes_keep))
+    )
+    return TilePlan(tuple(input_shape), tiles)
+
+
+class _SessionView:
+    """(Z, Y, X) view of one session of a lazy (T, Z, Y, X) array, cropped to its own shape."""
+
+    def __init__(self, data, t: int, shape: Sequence[int] | None = None):
+        self.data, self.t = data, t
+        self.shape = tuple(shape) if shape is not None else tuple(data.shape[1:])
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        clipped = []
+        for k, n in zip(key, self.shape):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                clipped.append(slice(start, stop, step))
+            else:
+                clipped.append(k)
+        return np.asarray(self.data[(self.t, *clipped)])
+
+
+@dataclass
+class InferenceOptions:
+    threshold: float | None = None  # None: the model's own
+    max_tile: tuple[int, int, int] | None = None  # model-grid voxels; None: by device
+    halo: tuple[int, int, int] = (4, 24, 24)
+    batch_size: int | None = None
+
+
+def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np.ndarray | None = None,
+                   session_shapes: Sequence[Sequence[int]] | None = None,
+                   options: InferenceOptions | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
+    """Run ``model`` (a core.models.LoadedModel) over ``data`` (T, Z, Y, X).
+
+    Returns one row per detection: t, z, y, x (voxels of session t's own grid), score,
+    dz, dy, dx (native voxels to the same spine in session t-1; NaN in the first session) and
+    head_radius_um. ``drift_vox`` (T, 3) native voxels, see core/register.py.
+
+    On CUDA out-of-memory the run starts again with half the batch, then with smaller tiles.
+    """
+    import torch
+
+    options = options or InferenceOptions()
+    while True:
+        try:
+            return _predict(data, voxel_size_um, model, drift_vox, session_shapes, options, progress, should_stop)
+        except torch.cuda.OutOfMemoryError:
+            from .devices import free_memory
+
+            free_memory(model.device)
+            smaller = _smaller(options, model)
+            if smaller is None:
+                raise
+            log.warning("out of GPU memory; retrying with batch %s, tiles %s", smaller.batch_size, smaller.max_tile)
+            options = smaller
+
+
+def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
+    """The next, more frugal options after an out-of-memory error (None: nothing left to shrink)."""
+    batch = options.batch_size or _default_batch(model.device, options.max_tile or _default_max_tile(model.device))
+    tile = options.max_tile or _default_max_tile(model.device)
+    if batch > 1:
+        return InferenceOptions(options.threshold, tile, options.halo, batch // 2)
+    minimum = [4 * h for h in options.halo]
+    halved = tuple(max(m, t // 2) if axis else t for axis, (t, m) in enumerate(zip(tile, minimum)))
+    if halved == tuple(tile):
+        return None
+    return InferenceOptions(options.threshold, halved, options.halo, 1)
+
+
+def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: InferenceOptions,
+             progress, should_stop) -> pd.DataFrame:
+    import torch
+
+    t_count = data.shape[0]
+    shapes = [tuple(s) for s in session_shapes] if session_shapes is not None else [tuple(data.shape[1:])] * t_count
+    scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
+    drift = np.zeros((t_count, 3)) if drift_vox is None else np.asarray(drift_vox, float)
+    shift = np.round(drift * scale).astype(int)  # model-grid voxels
+    model_shape = np.ceil(np.asarray(data.shape[1:]) * scale).astype(int)
+    net, device = model.net, model.device
+    multiple = net.total_stride
+    max_tile = options.max_tile or _default_max_tile(device)
+    plan = plan_tiles(model_shape, max_tile, options.halo, multiple)
+    batch_size = options.batch_size or _default_batch(device, plan.input_shape)
+    threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
+    out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
+    kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
+    sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
+    ranges = [session_range(s, model.normalization) for s in sessions]
+    model_vox = np.asarray(model.voxel_size_um)
+
+    rows: list[np.ndarray] = []
+    total, done = len(plan.tiles) * t_count, 0
+    for first in range(0, len(plan.tiles), batch_size):
+        tiles = plan.tiles[first : first + batch_size]
+        state, previous = None, None
+        for t in range(t_count):
+            if should_stop is not None and should_stop():
+                raise Cancelled("detection cancelled")
+            blocks = [
+                normalize(read_resampled(sessions[t], tuple(np.asarray(tile.origin) + shift[t]),
+                                         plan.input_shape, tuple(scale), fill=ranges[t][0]), ranges[t])
+                for tile in tiles
+            ]
+            x = torch.from_numpy(np.stack(blocks)[:, None]).to(device)
+            if device.type in ("cpu", "cuda"):
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.inference_mode(), _autocast(device):
+                outputs, state = net.step(x, previous, state)
+            previous = x
+            for tile, peaks in zip(tiles, decode_peaks(outputs, net.output_stride, kernel, threshold)):
+                rows.append(_to_native(peaks, tile, t, shift, scale, model_vox))
+            done += len(tiles)
+            if progress is not None:
+                progress(done, total)
+    table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
+                         columns=DETECTION_COLUMNS)
+    table["t"] = table["t"].astype(int)
+    return _inside_sessions(table, shapes)
+
+
+def _to_native(peaks, tile: Tile, t: int, shift: np.ndarray, scale: np.ndarray, model_vox: np.ndarray) -> np.ndarray:
+    """Peaks of one tile-session (tile-input model voxels) -> rows in session t's native voxels."""
+    inside = np.ones(len(peaks.score), bool)
+    for axis, keep in enumerate(tile.keep):
+        inside &= (peaks.zyx[:, axis] >= keep.start - 0.5) & (peaks.zyx[:, axis] < keep.stop - 0.5)
+    q = peaks.zyx[inside]
+    model_pos = q + np.asarray(tile.origin) + shift[t]
+    native = (model_pos + 0.5) / scale - 0.5
+    if t > 0:
+        disp = (peaks.displacement_um[inside] / model_vox + shift[t - 1] - shift[t]) / scale
+    else:
+        disp = np.full_like(native, np.nan)
+    return np.column_stack([np.full(len(q), t), native, peaks.score[inside], disp,
+                            np.maximum(peaks.radius_um[inside], 0.0)])
+
+
+def _inside_sessions(table: pd.DataFrame, shapes) -> pd.DataFrame:
+    """Drop peaks outside each session's own volume (padding of folders with mixed shapes)."""
+    if table.empty:
+        return table
+    limits = np.asarray(shapes, float)[table["t"].to_numpy()]
+    zyx = table[["z", "y", "x"]].to_numpy()
+    keep = np.all((zyx >= -0.5) & (zyx <= limits - 0.5), axis=1)
+    return table[keep].reset_index(drop=True)
+
+
+def _default_max_tile(device) -> tuple[int, int, int]:
+    # CPU: large tiles keep the halo overhead low; GPU: large tiles fill the device
+    return (64, 256, 256) if device.type == "cpu" else (64, 384, 384)
+
+
+def _default_batch(device, input_shape) -> int:
+    if device.type == "cpu":
+        return 1
+    voxels = int(np.prod(input_shape))
+    return max(1, int(2**25 // voxels))
+
+
+def _autocast(device):
+    from .devices import autocast
+
+    return autocast(device)

@@ -1,0 +1,116 @@
+"""Input intensity normalisation and resampling to the model's voxel grid.
+
+Normalisation is per session and computed on the whole session (a strided sample of its
+planes), never per tile, so that every tile of a session sees the same mapping::
+
+    normalised = (raw - background) / (bright - background)
+
+with ``background`` a low percentile (most voxels of a two-photon stack are background) and
+``bright`` a high percentile, floored at a multiple of the background noise so that an almost
+empty field is not blown up to full scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DEFAULT_NORMALIZATION: dict[str, Any] = {
+    "method": "percentile",
+    "low_pct": 50.0,
+    "high_pct": 99.8,
+    "min_snr": 8.0,  # bright >= background + min_snr * noise sigma
+}
+
+
+def sample_planes(volume, max_voxels: int = 4_000_000) -> np.ndarray:
+    """Up to ``max_voxels`` voxels of a (Z, Y, X) array-like, read plane by plane with a z stride."""
+    z, y, x = volume.shape
+    step = max(1, int(np.ceil(z * y * x / max_voxels)))
+    return np.stack([np.asarray(volume[i]) for i in range(0, z, step)])
+
+
+def session_range(volume, normalization: dict[str, Any] = DEFAULT_NORMALIZATION) -> tuple[float, float]:
+    """(background, bright) of one session, per the module docstring. ``volume``: (Z, Y, X)."""
+    sample = sample_planes(volume).astype(np.float32, copy=False)
+    low, high = np.percentile(sample, [normalization["low_pct"], normalization["high_pct"]])
+    below = sample[sample <= low]
+    # robust noise sigma of the background from the spread below the median (MAD of the lower half)
+    noise = float(np.median(low - below)) * 1.4826 if below.size else 0.0
+    high = max(float(high), float(low) + normalization["min_snr"] * max(noise, 1e-3), float(low) + 1.0)
+    return float(low), high
+
+
+def normalize(block: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarray:
+    """Map raw intensities to float32 with background 0 and bright structures near 1."""
+    low, high = intensity_range
+    out = np.asarray(block, dtype=np.float32) - np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return out
+
+
+def resample_positions(n_out: int, start: int, scale: float) -> np.ndarray:
+    """Native (input) coordinates of model-grid voxels ``start .. start+n_out-1`` along one axis.
+
+    ``scale`` = native voxel size / model voxel size (model voxel i covers native
+    ``(i + 0.5) / scale - 0.5``), so that voxel centres, not corners, line up.
+    """
+    idx = np.arange(start, start + n_out, dtype=np.float64)
+    return (idx + 0.5) / scale - 0.5
+
+
+def read_resampled(volume, origin: tuple[int, int, int], shape: tuple[int, int, int],
+                   scale: tuple[float, float, float], fill: float) -> np.ndarray:
+    """Read a block of the model grid from a native (Z, Y, X) array-like, trilinearly.
+
+    ``origin``/``shape`` are in model voxels (may extend past the volume: those voxels get
+    ``fill``). Reads only the native region the block needs. Returns float32 ``shape``.
+    """
+    positions = [resample_positions(n, o, s) for n, o, s in zip(shape, origin, scale)]
+    bounds = volume.shape
+    lo = [int(np.floor(p.min())) for p in positions]
+    hi = [int(np.floor(p.max())) + 2 for p in positions]
+    clo = [max(0, a) for a in lo]
+    chi = [min(n, b) for n, b in zip(bounds, hi)]
+    out = np.full(shape, fill, dtype=np.float32)
+    if any(a >= b for a, b in zip(clo, chi)):
+        return out
+    native = np.asarray(volume[clo[0]:chi[0], clo[1]:chi[1], clo[2]:chi[2]], dtype=np.float32)
+    exact = all(abs(s - 1.0) < 1e-9 for s in scale)
+    if exact:  # plain copy: model grid == native grid
+        src = [slice(max(0, o) - c, min(n, o + k) - c) for o, k, n, c in zip(origin, shape, bounds, clo)]
+        dst = [slice(max(0, o) - o, min(n, o + k) - o) for o, k, n in zip(origin, shape, bounds)]
+        out[tuple(dst)] = native[tuple(src)]
+        return out
+    # separable linear interpolation; positions outside the native volume are filled
+    valid = []
+    for axis, (p, a, n) in enumerate(zip(positions, clo, bounds)):
+        inside = (p >= -0.5) & (p <= n - 0.5)
+        p = np.clip(p, 0, n - 1) - a
+        i0 = np.clip(np.floor(p).astype(np.int64), 0, native.shape[axis] - 1)
+        i1 = np.clip(i0 + 1, 0, native.shape[axis] - 1)
+        w = (p - i0).astype(np.float32)
+        shape_w = [1, 1, 1]
+        shape_w[axis] = -1
+        w = w.reshape(shape_w)
+        native = np.take(native, i0, axis=axis) * (1 - w) + np.take(native, i1, axis=axis) * w
+        valid.append(inside)
+    mask = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    out[mask] = native[mask]
+    return out
+
+
+#: input voxel sizes within this relative distance of the model's are used as they are: the
+#: network is trained on voxel sizes jittered that much, and resampling would only cost time
+VOXEL_TOLERANCE = 0.15
+
+
+def grid_scale(voxel_size_um, model_voxel_um, tolerance: float = VOXEL_TOLERANCE) -> tuple[float, float, float]:
+    """Per axis native voxel size / model voxel size: the factor from native to model-grid voxels
+    (1.0 on axes where the two agree within ``tolerance``)."""
+    scale = []
+    for native, model in zip(voxel_size_um, model_voxel_um):
+        ratio = float(native) / float(model)
+        scale.append(1.0 if abs(ratio - 1.0) <= tolerance else ratio)
+    return tuple(scale)

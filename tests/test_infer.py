@@ -1,0 +1,142 @@
+"""Tiled inference engine: tile geometry, resampling, cancel, out-of-memory retry, devices."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_spine_tracker.core.decode import DEFAULT_DECODE
+from napari_spine_tracker.core.detect import detect_series
+from napari_spine_tracker.core.devices import get_device
+from napari_spine_tracker.core.infer import InferenceOptions, plan_tiles, predict_series
+from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION, grid_scale, read_resampled
+from napari_spine_tracker.core.model import SpineNet, build_config
+from napari_spine_tracker.core.models import LoadedModel
+from napari_spine_tracker.errors import Cancelled, InputError
+
+
+@pytest.fixture
+def random_model():
+    """A tiny untrained network with a threshold low enough that it reports peaks."""
+    torch.manual_seed(0)
+    net = SpineNet(build_config("tiny")).eval()
+    with torch.no_grad():
+        net.heads["heatmap"].bias.fill_(0.0)
+    return LoadedModel(net, torch.device("cpu"), (0.5, 0.1, 0.1), dict(DEFAULT_NORMALIZATION),
+                       dict(DEFAULT_DECODE, threshold=0.3))
+
+
+@pytest.mark.parametrize(("shape", "max_input"), [((20, 100, 70), (64, 48, 48)), ((10, 30, 200), (8, 64, 64))])
+def test_tile_cores_partition_the_volume(shape, max_input):
+    plan = plan_tiles(shape, max_input, halo=(2, 8, 8), multiple=(4, 16, 16))
+    assert all(n % m == 0 for n, m in zip(plan.input_shape, (4, 16, 16)))
+    covered = np.zeros(shape, int)
+    for tile in plan.tiles:
+        region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))
+        covered[region] += 1
+        assert all(k.stop <= n for k, n in zip(tile.keep, plan.input_shape))
+    assert (covered == 1).all()
+
+
+def test_read_resampled_identity_and_linear():
+    rng = np.random.default_rng(1)
+    volume = rng.random((6, 20, 30)).astype(np.float32)
+    block = read_resampled(volume, (-1, 5, 25), (4, 8, 8), (1.0, 1.0, 1.0), fill=-7)
+    assert block[0].min() == -7 and (block[1:, :, :5] == volume[0:3, 5:13, 25:30]).all()
+    assert (block[1:, :, 5:] == -7).all()
+    # a linear ramp along x stays linear when resampled to a twice finer grid
+    ramp = np.broadcast_to(np.arange(30, dtype=np.float32), (6, 20, 30))
+    fine = read_resampled(ramp, (0, 0, 10), (6, 20, 20), (1.0, 1.0, 2.0), fill=0)
+    expected = (np.arange(10, 30) + 0.5) / 2 - 0.5
+    np.testing.assert_allclose(fine[3, 4], expected, atol=1e-5)
+
+
+def test_grid_scale_tolerance():
+    assert grid_scale((0.5, 0.094, 0.094), (0.5, 0.1, 0.1)) == (1.0, 1.0, 1.0)
+    assert grid_scale((1.0, 0.2, 0.2), (0.5, 0.1, 0.1)) == (2.0, 2.0, 2.0)
+
+
+def test_one_session_input(random_model):
+    volume = np.random.default_rng(2).poisson(5, (8, 48, 48)).astype(np.uint16)
+    table = detect_series(volume, (0.5, 0.1, 0.1), model=random_model)
+    assert len(table) > 0 and (table["t"] == 0).all()
+    assert list(table.columns[:7]) == ["track_id", "t", "z", "y", "x", "score", "status"]
+    assert ((table[["z", "y", "x"]] > -1).all(axis=None)) and (table["y"] < 48).all() and (table["x"] < 48).all()
+
+
+def test_cancel_mid_run(random_model):
+    series = np.random.default_rng(3).poisson(5, (3, 8, 48, 48)).astype(np.uint16)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        detect_series(series, (0.5, 0.1, 0.1), model=random_model, should_stop=should_stop)
+    assert len(calls) == 3  # it stopped at the first poll that asked it to
+
+
+def test_progress_reaches_total(random_model):
+    series = np.random.default_rng(3).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
+    seen = []
+    detect_series(series, (0.5, 0.1, 0.1), model=random_model, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))
+
+
+def test_out_of_memory_retries_smaller(random_model, monkeypatch):
+    series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
+    options = InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=1)
+    expected = predict_series(series, (0.5, 0.1, 0.1), random_model, options=options)
+    step = random_model.net.step
+    batches = []
+
+    def flaky_step(x, previous, state):
+        batches.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return step(x, previous, state)
+
+    monkeypatch.setattr(random_model.net, "step", flaky_step)
+    got = predict_series(series, (0.5, 0.1, 0.1), random_model,
+                         options=InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=2))
+    assert batches[0] == 2 and batches[-1] == 1  # tried a batch of 2, finished with batches of 1
+    assert len(got) > 0
+    np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_padded_sessions_drop_detections_outside(random_model):
+    series = np.random.default_rng(5).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
+    table = predict_series(series, (0.5, 0.1, 0.1), random_model, session_shapes=[(8, 48, 48), (8, 24, 24)])
+    second = table[table["t"] == 1]
+    assert len(table[table["t"] == 0]) > 0
+    assert (second["y"] <= 23.5).all() and (second["x"] <= 23.5).all()
+
+
+def test_bad_inputs_are_explained(random_model):
+    with pytest.raises(InputError, match="voxel size is unknown"):
+        detect_series(np.zeros((2, 8, 32, 32), np.uint16), None, model=random_model)
+    with pytest.raises(InputError, match="dimensions"):
+        detect_series(np.zeros((32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model)
+    with pytest.raises(InputError, match="positive"):
+        detect_series(np.zeros((1, 8, 32, 32), np.uint16), (0.5, 0, 0.1), model=random_model)
+
+
+def test_device_choice():
+    assert get_device("cpu").type == "cpu"
+    assert get_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(InputError, match="unknown device"):
+        get_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            get_device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(random_model):
+    series = np.random.default_rng(6).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
+    cpu = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    gpu_model = LoadedModel(random_model.net.to("cuda"), torch.device("cuda"), random_model.voxel_size_um,
+                            random_model.normalization, random_model.decode)
+    gpu = predict_series(series, (0.5, 0.1, 0.1), gpu_model)
+    assert abs(len(gpu) - len(cpu)) <= max(2, 0.1 * len(cpu))  # bf16 autocast moves a few borderline peaks

@@ -1,0 +1,165 @@
+"""SpineNet architecture, training step, targets/decoding round trip and checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_spine_tracker.core.decode import decode_peaks, nms_kernel
+from napari_spine_tracker.core.model import SpineNet, build_config
+from napari_spine_tracker.core.targets import SessionPoints, make_targets
+from napari_spine_tracker.core.train import compute_loss
+from napari_spine_tracker.errors import InputError
+from napari_spine_tracker.io.checkpoint import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return SpineNet(build_config("tiny"))
+
+
+def test_forward_shapes(tiny_net):
+    x = torch.randn(2, 3, 1, 8, 32, 48)
+    out = tiny_net(x)
+    expected = (2, 3, None, 8, 16, 24)
+    for name, channels in SpineNet.HEADS.items():
+        assert out[name].shape == (2, 3, channels, *expected[3:])
+    assert tiny_net.output_stride == (1, 2, 2)
+    assert tiny_net.total_stride == (4, 16, 16)
+
+
+def test_forward_rejects_wrong_rank(tiny_net):
+    with pytest.raises(ValueError, match="B, T, 1, Z, Y, X"):
+        tiny_net(torch.randn(1, 8, 32, 32))
+
+
+def test_sessions_share_state(tiny_net):
+    """The ConvLSTM carries state: session 1's output depends on session 0's image."""
+    tiny_net.eval()
+    x = torch.randn(1, 2, 1, 8, 32, 32)
+    y = x.clone()
+    y[:, 0] = torch.randn_like(y[:, 0])
+    with torch.no_grad():
+        a, b = tiny_net(x)["heatmap"][:, 1], tiny_net(y)["heatmap"][:, 1]
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lean"])
+def test_config_round_trip(preset):
+    net = SpineNet(build_config(preset))
+    clone = SpineNet(net.config)
+    clone.load_state_dict(net.state_dict())
+    assert build_config(preset)["preset"] == preset
+    with pytest.raises(ValueError, match="unknown model size"):
+        build_config("huge")
+
+
+def _targets_for(points, out_shape=(8, 16, 16)):
+    sessions = [SessionPoints(np.asarray(p, float), np.full((len(p), 3), np.nan), np.full(len(p), 0.4))
+                for p in points]
+    return make_targets(sessions, out_shape, (1, 2, 2), (0.5, 0.2, 0.2))
+
+
+def test_targets_decode_back_to_the_points():
+    """Targets fed through the decoder as perfect outputs give back the labelled points."""
+    points = [[[3.0, 10.3, 20.8], [5.0, 2.0, 3.0]]]
+    targets = _targets_for(points)
+    heat = np.clip(targets["heatmap"], 1e-6, 1 - 1e-6)
+    outputs = {
+        "heatmap": torch.from_numpy(np.log(heat / (1 - heat))),
+        "offset": torch.from_numpy(targets["offset"]),
+        "displacement": torch.from_numpy(targets["displacement"]),
+        "size": torch.from_numpy(targets["size"]),
+    }
+    peaks = decode_peaks(outputs, (1, 2, 2), nms_kernel((0.5, 0.2, 0.2), (0.6, 0.3, 0.3)), 0.5)[0]
+    order = np.argsort(peaks.zyx[:, 0])
+    np.testing.assert_allclose(peaks.zyx[order], np.asarray(points[0])[[0, 1]][np.argsort([3.0, 5.0])], atol=1e-5)
+    np.testing.assert_allclose(peaks.radius_um, 0.4, atol=1e-6)
+
+
+def test_training_step_reduces_loss(tiny_net):
+    """A few optimisation steps on one fixed batch lower the loss (the graph is differentiable)."""
+    rng = np.random.default_rng(0)
+    points = [[[3.0, 10.0, 12.0], [4.0, 20.0, 6.0]], [[3.0, 11.0, 12.0]]]
+    sessions = [SessionPoints(np.asarray(p, float), np.zeros((len(p), 3)), np.full(len(p), 0.3)) for p in points]
+    targets = make_targets(sessions, (8, 16, 16), (1, 2, 2), (0.5, 0.2, 0.2))
+    batch = {k: torch.from_numpy(v[None]) for k, v in targets.items()}
+    batch["labelled"] = torch.ones(1, 2)
+    image = torch.from_numpy(rng.normal(0, 0.1, (1, 2, 1, 8, 32, 32)).astype(np.float32))
+    optimizer = torch.optim.Adam(tiny_net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, parts = compute_loss(tiny_net(image), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert set(parts) == {"focal", "offset", "displacement", "size"}
+    assert losses[-1] < losses[0] * 0.8
+
+
+def test_unlabelled_sessions_do_not_count(tiny_net):
+    targets = _targets_for([[[3.0, 10.0, 12.0]], []])
+    batch = {k: torch.from_numpy(v[None]) for k, v in targets.items()}
+    out = tiny_net(torch.randn(1, 2, 1, 8, 32, 32))
+    batch["labelled"] = torch.tensor([[1.0, 0.0]])
+    loss_masked, _ = compute_loss(out, batch)
+    # changing the (masked) second session's predictions does not change the loss
+    out2 = {k: v.clone() for k, v in out.items()}
+    out2["heatmap"][:, 1] += 5.0
+    loss_masked2, _ = compute_loss(out2, batch)
+    assert float(loss_masked) == pytest.approx(float(loss_masked2))
+
+
+def _checkpoint(net):
+    return {"config": net.config, "voxel_size_um": [0.5, 0.1, 0.1], "normalization": {"method": "percentile"},
+            "decode": {"threshold": 0.3, "nms_radius_um": [0.6, 0.3, 0.3]}, "state_dict": net.state_dict(),
+            "training": {"steps": 0}}
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_net):
+    path = save_checkpoint(tmp_path / "m.pt", _checkpoint(tiny_net))
+    loaded = load_checkpoint(path)
+    assert loaded["format"] == "spinenet/1"
+    clone = SpineNet(loaded["config"])
+    clone.load_state_dict(loaded["state_dict"])
+    for a, b in zip(clone.state_dict().values(), tiny_net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
+
+
+def test_corrupt_checkpoint_rejected(tmp_path, tiny_net):
+    path = save_checkpoint(tmp_path / "m.pt", _checkpoint(tiny_net))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        load_checkpoint(text)
+
+
+def test_foreign_checkpoint_rejected(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, path)
+    with pytest.raises(InputError, match="not a napari-spine-tracker model"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_with_code_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "spinenet/1", "payload": _Payload()}, path)
+    with pytest.raises(InputError, match="weights_only"):
+        load_checkpoint(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(InputError, match="no model checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
