@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -79,7 +80,7 @@ class SyntheticPool:
     def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
         # validation uses seeds 1000-1999 (core/bench.py too); training never touches them
-        self.next_seed = TRAINING_SEED_BASE + seed * 1_000_000
+        self.first_seed = self.next_seed = TRAINING_SEED_BASE + seed * 100_000
         self.series: list[PreparedSeries] = []
         self.size = size
 
@@ -283,166 +284,280 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
 
     ``on_log(record)`` receives ``{"step", "loss", ...}`` records, and validation records with
     ``"validation"``; ``should_stop()`` cancels cleanly (the output keeps the best model validated
-    so far, or is not created).
+    so far, or is not created). Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its
+    own batches with DistributedDataParallel (``nccl`` on GPUs, ``gloo`` on CPUs); only rank 0
+    validates and writes the checkpoint.
     """
-    import torch
-
-    from ..io.checkpoint import save_checkpoint
-    from .devices import autocast, free_memory, get_device
-
     out = Path(options.out)
     if out.suffix != ".pt":
         raise InputError(f"--out must name a .pt checkpoint file, got {out}.")
-    device = get_device(options.device)
-    torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
-    net, model_voxel, normalization, decode, provenance = _initial_model(options)
-    fine_tuning = bool(options.datasets)
-    steps, minutes = _budget(options, device)
-    batch_size = options.batch_size or (32 if device.type == "cuda" else 4)
-    lr = options.lr or (3e-4 if options.init else 2e-3)
-    synthetic_fraction = options.synthetic_fraction
-    if synthetic_fraction is None:
-        synthetic_fraction = 0.3 if fine_tuning else 1.0
+    run = _Run(options, progress, should_stop, on_log)
+    try:
+        run.loop()
+    finally:
+        run.close()
+    return out
 
-    user_train, user_val = (_user_series(options.datasets, model_voxel, normalization, rng)
-                            if fine_tuning else ([], []))
-    pool = SyntheticPool(options.pool_size if synthetic_fraction > 0 else 0, model_voxel, normalization,
-                         options.seed, options.patch)
-    pool.fill(should_stop=should_stop)
-    val_cases = [(name, s.image, s.voxel_size_um, s.truth, None) for name, s in _validation_series(options)]
-    val_cases += [(f"user:{name}", image, voxel, table, sessions) for name, image, voxel, table, sessions in user_val]
 
-    net.to(device)
-    if device.type in ("cpu", "cuda"):
-        net = net.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    start_step, best, history = 0, None, []
-    resume_file = _resume_path(out)
-    if options.resume and resume_file.exists():
-        state = torch.load(resume_file, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, best, history = int(state["step"]), state["best"], list(state["history"])
-        log.info("resumed at step %d from %s", start_step, resume_file)
+class _Run:
+    """One training run: model, data, optimiser, validation and checkpoints (one DDP rank)."""
 
-    from .models import LoadedModel
+    def __init__(self, options: TrainOptions, progress, should_stop, on_log):
+        import torch
 
-    out_stride = net.output_stride
-    out_shape = tuple(int(n // s) for n, s in zip(options.patch.shape, out_stride))
-    out_vox = tuple(v * s for v, s in zip(model_voxel, out_stride))
-    started = time.monotonic()
-    warmup = 200 if not options.init else 50
+        from .devices import get_device
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        if minutes is not None and steps >= 10**9:
-            return lr  # time budget: constant after warm-up
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(steps, 1))))
+        self.options, self.progress, self.should_stop, self.on_log = options, progress, should_stop, on_log
+        self.out = Path(options.out)
+        self.dist = _init_distributed(get_device(options.device))
+        self.device = self.dist.device
+        self.rank0 = self.dist.rank == 0
+        torch.manual_seed(options.seed + self.dist.rank)
+        self.rng = np.random.default_rng([options.seed, self.dist.rank])
+        net, self.model_voxel, self.normalization, self.decode, self.provenance = _initial_model(options)
+        self.steps, self.minutes = _budget(options, self.device)
+        self.batch_size = options.batch_size or (32 if self.device.type == "cuda" else 4)
+        self.lr = options.lr or (3e-4 if options.init else 2e-3)
+        self.warmup = 50 if options.init else 200
+        fraction = options.synthetic_fraction
+        self.synthetic_fraction = fraction if fraction is not None else (0.3 if options.datasets else 1.0)
 
-    def snapshot(step: int, validation: dict) -> dict[str, Any]:
+        self.user_train, user_val = ([], [])
+        if options.datasets:
+            self.user_train, user_val = _user_series(options.datasets, self.model_voxel, self.normalization,
+                                                     np.random.default_rng(options.seed))
+        self.pool = SyntheticPool(options.pool_size if self.synthetic_fraction > 0 else 0, self.model_voxel,
+                                  self.normalization, options.seed * 16 + self.dist.rank, options.patch)
+        self.pool.fill(should_stop=should_stop)
+        self.val_cases = []
+        if self.rank0:
+            self.val_cases = [(name, s.image, s.voxel_size_um, s.truth, None)
+                              for name, s in _validation_series(options)]
+            self.val_cases += [(f"user:{n}", image, voxel, table, sessions)
+                               for n, image, voxel, table, sessions in user_val]
+
+        self.net = net.to(self.device)
+        if self.device.type in ("cpu", "cuda"):
+            self.net = self.net.to(memory_format=torch.channels_last_3d)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
+        self.step, self.best, self.history = 0, None, []
+        self.resume_file = _resume_path(self.out)
+        if options.resume and self.resume_file.exists():
+            state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
+            log.info("resumed at step %d from %s", self.step, self.resume_file)
+        self.forward = self.dist.wrap(self.net)
+        stride = self.net.output_stride
+        self.out_shape = tuple(int(n // s) for n, s in zip(options.patch.shape, stride))
+        self.out_vox = tuple(v * s for v, s in zip(self.model_voxel, stride))
+        self.started = time.monotonic()
+
+    # -- one step ---------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.steps >= 10**9:  # a time budget: constant after warm-up
+            return self.lr
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / self.steps)))
+
+    def batch(self) -> dict:
+        import torch
+
+        use_user = self.user_train and (not self.pool.series or self.rng.random() >= self.synthetic_fraction)
+        sources = self.user_train if use_user else self.pool.series
+        patches = [sample_patch(sources[self.rng.integers(len(sources))], self.rng, self.options.patch,
+                                self.model_voxel) for _ in range(self.batch_size)]
+        sessions = min(p[0].shape[0] for p in patches)
+        patches = [(img[:sessions], pts[:sessions], lab[:sessions]) for img, pts, lab in patches]
+        arrays = make_batch(patches, self.out_shape, self.net.output_stride, self.out_vox)
+        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+
+    def train_step(self) -> dict:
+        import torch
+
+        from .devices import autocast
+
+        batch = self.batch()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with autocast(self.device):
+            outputs = self.forward(batch["image"])
+        loss, parts = compute_loss(outputs, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
+        self.optimizer.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), **parts}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def elapsed_minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+    def wants_stop(self) -> tuple[bool, bool]:
+        """(stop, cancelled), agreed by all ranks."""
+        cancelled = bool(self.should_stop is not None and self.should_stop())
+        done = self.step >= self.steps or (self.minutes is not None and self.elapsed_minutes() >= self.minutes)
+        cancelled, done = self.dist.any(cancelled), self.dist.any(done)
+        return cancelled or done, cancelled
+
+    def loop(self) -> None:
+        first_step, recent, loop_started = self.step, [], time.monotonic()
+        self.net.train()
+        while True:
+            stop, cancelled = self.wants_stop()
+            if cancelled:
+                if self.out.exists():
+                    log.warning("training cancelled; %s holds the best model validated so far", self.out)
+                raise Cancelled("training cancelled")
+            if stop:
+                break
+            record = self.train_step()
+            recent.append(record["loss"])
+            if self.step % 50 == 0 and self.rank0:
+                rate = (self.step - first_step) / max(time.monotonic() - loop_started, 1e-9)
+                log.info("step %d: loss %.4f (%s), %.2f steps/s", self.step, float(np.mean(recent[-50:])),
+                         ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in ("step", "loss")), rate)
+            if self.on_log is not None:
+                self.on_log(record)
+            self.report_progress()
+            if self.pool.series and self.step % self.options.pool_refresh_every == 0:
+                self.pool.refresh()
+            if self.step % self.options.val_every == 0:
+                self.validate_and_save()
+        if self.best is None or self.best["step"] != self.step:
+            self.validate_and_save()
+        if self.rank0:
+            self.resume_file.unlink(missing_ok=True)
+
+    def report_progress(self) -> None:
+        if self.progress is None:
+            return
+        if self.minutes is not None:
+            self.progress(int(1000 * min(1.0, self.elapsed_minutes() / self.minutes)), 1000)
+        else:
+            self.progress(self.step, self.steps)
+
+    # -- validation and checkpoints -------------------------------------------------------------
+    def validate_and_save(self) -> None:
+        import torch
+
+        from ..io.checkpoint import save_checkpoint
+        from .models import LoadedModel
+
+        if self.rank0:
+            self.net.eval()
+            loaded = LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode)
+            result = validate(loaded, self.val_cases)
+            self.net.train()
+            self.history.append({"step": self.step, "f1": result["f1"], "idf1": result["idf1"],
+                                 "score": result["score"], "minutes": self.elapsed_minutes()})
+            log.info("step %d: validation F1 %.3f IDF1 %.3f (threshold %.2f)", self.step, result["f1"],
+                     result["idf1"], result["threshold"])
+            if self.on_log is not None:
+                self.on_log({"step": self.step, "validation": result})
+            if self.best is None or result["score"] > self.best["score"]:
+                self.best = {"score": result["score"], "step": self.step}
+                checkpoint = self.snapshot(result)
+                save_checkpoint(self.out, checkpoint)
+                _write_sidecar(self.out, checkpoint)
+            torch.save({"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "step": self.step, "best": self.best, "history": self.history}, self.resume_file)
+        self.dist.barrier()
+
+    def snapshot(self, validation: dict) -> dict[str, Any]:
+        options = self.options
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.net.state_dict().items()}
         return {
-            "config": net.config,
-            "voxel_size_um": list(model_voxel),
-            "normalization": normalization,
-            "decode": {**decode, "threshold": validation["threshold"]},
-            "state_dict": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()},
+            "config": self.net.config,
+            "voxel_size_um": list(self.model_voxel),
+            "normalization": self.normalization,
+            "decode": {**self.decode, "threshold": validation["threshold"]},
+            "state_dict": state,
             "training": {
                 "command_line": options.command_line,
                 "datasets": [str(d) for d in options.datasets],
-                "synthetic_fraction": synthetic_fraction,
-                "steps": step,
-                "batch_size": batch_size,
+                "synthetic_fraction": self.synthetic_fraction,
+                "steps": self.step,
+                "batch_size": self.batch_size * self.dist.world,
+                "processes": self.dist.world,
                 "patch_shape": list(options.patch.shape),
                 "sessions_per_patch": options.patch.sessions,
                 "seed": options.seed,
-                "synthetic_seeds": f"SynthConfig.random({TRAINING_SEED_BASE + options.seed * 1_000_000} ..)",
+                "synthetic_seeds": f"SynthConfig.random(n) for n from {self.pool.first_seed}",
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
-                "hardware": _hardware(device),
-                "minutes": (time.monotonic() - started) / 60,
-                **{k: v for k, v in provenance.items() if k != "init_training"},
+                "history": list(self.history),
+                "hardware": _hardware(self.device),
+                "minutes": self.elapsed_minutes(),
+                **{k: v for k, v in self.provenance.items() if k != "init_training"},
             },
         }
 
-    def run_validation(step: int) -> None:
-        nonlocal best
-        net.eval()
-        loaded = LoadedModel(net, device, model_voxel, normalization, decode, name="validation")
-        result = validate(loaded, val_cases)
-        net.train()
-        record = {"step": step, "validation": result}
-        history.append({"step": step, "f1": result["f1"], "idf1": result["idf1"], "score": result["score"]})
-        log.info("step %d: validation F1 %.3f IDF1 %.3f (threshold %.2f)", step, result["f1"], result["idf1"],
-                 result["threshold"])
-        if on_log is not None:
-            on_log(record)
-        if best is None or result["score"] > best["score"]:
-            best = {"score": result["score"], "step": step}
-            checkpoint = snapshot(step, result)
-            checkpoint["training"]["history"] = list(history)
-            save_checkpoint(out, checkpoint)
-            _write_sidecar(out, checkpoint)
-        torch.save({"state_dict": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "best": best, "history": history}, resume_file)
+    def close(self) -> None:
+        from .devices import free_memory
 
-    net.train()
-    step = start_step
-    recent: list[float] = []
-    loop_started = time.monotonic()
-    try:
-        while step < steps:
-            if minutes is not None and (time.monotonic() - started) / 60 >= minutes:
-                break
-            if should_stop is not None and should_stop():
-                raise Cancelled("training cancelled")
-            use_user = user_train and (not pool.series or rng.random() >= synthetic_fraction)
-            sources = user_train if use_user else pool.series
-            patches = [sample_patch(sources[rng.integers(len(sources))], rng, options.patch, model_voxel)
-                       for _ in range(batch_size)]
-            t_min = min(p[0].shape[0] for p in patches)
-            patches = [(img[:t_min], pts[:t_min], lab[:t_min]) for img, pts, lab in patches]
-            batch = {k: torch.from_numpy(v).to(device) for k, v in
-                     make_batch(patches, out_shape, out_stride, out_vox).items()}
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            with autocast(device):
-                outputs = net(batch["image"])
-            loss, parts = compute_loss(outputs, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "loss": float(loss.detach()), **parts}
-            recent.append(record["loss"])
-            if step % 50 == 0:
-                log.info("step %d: loss %.4f (%s), %.2f steps/s", step, float(np.mean(recent[-50:])),
-                         ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
-                         (step - start_step) / max(time.monotonic() - loop_started, 1e-9))
-            if on_log is not None:
-                on_log(record)
-            if progress is not None:
-                if minutes is not None:
-                    progress(int(1000 * min(1.0, (time.monotonic() - started) / 60 / minutes)), 1000)
-                else:
-                    progress(step, steps)
-            if pool.series and step % options.pool_refresh_every == 0:
-                pool.refresh()
-            if step % options.val_every == 0:
-                run_validation(step)
-        if best is None or best["step"] != step:
-            run_validation(step)
-    except Cancelled:
-        if not out.exists():
-            raise
-        log.warning("training cancelled; %s holds the best model validated so far", out)
-        raise
-    finally:
-        free_memory(device)
-    resume_file.unlink(missing_ok=True)
-    return out
+        free_memory(self.device)
+        self.dist.close()
+
+
+@dataclass
+class _Distributed:
+    """This process's place in a ``torchrun`` job (world 1 when run plainly)."""
+
+    device: Any
+    world: int = 1
+    rank: int = 0
+
+    def wrap(self, net):
+        if self.world == 1:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=ids)
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _init_distributed(device) -> _Distributed:
+    """Join the ``torchrun`` process group when WORLD_SIZE > 1 (one GPU per process on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Distributed(device)
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Distributed(device, world, rank)
 
 
 def _hardware(device) -> str:
@@ -450,7 +565,8 @@ def _hardware(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def _write_sidecar(out: Path, checkpoint: dict) -> None:

@@ -1,0 +1,76 @@
+"""The training loop end to end on a tiny model: checkpoint, cancel, resume, training sets."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_spine_tracker.core.batches import PatchOptions
+from napari_spine_tracker.core.train import TrainOptions, train_model
+from napari_spine_tracker.errors import Cancelled, InputError
+from napari_spine_tracker.io.checkpoint import load_checkpoint
+
+
+def tiny_options(out: Path, **changes) -> TrainOptions:
+    values = dict(out=out, steps=4, size="tiny", batch_size=2, pool_size=2, val_every=2, pool_refresh_every=2,
+                  patch=PatchOptions(shape=(8, 32, 32), sessions=2), validation=(("tiny", 1000),),
+                  validation_shape={}, device="cpu")
+    values.update(changes)
+    return TrainOptions(**values)
+
+
+@pytest.mark.slow
+def test_tiny_training_writes_a_valid_checkpoint(tmp_path):
+    records = []
+    path = train_model(tiny_options(tmp_path / "m.pt"), on_log=records.append)
+    checkpoint = load_checkpoint(path)
+    training = checkpoint["training"]
+    assert training["steps"] in (2, 4) and len(training["history"]) >= 1
+    assert 0.0 <= checkpoint["decode"]["threshold"] <= 1.0
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("validation" in r for r in records)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert "validation F1" in sidecar["description"]
+    assert not (tmp_path / "m.resume.pt").exists()  # a finished run leaves no resume state
+
+
+def test_cancel_before_any_checkpoint_writes_nothing(tmp_path):
+    with pytest.raises(Cancelled):
+        train_model(tiny_options(tmp_path / "m.pt"), should_stop=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_step(tmp_path):
+    out = tmp_path / "m.pt"
+    calls = []
+
+    def stop_after_first_validation():
+        calls.append(1)
+        return (tmp_path / "m.resume.pt").exists()
+
+    with pytest.raises(Cancelled):
+        train_model(tiny_options(out), should_stop=stop_after_first_validation)
+    assert out.exists() and (tmp_path / "m.resume.pt").exists()
+    records = []
+    train_model(tiny_options(out, resume=True), on_log=records.append)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [3, 4]  # it went on from step 2, where the first run validated and stopped
+    assert load_checkpoint(out)["training"]["steps"] in (2, 4)
+
+
+def test_out_must_be_a_pt_file(tmp_path):
+    with pytest.raises(InputError, match=r"\.pt"):
+        train_model(tiny_options(tmp_path / "model.bin"))
+
+
+def test_training_set_without_reviewed_sessions_is_refused(tmp_path):
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+    from napari_spine_tracker.io.trainset import append_training_item
+
+    synth = synthesize_series(SynthConfig.preset("tiny", seed=5))
+    append_training_item(tmp_path / "set", "a", synth.image, synth.truth, synth.voxel_size_um, reviewed_sessions=[])
+    with pytest.raises(InputError, match="no reviewed session"):
+        train_model(tiny_options(tmp_path / "m.pt", datasets=[tmp_path / "set"]))
