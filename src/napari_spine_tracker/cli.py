@@ -57,25 +57,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .core.detect import detect_series
-    from .core.models import load_model
-    from .io.series import load_series
-    from .io.tables import default_table_path, write_spine_table
+    from .core.cluster import detect_many
 
-    if args.out and len(args.inputs) > 1 and not Path(args.out).is_dir():
-        raise InputError("--out must be a folder when several inputs are given "
+    out_dir = outputs = None
+    if args.out and Path(args.out).is_dir():
+        out_dir = args.out
+    elif args.out and len(args.inputs) > 1:
+        raise InputError("--out must be an existing folder when several inputs are given "
                          f"({len(args.inputs)} inputs, --out {args.out}).")
-    model = load_model(args.model, device=args.device)
-    for inp in args.inputs:
-        series = load_series(inp, voxel_size_um=args.voxel_size, channel=args.channel)
-        out = Path(args.out) if args.out else default_table_path(inp)
-        if out.is_dir():
-            out = out / default_table_path(inp).name
-        with _progress_bar(f"detect {Path(inp).name}", quiet=args.quiet) as progress:
-            table = detect_series(series, model=model, device=args.device, threshold=args.threshold,
-                                  progress=progress)
-        write_spine_table(table, out)
-        print(f"{inp}: {len(table)} spine-sessions in {table['track_id'].nunique()} tracks -> {out}")
+    elif args.out:
+        outputs = [args.out]
+    if args.workers is not None and args.scheduler != "local":
+        raise InputError("--workers sets the size of a local cluster: add --scheduler local.")
+    skip_done = args.skip_done if args.skip_done is not None else args.scheduler is not None
+    with _progress_bar(f"detect {len(args.inputs)} series", quiet=args.quiet) as progress:
+        report = detect_many(args.inputs, out_dir, outputs=outputs, scheduler=args.scheduler,
+                             workers=args.workers, model=args.model, device=args.device,
+                             voxel_size_um=args.voxel_size, channel=args.channel, threshold=args.threshold,
+                             skip_done=skip_done, progress=progress)
+    print(report.format())
+    if report.failed:
+        print(f"error: {len(report.failed)} of {len(report.results)} inputs failed (see above); the others "
+              "were written.", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -170,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-size", **_voxel_size())
     p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
     p.add_argument("--threshold", type=float, help="detection score threshold (default: the model's)")
+    p.add_argument("--scheduler", metavar="local|ADDRESS",
+                   help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
+                        "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "
+                        "needs pip install 'napari-spine-tracker[cluster]'. Default: one after the other here")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes of --scheduler local (default: one per GPU, or per two CPU cores)")
+    p.add_argument("--skip-done", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave inputs whose output already holds a valid spine table (default: on with "
+                        "--scheduler, off without); tables with hand corrections are never overwritten")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_detect)
 
