@@ -4,8 +4,8 @@ Plain data only (numpy, pandas, napari's Colormap): the reader and the sample-da
 layers with these keyword arguments too, so a table opened from disk looks like a detection.
 
 - ``spines``: ndim 4 (t, z, y, x), ``features`` track_id/score/status, text shows the id, the face
-  colour comes from a categorical palette indexed by id (consecutive ids differ), the border is
-  white for points a human vetted and grey for raw predictions.
+  colour comes from a categorical palette indexed by id (consecutive ids differ), drawn as a ring
+  so the spine head stays visible; points a human vetted get a white outline.
 - ``spine tracks``: (track_id, t, z, y, x), the same colour per id as the points.
 """
 
@@ -30,7 +30,7 @@ PALETTE = np.array([
     (210, 160, 90), (255, 250, 200), (170, 255, 195), (255, 216, 177),
 ], dtype=float) / 255.0
 VETTED_BORDER = (1.0, 1.0, 1.0, 1.0)
-PREDICTED_BORDER = (0.35, 0.35, 0.35, 1.0)
+PREDICTED_BORDER = (0.0, 0.0, 0.0, 0.0)  # none: a raw prediction is a plain coloured ring
 
 
 def palette_index(track_ids: Iterable[int]) -> np.ndarray:
@@ -45,7 +45,7 @@ def id_colours(track_ids: Iterable[int]) -> np.ndarray:
 
 
 def status_borders(features: pd.DataFrame) -> np.ndarray:
-    """(N, 4) RGBA border: white where a human vetted the point, grey for raw predictions."""
+    """(N, 4) RGBA border: white where a human vetted the point, none for raw predictions."""
     borders = np.tile(PREDICTED_BORDER, (len(features), 1))
     borders[human_vetted(features)] = VETTED_BORDER
     return borders
@@ -78,7 +78,6 @@ def spine_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequ
         border_width=0.15, border_width_is_relative=True, symbol="ring", size=size,
         text={"string": "{track_id}", "size": 9, "color": "white", "anchor": "upper_left",
               "translation": [0, 0, -size / 2, size / 2]},
-        out_of_slice_display=True,
         metadata=spine_layer_metadata(reviewed_sessions),
     )
     if scale is not None:
@@ -112,8 +111,8 @@ def spine_tracks_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequ
     """Keyword arguments for ``napari.layers.Tracks`` of the spines (needs at least one point)."""
     tracks, properties = tracks_data(data, features)
     kwargs = dict(data=tracks, properties=properties, name=TRACKS_LAYER, color_by="colour",
-                  colormaps_dict={"colour": tracks_colormap()}, tail_length=2, head_length=0, tail_width=2,
-                  blending="translucent")
+                  colormaps_dict={"colour": tracks_colormap()}, tail_length=1, head_length=0, tail_width=1.5,
+                  opacity=0.6, blending="translucent")
     if scale is not None:
         kwargs["scale"] = tuple(scale)
     if translate is not None:

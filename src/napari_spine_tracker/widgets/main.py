@@ -151,7 +151,14 @@ class SpineTrackerWidget(QWidget):
                 state = SpineState(data, features, current.reviewed_sessions)
         self._bind_autosave(image)
         self.editor.show(state, scale=(1.0, *voxel_size_um), translate=self._points_translate(image))
+        self._label_axes()
         show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks.")
+
+    def _label_axes(self) -> None:
+        """Name the axes t, z, y, x when napari shows its default numbers (-4..-1)."""
+        dims = self.viewer.dims
+        if dims.ndim == 4 and all(label.lstrip("-").isdigit() for label in dims.axis_labels):
+            dims.axis_labels = ("t", "z", "y", "x")
 
     @staticmethod
     def _points_translate(image: Image) -> tuple[float, ...]:
@@ -216,6 +223,7 @@ class SpineTrackerWidget(QWidget):
         voxel = self.detect.voxel_size_um()
         self.editor.show(SpineState(data, features, frozenset(record.reviewed_sessions)),
                          scale=(1.0, *voxel), translate=self._points_translate(image))
+        self._label_axes()
         show_info(f"restored {len(record.table)} spine points from {record.path}")
         return True
 

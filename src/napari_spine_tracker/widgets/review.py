@@ -445,11 +445,11 @@ class ReviewPanel(QWidget):
         self.buttons["undo"].setEnabled(editor.history.can_undo)
         self.buttons["redo"].setEnabled(editor.history.can_redo)
         statuses = state.features["status"]
-        sessions = edits.sessions_of(state.data)
+        session = editor.current_session()
         reviewed = sorted(state.reviewed_sessions)
         self.status.setText(
-            f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks; "
-            f"{int((statuses == 'predicted').sum())} to review. "
-            f"Reviewed sessions: {', '.join(map(str, reviewed)) if reviewed else 'none'}"
-            f"{' (of ' + str(int(sessions.max()) + 1) + ')' if len(sessions) else ''}."
+            f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks, "
+            f"{int((statuses == 'predicted').sum())} unconfirmed.\n"
+            f"Session {session}: {'reviewed' if session in reviewed else 'not reviewed'}"
+            f"{'; reviewed: ' + ', '.join(map(str, reviewed)) if reviewed else ''}."
         )
