@@ -87,21 +87,47 @@ def test_out_of_memory_retries_smaller(random_model, monkeypatch):
     series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
     options = InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=1)
     expected = predict_series(series, (0.5, 0.1, 0.1), random_model, options=options)
-    step = random_model.net.step
+    forward = random_model.net.forward_sessions
     batches = []
 
-    def flaky_step(x, previous, state):
+    def flaky_forward(x, previous, state):
         batches.append(x.shape[0])
         if x.shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return step(x, previous, state)
+        return forward(x, previous, state)
 
-    monkeypatch.setattr(random_model.net, "step", flaky_step)
+    monkeypatch.setattr(random_model.net, "forward_sessions", flaky_forward)
     got = predict_series(series, (0.5, 0.1, 0.1), random_model,
                          options=InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=2))
     assert batches[0] == 2 and batches[-1] == 1  # tried a batch of 2, finished with batches of 1
     assert len(got) > 0
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_session_chunks_carry_state(random_model):
+    """Running sessions one by one or four at a time gives the same detections."""
+    series = np.random.default_rng(7).poisson(5, (5, 8, 32, 32)).astype(np.uint16)
+    one = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(session_chunk=1))
+    four = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(session_chunk=4))
+    assert len(one) > 0 and set(one["t"]) == set(range(5))
+    np.testing.assert_allclose(one.to_numpy(float), four.to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_batchnorm_folding_keeps_outputs(random_model):
+    from napari_spine_tracker.core.model import fuse_for_inference
+
+    net = SpineNet(build_config("tiny"))
+    for module in net.modules():  # give BatchNorm non-trivial statistics
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = torch.randn(1, 2, 1, 8, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        after = fuse_for_inference(net)(x)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-4, rtol=1e-4)
 
 
 def test_padded_sessions_drop_detections_outside(random_model):

@@ -6,6 +6,7 @@ previous session) -> Hungarian linking with gap closing -> spine table.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -102,8 +103,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                                    should_stop=should_stop)
         opts = options or InferenceOptions()
         if threshold is not None:
-            opts = InferenceOptions(threshold=threshold, max_tile=opts.max_tile, halo=opts.halo,
-                                    batch_size=opts.batch_size)
+            opts = dataclasses.replace(opts, threshold=threshold)
         detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
                                     progress=stage_progress(stages["register"], 100, total_units),
                                     should_stop=should_stop)

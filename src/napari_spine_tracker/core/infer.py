@@ -101,7 +101,8 @@ class InferenceOptions:
     threshold: float | None = None  # None: the model's own
     max_tile: tuple[int, int, int] | None = None  # model-grid voxels; None: by device
     halo: tuple[int, int, int] = (4, 24, 24)
-    batch_size: int | None = None
+    batch_size: int | None = None  # tiles per batch
+    session_chunk: int | None = None  # sessions per network call (the ConvLSTM carries state between)
 
 
 def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np.ndarray | None = None,
@@ -139,12 +140,12 @@ def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
     batch = options.batch_size or _default_batch(model.device, options.max_tile or _default_max_tile(model.device))
     tile = options.max_tile or _default_max_tile(model.device)
     if batch > 1:
-        return InferenceOptions(options.threshold, tile, options.halo, batch // 2)
+        return InferenceOptions(options.threshold, tile, options.halo, batch // 2, options.session_chunk)
     minimum = [4 * h for h in options.halo]
     halved = tuple(max(m, t // 2) if axis else t for axis, (t, m) in enumerate(zip(tile, minimum)))
     if halved == tuple(tile):
         return None
-    return InferenceOptions(options.threshold, halved, options.halo, 1)
+    return InferenceOptions(options.threshold, halved, options.halo, 1, options.session_chunk)
 
 
 def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: InferenceOptions,
@@ -169,28 +170,29 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     ranges = [session_range(s, model.normalization) for s in sessions]
     model_vox = np.asarray(model.voxel_size_um)
 
+    chunk = options.session_chunk or _default_chunk(device)
     rows: list[np.ndarray] = []
     total, done = len(plan.tiles) * t_count, 0
     for first in range(0, len(plan.tiles), batch_size):
         tiles = plan.tiles[first : first + batch_size]
         state, previous = None, None
-        for t in range(t_count):
+        for t0 in range(0, t_count, chunk):
             if should_stop is not None and should_stop():
                 raise Cancelled("detection cancelled")
-            blocks = [
-                normalize(read_resampled(sessions[t], tuple(np.asarray(tile.origin) + shift[t]),
-                                         plan.input_shape, tuple(scale), fill=ranges[t][0]), ranges[t])
-                for tile in tiles
-            ]
-            x = torch.from_numpy(np.stack(blocks)[:, None]).to(device)
-            if device.type in ("cpu", "cuda"):
-                x = x.contiguous(memory_format=torch.channels_last_3d)
+            times = range(t0, min(t0 + chunk, t_count))
+            blocks = [[normalize(read_resampled(sessions[t], tuple(np.asarray(tile.origin) + shift[t]),
+                                                plan.input_shape, tuple(scale), fill=ranges[t][0]), ranges[t])
+                       for t in times] for tile in tiles]
+            x = torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
             with torch.inference_mode(), _autocast(device):
-                outputs, state = net.step(x, previous, state)
-            previous = x
-            for tile, peaks in zip(tiles, decode_peaks(outputs, net.output_stride, kernel, threshold)):
-                rows.append(_to_native(peaks, tile, t, shift, scale, model_vox))
-            done += len(tiles)
+                outputs, state = net.forward_sessions(x, previous, state)
+            previous = x[:, -1]
+            flat = {name: value.flatten(0, 1) for name, value in outputs.items()}
+            peaks = decode_peaks(flat, net.output_stride, kernel, threshold)
+            for i, tile in enumerate(tiles):
+                for j, t in enumerate(times):
+                    rows.append(_to_native(peaks[i * len(times) + j], tile, t, shift, scale, model_vox))
+            done += len(tiles) * len(times)
             if progress is not None:
                 progress(done, total)
     table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
@@ -228,6 +230,10 @@ def _inside_sessions(table: pd.DataFrame, shapes) -> pd.DataFrame:
 def _default_max_tile(device) -> tuple[int, int, int]:
     # CPU: large tiles keep the halo overhead low; GPU: large tiles fill the device
     return (64, 256, 256) if device.type == "cpu" else (64, 384, 384)
+
+
+def _default_chunk(device) -> int:
+    return 4 if device.type == "cpu" else 8
 
 
 def _default_batch(device, input_shape) -> int:

@@ -101,10 +101,8 @@ class LoadedModel:
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device="cpu", name: str = "model") -> LoadedModel:
     """Build a :class:`LoadedModel` from a checkpoint dict (see io/checkpoint.py)."""
-    import torch
-
     from .devices import get_device
-    from .model import SpineNet
+    from .model import SpineNet, fuse_for_inference
 
     if isinstance(device, str):
         device = get_device(device)
@@ -113,9 +111,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device="cpu", name: str = 
         net.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
         raise InputError(f"model {name!r}: weights do not fit its architecture ({str(exc).splitlines()[0]})") from exc
-    net.eval().to(device)
-    if device.type in ("cpu", "cuda"):
-        net = net.to(memory_format=torch.channels_last_3d)
+    net = fuse_for_inference(net.eval()).to(device)
     return LoadedModel(
         net=net,
         device=device,
