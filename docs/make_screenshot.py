@@ -30,7 +30,8 @@ def main() -> int:
     parser.add_argument("--truth", action="store_true", help="show the truth instead of a detection")
     parser.add_argument("--session", type=int, default=2)
     args = parser.parse_args()
-    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp()  # keep this run's autosave out of the user's folder
+    # keep this run's autosave out of the user's folder
+    os.environ["NAPARI_SPINE_TRACKER_DATA_DIR"] = tempfile.mkdtemp()
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)

@@ -15,8 +15,8 @@ from napari_spine_tracker.io import autosave
 
 @pytest.fixture(autouse=True)
 def user_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    return tmp_path / "xdg"
+    monkeypatch.setenv("NAPARI_SPINE_TRACKER_DATA_DIR", str(tmp_path / "user"))
+    return tmp_path / "user"
 
 
 def _table(n):
@@ -42,7 +42,7 @@ def test_image_without_file_or_unwritable_folder_goes_to_user_folder(tmp_path, u
     saver = autosave.Autosaver(None, "synthetic series", (2, 3, 4, 5), delay_s=10)
     saver.submit(_table(1))
     path = saver.flush()
-    assert path.parent == user_data / "napari-spine-tracker" / "autosave"
+    assert path.parent == user_data / "autosave"
     assert path.name.startswith("synthetic_series-")
     assert autosave.find_autosave(None, "synthetic series", (2, 3, 4, 5)).path == path
     assert autosave.find_autosave(None, "synthetic series", (9, 3, 4, 5)) is None
@@ -55,7 +55,7 @@ def test_image_without_file_or_unwritable_folder_goes_to_user_folder(tmp_path, u
     saver.on_error = errors.append
     saver.submit(_table(2))
     path = saver.flush()
-    assert path.parent == user_data / "napari-spine-tracker" / "autosave" and not errors
+    assert path.parent == user_data / "autosave" and not errors
     assert autosave.find_autosave(image, "img", (1, 2, 3, 4)).table.shape[0] == 2
 
 

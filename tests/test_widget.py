@@ -60,7 +60,7 @@ class FakeDetect:
 @pytest.fixture(autouse=True)
 def no_stray_dialogs(monkeypatch, tmp_path):
     """Autosaves go to a temporary user folder; a dialog a test did not answer fails the test."""
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("NAPARI_SPINE_TRACKER_DATA_DIR", str(tmp_path / "user"))
 
     def unexpected(*args, **kwargs):
         raise AssertionError(f"unexpected dialog: {args[1:]}")
@@ -351,3 +351,33 @@ def test_export_training_set_and_save_table(viewer_widget, qtbot, fake_detect, m
     assert widget.save_table() == out
     back = pd.read_csv(out)
     assert len(back) == 8 and set(back["track_id"]) == {1, 2, 3}
+
+
+@pytest.mark.slow
+def test_end_to_end_with_real_detection(make_napari_viewer, qtbot, monkeypatch, tiny_checkpoint):
+    """The real detect_series in the real worker, with a checkpoint chosen through Browse…."""
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    synth = synthesize_series(SynthConfig.preset("tiny", seed=0))
+    viewer = make_napari_viewer()
+    viewer.add_image(synth.image, name="tiny", scale=(1.0, *synth.voxel_size_um))
+    widget = SpineTrackerWidget(viewer)
+    monkeypatch.setattr(_dialogs, "choose_open_file", lambda *args: str(tiny_checkpoint))
+    browse = widget.detect.model.findText(detect.BROWSE)
+    widget.detect.model.setCurrentIndex(browse)
+    widget.detect.model.activated.emit(browse)
+    assert widget.detect.model.currentText() == str(tiny_checkpoint)
+    widget.detect.device.setCurrentText("cpu")
+    progress = []
+    widget.detect._relay.progressed.connect(lambda done, total: progress.append((done, total)))
+    qtbot.mouseClick(widget.detect.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not widget.detect.running, timeout=120000)
+    assert progress and progress[-1][0] == progress[-1][1], "progress reached the GUI and completed"
+    spines = viewer.layers["spines"]
+    table = _table(viewer)
+    assert len(table) > 0 and len(viewer.layers["spine tracks"].data) == len(table)
+    shape = np.array(synth.image.shape)
+    assert table["t"].between(0, shape[0] - 1).all()
+    assert ((table[["z", "y", "x"]].to_numpy() > -1) & (table[["z", "y", "x"]].to_numpy() < shape[1:])).all()
+    assert tuple(spines.scale) == pytest.approx((1.0, *synth.voxel_size_um))
+    widget.flush_autosave()

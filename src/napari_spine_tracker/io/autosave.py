@@ -4,7 +4,8 @@ Two files, each written atomically: ``NAME.spines.autosave.csv`` (a spine table 
 spine tables opens) and ``NAME.spines.autosave.json`` (the sessions marked reviewed, the image it
 belongs to, the time of the save). They sit next to the image when its folder is writable, and
 otherwise (read-only folder, image without a file) in the user data folder
-``platformdirs.user_data_dir("napari-spine-tracker")/autosave``.
+(``platformdirs.user_data_dir("napari-spine-tracker")/autosave``, or
+``$NAPARI_SPINE_TRACKER_DATA_DIR/autosave``).
 
 :class:`Autosaver` takes snapshots from the GUI thread and writes the newest one from a background
 thread at most ``delay_s`` after the first unsaved edit: editing continuously still saves once per
@@ -52,10 +53,10 @@ def _meta_path(csv_path: Path) -> Path:
 
 
 def user_autosave_dir() -> Path:
-    """``user_data_dir("napari-spine-tracker")/autosave`` (honours ``XDG_DATA_HOME`` on Linux)."""
-    import platformdirs
+    """``autosave`` in the plugin's user data folder (``NAPARI_SPINE_TRACKER_DATA_DIR`` overrides it)."""
+    from ..core.models import user_data_dir
 
-    return Path(platformdirs.user_data_dir("napari-spine-tracker")) / "autosave"
+    return user_data_dir() / "autosave"
 
 
 def user_autosave_path(image_path: str | os.PathLike | None, image_name: str,
