@@ -129,3 +129,18 @@ def test_progress_cancel_and_bad_input():
         link_detections(det, VOXEL, drift_vox=np.zeros((2, 3)))
     with pytest.raises(InputError, match="column"):
         link_detections(det.drop(columns="z"), VOXEL)
+
+
+def test_local_correction_follows_smooth_deformation():
+    # 16 spines 4 µm apart; the tissue moves 1.3 µm more than the registration says, and every
+    # other spine 0.35 µm further still (1.65 µm: beyond the 1.5 µm gate)
+    yx = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 40.0 + 20
+    first = pd.DataFrame({"t": 0, "z": 4.0, "y": yx[:, 0], "x": yx[:, 1], "score": 1.0})
+    extra = 13.0 + np.where(np.arange(16) % 2 == 0, 3.5, -3.5)
+    second = first.assign(t=1, x=first["x"] + extra)
+    truth = pd.concat([first.assign(track_id=np.arange(1, 17)), second.assign(track_id=np.arange(1, 17))])
+    det = pd.concat([first, second], ignore_index=True)
+    corrected = link_detections(det, VOXEL)
+    assert same_partition(corrected, truth)
+    rigid_only = link_detections(det, VOXEL, local_scale_um=None)
+    assert rigid_only["track_id"].nunique() == 16 + 8

@@ -53,6 +53,17 @@ def _assign(sources_um: np.ndarray, targets_um: np.ndarray,
     return sparse_assignment(rows, cols, weights, len(sources_um), len(targets_um), maximize=True)
 
 
+def _local_correction(sources_um: np.ndarray, targets_um: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                      which: np.ndarray, scale_um: float) -> np.ndarray:
+    """(n_which, 3) µm: for each source row selected by ``which``, the Gaussian-weighted mean of
+    the residuals (target - source) of the links ``src -> dst`` around it; a prior weight of one
+    link at zero residual keeps isolated points where registration put them."""
+    residual = targets_um[dst] - sources_um[src]
+    d2 = ((sources_um[which][:, None, :] - sources_um[src][None, :, :]) ** 2).sum(-1)
+    weights = np.exp(-d2 / (2 * scale_um**2))
+    return weights @ residual / (weights.sum(axis=1, keepdims=True) + 1.0)
+
+
 def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:
     if drift_vox is None:
         return np.zeros((n_sessions, 3))
@@ -65,7 +76,7 @@ def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:
 
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
                     drift_vox: np.ndarray | None = None, gate_um: float = 1.5, max_gap: int = 2,
-                    gap_gate_growth_um: float = 0.25,
+                    gap_gate_growth_um: float = 0.25, local_scale_um: float | None = 4.0,
                     progress: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Give every detection a ``track_id`` so that the same spine keeps its id across sessions.
@@ -87,6 +98,11 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         Largest number of consecutive sessions a spine may be missing and keep its id.
     gap_gate_growth_um
         The gate grows by this much per missed session when closing a gap.
+    local_scale_um
+        Non-rigid correction for detections linked by registration (no displacement): after a
+        first assignment, each such detection's expected position is moved by the Gaussian-weighted
+        (sigma ``local_scale_um``) mean offset of the links around it, and the assignment is
+        redone. Tissue deforms smoothly, so neighbours share their residual motion. None: off.
 
     Returns
     -------
@@ -147,7 +163,13 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             back = np.where(has_disp[rows, None], pos[rows] + disp[rows],
                             pos[rows] - (drift[t] - drift[t - 1]))
             targets = pos[[last_row[k] for k in keys]]
-            src, dst = _assign(back * scale, targets * scale, np.full(len(keys), float(gate_um)))
+            gates = np.full(len(keys), float(gate_um))
+            src, dst = _assign(back * scale, targets * scale, gates)
+            by_registration = ~has_disp[rows]
+            if local_scale_um and by_registration.any() and len(src) >= 3:
+                back[by_registration] += _local_correction(
+                    back * scale, targets * scale, src, dst, by_registration, local_scale_um) / scale
+                src, dst = _assign(back * scale, targets * scale, gates)
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]
                 last_row[keys[j]] = rows[i]
