@@ -320,7 +320,9 @@ def test_autosave_and_restore(make_napari_viewer, qtbot, fake_detect, monkeypatc
     pd.testing.assert_frame_equal(_table(viewer2, sort=True), expected)
     assert viewer2.layers["spines"].metadata["spine_tracker"]["reviewed_sessions"] == [1]
     assert tuple(viewer2.layers["spines"].scale) == pytest.approx((1.0, 0.5, 0.1, 0.1))
-    widget2.flush_autosave()
+    # removing the spines layer removes its tracks and unbinds the autosave from this image
+    viewer2.layers.remove("spines")
+    assert "spine tracks" not in viewer2.layers and widget2.autosaver is None
 
 
 def test_export_training_set_and_save_table(viewer_widget, qtbot, fake_detect, monkeypatch, tmp_path):

@@ -183,7 +183,9 @@ class SpineTrackerWidget(QWidget):
 
     def _on_spines_changed(self) -> None:
         state = self.editor.state
-        if state is None:
+        if state is None:  # the spines layer is gone: the next one may belong to another image
+            self.flush_autosave()
+            self.autosaver, self._autosave_image = None, None
             return
         if self.autosaver is None:
             image = self.detect.image_layer()
