@@ -341,12 +341,14 @@ class _Run:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         self.step, self.best, self.history = 0, None, []
+        self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
         self.resume_file = _resume_path(self.out)
         if options.resume and self.resume_file.exists():
             state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
+            self.validated_step = self.step  # the resume file is written when a step is validated
             log.info("resumed at step %d from %s", self.step, self.resume_file)
         self.forward = self.dist.wrap(self.net)
         stride = self.net.output_stride
@@ -427,7 +429,7 @@ class _Run:
                 self.pool.refresh()
             if self.step % self.options.val_every == 0:
                 self.validate_and_save()
-        if self.best is None or self.best["step"] != self.step:
+        if self.validated_step != self.step:  # all ranks agree, so all reach the barrier inside
             self.validate_and_save()
         if self.rank0:
             self.resume_file.unlink(missing_ok=True)
@@ -465,6 +467,7 @@ class _Run:
                 _write_sidecar(self.out, checkpoint)
             torch.save({"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "step": self.step, "best": self.best, "history": self.history}, self.resume_file)
+        self.validated_step = self.step
         self.dist.barrier()
 
     def snapshot(self, validation: dict) -> dict[str, Any]:
