@@ -309,12 +309,12 @@ def test_autosave_and_restore(make_napari_viewer, qtbot, fake_detect, monkeypatc
     expected = _table(viewer, sort=True)
     widget.flush_autosave()
 
-    # reopen the same file in a new viewer: the widget offers the autosave
+    # a new viewer with the widget already docked; opening the same file offers the autosave
     viewer2 = make_napari_viewer()
-    viewer2.open(path, plugin="napari")
+    widget2 = SpineTrackerWidget(viewer2)
     asked = []
     monkeypatch.setattr(_dialogs, "ask_yes_no", lambda parent, title, text: asked.append(text) or True)
-    widget2 = SpineTrackerWidget(viewer2)
+    viewer2.open(path, plugin="napari")
     qtbot.waitUntil(lambda: "spines" in viewer2.layers, timeout=5000)
     assert len(asked) == 1 and "mouse1" in asked[0]
     pd.testing.assert_frame_equal(_table(viewer2, sort=True), expected)

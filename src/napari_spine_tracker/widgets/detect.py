@@ -99,6 +99,8 @@ class DetectPanel(QWidget):
     """Controls for a detection run; emits ``detected(table, image_layer, voxel_size_um)``."""
 
     detected = Signal(object, object, object)
+    #: another image layer was chosen (or the first one appeared)
+    image_changed = Signal()
 
     def __init__(self, viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -108,6 +110,7 @@ class DetectPanel(QWidget):
         self._pbar: napari_progress | None = None
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
+        self._images: list[Image] = []
 
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
@@ -162,20 +165,21 @@ class DetectPanel(QWidget):
     # choices
 
     def image_layer(self) -> Image | None:
-        name = self.image.currentText()
-        layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        return layer if isinstance(layer, Image) else None
+        """The chosen image layer (None when there is none)."""
+        index = self.image.currentIndex()
+        return self._images[index] if 0 <= index < len(self._images) else None
 
     def refresh_images(self, event=None) -> None:
-        current = self.image.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        """List the viewer's image layers, keeping the chosen one (also across renames)."""
+        current = self.image_layer()
+        self._images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
         self.image.blockSignals(True)
         self.image.clear()
-        self.image.addItems(names)
-        if current in names:
-            self.image.setCurrentText(current)
+        self.image.addItems([layer.name for layer in self._images])
+        if current in self._images:
+            self.image.setCurrentIndex(self._images.index(current))
         self.image.blockSignals(False)
-        if self.image.currentText() != current:
+        if self.image_layer() is not current:
             self._on_image_changed()
         if event is not None and isinstance(getattr(event, "value", None), Image):
             event.value.events.name.connect(self.refresh_images)
@@ -185,10 +189,8 @@ class DetectPanel(QWidget):
         voxel = image_voxel_size(layer) if layer is not None else None
         for box, value in zip(self.voxel, voxel or (1.0, 1.0, 1.0), strict=True):
             box.setValue(value)
-        tip = "from the image" if voxel else "unknown: enter the voxel size in µm"
-        for box in self.voxel:
             box.setStyleSheet("" if voxel or layer is None else "color: orange;")
-            box.setStatusTip(tip)
+        self.image_changed.emit()
 
     def voxel_size_um(self) -> tuple[float, float, float]:
         return tuple(box.value() for box in self.voxel)  # type: ignore[return-value]

@@ -88,7 +88,7 @@ class SpineTrackerWidget(QWidget):
 
         self.detect.detected.connect(self._on_detected)
         self.editor.changed.connect(self._on_spines_changed)
-        self.detect.image.currentIndexChanged.connect(lambda _: QTimer.singleShot(0, self.offer_restore))
+        self.detect.image_changed.connect(lambda: QTimer.singleShot(0, self.offer_restore))
         napari_viewer.dims.events.current_step.connect(self.review.refresh)
         app = QApplication.instance()
         if app is not None:
