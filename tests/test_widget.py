@@ -282,8 +282,11 @@ def test_rerun_keeps_corrections_when_asked(viewer_widget, qtbot, fake_detect, m
         "the new run's track through the confirmed point took its id"
     assert len(table) == 8
     monkeypatch.setattr(_dialogs, "ask_merge_or_replace", lambda parent, n: "replace")
+    widget.detect.voxel[0].setValue(0.6)  # the user corrects the z voxel size, then detects again
     _detect(qtbot, widget)
     assert set(_table(viewer)["status"]) == {"predicted"}
+    for name in ("series", "spines", "spine tracks"):
+        assert viewer.layers[name].scale[-3] == pytest.approx(0.6), name
     widget.editor.undo()
     assert "confirmed" in set(_table(viewer)["status"]), "a replacing run can be undone"
 

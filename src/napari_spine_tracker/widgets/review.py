@@ -203,6 +203,7 @@ class SpineEditor(QObject):
             tracks.data = data
             tracks.properties = properties
             tracks.color_by = "colour"
+            tracks.scale, tracks.translate = self.layer.scale, self.layer.translate
         else:
             kwargs = _layers.spine_tracks_kwargs(state.data, state.features, scale=self.layer.scale,
                                                  translate=self.layer.translate)
