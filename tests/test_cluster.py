@@ -160,8 +160,7 @@ def test_cancel_stops_the_batch_and_writes_nothing(tmp_path, tiny_checkpoint):
 def test_cli_goes_past_a_failed_input_and_exits_2(tmp_path, tiny_checkpoint, capsys):
     (good,) = _good_series(tmp_path, 1, seed=60)
     bad = _corrupt(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # several inputs: --out is a folder, made when the first table is written
     code = main(["detect", str(bad), str(good), "--out", str(out), "--model", str(tiny_checkpoint),
                  "--device", "cpu", "-q"])
     captured = capsys.readouterr()

@@ -59,12 +59,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from .core.cluster import detect_many
 
-    out_dir = outputs = None
-    if args.out and Path(args.out).is_dir():
+    out_dir = outputs = None  # --out is a folder (made if missing) unless it names the one input's table
+    if args.out and (len(args.inputs) > 1 or Path(args.out).is_dir() or args.out.endswith(("/", "\\"))):
         out_dir = args.out
-    elif args.out and len(args.inputs) > 1:
-        raise InputError("--out must be an existing folder when several inputs are given "
-                         f"({len(args.inputs)} inputs, --out {args.out}).")
     elif args.out:
         outputs = [args.out]
     if args.workers is not None and args.scheduler != "local":
@@ -168,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="detect and track spines; writes a spine table per input")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="4D TIFF (T,Z,Y,X), 3D TIFF (one session) or folder of 3D TIFFs")
-    p.add_argument("--out", help="output CSV (one input) or folder; default INPUT.spines.csv")
+    p.add_argument("--out", help="output CSV (one input) or folder (made if missing); default INPUT.spines.csv")
     p.add_argument("--model", default="spinenet-synth", help="shipped model name or checkpoint path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--voxel-size", **_voxel_size())

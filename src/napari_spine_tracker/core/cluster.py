@@ -419,8 +419,8 @@ def _client(scheduler, workers: int | None, n_jobs: int):
     if isinstance(scheduler, str) and scheduler == "local":
         n = workers or _default_local_workers(n_jobs)
         # processes, not threads: the GIL and torch's own thread pool; one task per process at a time
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, \
+        with _quiet("distributed"), LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                 dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client, f"LocalCluster ({n} workers)", max(1, (os.cpu_count() or 1) // n)
         return
@@ -436,6 +436,18 @@ def _client(scheduler, workers: int | None, n_jobs: int):
                          "tcp://host:8786) or the scheduler file, and that the scheduler is running.") from exc
     with client:
         yield client, str(address), None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str, level: int = logging.ERROR):
+    """The scheduler of our own LocalCluster logs every start and stop at INFO; keep its errors only."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _default_local_workers(n_jobs: int) -> int:
