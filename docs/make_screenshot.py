@@ -56,7 +56,11 @@ def main() -> int:
     image.contrast_limits = np.percentile(np.asarray(image.data[args.session]), [1, 99.8]).tolist()
     viewer.dims.set_current_step(0, args.session)
     # a few corrections, as a reviewer would have made them
-    widget.editor.jump_to_next()
+    for _ in range(3):
+        widget.editor.jump_to_next()
+        widget.editor.confirm_selected()
+    in_session = np.flatnonzero(spines.data[:, 0] == args.session)
+    spines.selected_data = set(in_session[::4].tolist())
     widget.editor.confirm_selected()
     widget.editor.toggle_reviewed(0)
     viewer.dims.set_current_step(0, args.session)
