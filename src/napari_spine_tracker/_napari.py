@@ -111,7 +111,7 @@ def points_layer_table(data: np.ndarray, features: pd.DataFrame | None) -> pd.Da
     A layer without ``track_id`` (points clicked in another layer) gets ids 1..N, score 1.0 and
     status ``added``.
     """
-    from .core.edits import HAND_DEFAULTS, table_from_points
+    from .core.edits import table_from_points
 
     data = np.asarray(data, dtype=float)
     if data.size == 0:
@@ -124,10 +124,7 @@ def points_layer_table(data: np.ndarray, features: pd.DataFrame | None) -> pd.Da
     features = pd.DataFrame(index=range(len(data))) if features is None else pd.DataFrame(features).copy()
     if "track_id" not in features.columns:
         features["track_id"] = np.arange(1, len(data) + 1)
-    for name, value in HAND_DEFAULTS.items():
-        if name not in features.columns:
-            features[name] = value
-    return table_from_points(data, features)
+    return table_from_points(data, features)  # missing score and status get the hand defaults
 
 
 def write_points(path: str, data: np.ndarray, attributes: dict) -> list[str]:

@@ -64,8 +64,12 @@ def user_autosave_path(image_path: str | os.PathLike | None, image_name: str,
     """Autosave path in the user data folder, unique per image file (or per name and shape)."""
     key = str(Path(image_path).resolve()) if image_path else f"{image_name}|{tuple(int(s) for s in shape)}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", image_name).strip("_") or "image"
-    return user_autosave_dir() / f"{slug}-{digest}{AUTOSAVE_SUFFIX}"
+    return user_autosave_dir() / f"{safe_name(image_name)}-{digest}{AUTOSAVE_SUFFIX}"
+
+
+def safe_name(name: str, default: str = "image") -> str:
+    """A layer name as a file name: letters, digits and ``. _ + -``, no leading dot."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_").lstrip(".") or default
 
 
 def sidecar_autosave_path(image_path: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ image is opened again.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from superqt import QCollapsible
 from ..core import edits
 from ..core.edits import SpineState
 from ..errors import InputError
-from ..io.autosave import Autosaver, find_autosave
+from ..io.autosave import Autosaver, find_autosave, safe_name
 from . import _dialogs
 from .detect import DetectPanel, series_input
 from .review import ReviewPanel, SpineEditor
@@ -55,10 +54,6 @@ def export_training_set(folder: str | Path, name: str, image, spines: pd.DataFra
 def _image_key(layer: Image) -> tuple[str | None, str, tuple[int, ...]]:
     """What identifies an image for its autosave: file path (if any), name, shape."""
     return layer.source.path, layer.name, tuple(int(n) for n in layer.data.shape)
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_").lstrip(".") or "series"
 
 
 class SpineTrackerWidget(QWidget):
@@ -247,7 +242,7 @@ class SpineTrackerWidget(QWidget):
             return None
         image = self._autosave_image or self.detect.image_layer()
         suggestion = (str(default_table_path(image.source.path)) if image is not None and image.source.path
-                      else f"{_safe_name(image.name if image is not None else 'spines')}.spines.csv")
+                      else f"{safe_name(image.name if image is not None else 'spines')}.spines.csv")
         path = _dialogs.choose_save_file(self, "Save spine table", suggestion, "Spine tables (*.csv)")
         if not path:
             return None
@@ -283,7 +278,7 @@ class SpineTrackerWidget(QWidget):
             return
         self.export_button.setEnabled(False)
         self._export_worker = create_worker(
-            export_training_set, folder, _safe_name(image.name), series, state.table(),
+            export_training_set, folder, safe_name(image.name), series, state.table(),
             self.detect.voxel_size_um(), state.reviewed_sessions,
             _connect={"returned": lambda item: show_info(f"exported {image.name!r} to {folder}"),
                       "errored": lambda exc: show_error(f"export failed: {exc}"),
