@@ -90,6 +90,59 @@ def tune_peer(cases, seeds, quick: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def measure_registration(cases, seeds, quick: bool) -> pd.DataFrame:
+    """Registration error and linking of perfect detections, per case (means over seeds).
+
+    Step errors compare each estimated consecutive step (µm) with the median displacement of the
+    true spines present in both sessions and with the engine's rigid drift; ``link_idf1`` links the
+    true positions (ids removed) with the estimated drift alone, with and without the local
+    correction.
+    """
+    from napari_spine_tracker.core.link import link_detections
+    from napari_spine_tracker.core.metrics import evaluate_tracks
+    from napari_spine_tracker.core.register import estimate_drift
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    changes = QUICK_OVERRIDES if quick else {}
+    rows = []
+    for case in cases:
+        per_seed = []
+        for seed in seeds:
+            s = synthesize_series(SynthConfig.preset(case, seed=seed, **changes))
+            voxel = np.asarray(s.voxel_size_um)
+            start = time.perf_counter()
+            drift = estimate_drift(s.image, voxel)
+            seconds = time.perf_counter() - start
+            steps = np.diff(drift * voxel, axis=0)
+            rigid = np.diff(s.drift_um, axis=0)
+            median, residual = [], []
+            for t in range(1, s.image.shape[0]):
+                a = s.truth[s.truth.t == t - 1].set_index("track_id")
+                b = s.truth[s.truth.t == t].set_index("track_id")
+                common = a.index.intersection(b.index)
+                moved = (b.loc[common, ["z", "y", "x"]].to_numpy() - a.loc[common, ["z", "y", "x"]].to_numpy()) * voxel
+                median.append(np.median(moved, axis=0))
+                residual.append(np.linalg.norm(moved - steps[t - 1], axis=1))
+            residual = np.concatenate(residual)
+            detections = s.truth.drop(columns=["track_id"]).sample(frac=1.0, random_state=0)
+            per_seed.append({
+                "step_vs_spines_mean": np.linalg.norm(steps - np.array(median), axis=1).mean(),
+                "step_vs_spines_max": np.linalg.norm(steps - np.array(median), axis=1).max(),
+                "step_vs_rigid_mean": np.linalg.norm(steps - rigid, axis=1).mean(),
+                "cumulative_vs_rigid_mean": np.linalg.norm(drift * voxel - (s.drift_um - s.drift_um[0]),
+                                                           axis=1)[1:].mean(),
+                "spine_residual_p50": np.percentile(residual, 50),
+                "spine_residual_p90": np.percentile(residual, 90),
+                "seconds": seconds,
+                "link_idf1": evaluate_tracks(link_detections(detections, voxel, drift_vox=drift), s.truth,
+                                             voxel)["idf1"],
+                "link_idf1_rigid_only": evaluate_tracks(
+                    link_detections(detections, voxel, drift_vox=drift, local_scale_um=None), s.truth, voxel)["idf1"],
+            })
+        rows.append({"case": case, **pd.DataFrame(per_seed).mean().round(3).to_dict()})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -105,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every run's figures to this JSON file")
     parser.add_argument("--tune-peer", action="store_true",
                         help=f"grid-search trackpy's parameters on tuning seeds {TUNING_SEEDS} instead")
+    parser.add_argument("--registration", action="store_true",
+                        help="instead: registration error (µm) and linking of perfect detections")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -122,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     seeds = args.seeds or (list(VALIDATION_SEEDS[:1]) if args.quick else list(VALIDATION_SEEDS))
+    if args.registration:
+        with pd.option_context("display.width", 200):
+            print(measure_registration(args.cases, seeds, args.quick).to_string(index=False))
+        return 0
     if any(s < 1000 for s in seeds):
         print("warning: seeds < 1000 are training / tuning seeds, not validation seeds", file=sys.stderr)
     results = run_cases(args.methods, args.cases, seeds, quick=args.quick, device=args.device, model=args.model,

@@ -92,3 +92,17 @@ def test_bench_registry_and_table():
     lines = text.splitlines()
     assert "0.500" in lines[2] and "2.00" in lines[2]
     assert "n/a (no model)" in lines[3]
+
+
+@pytest.mark.slow
+def test_run_cases_isolated_measures_time_memory_and_scores():
+    pytest.importorskip("napari_spine_tracker.core.synth")
+    from napari_spine_tracker.core.bench import run_cases
+
+    results = run_cases(("trackpy", "spinenet"), ("tiny",), (1000,), model="no-such-model")
+    trackpy_result, spinenet_result = results
+    assert trackpy_result.note == "" and trackpy_result.seconds > 0
+    assert trackpy_result.voxels == 3 * 12 * 64 * 64
+    assert trackpy_result.peak_rss_mb > trackpy_result.added_rss_mb >= 0
+    assert 0 <= trackpy_result.scores["f1"] <= 1 and trackpy_result.scores["n_true"] > 0
+    assert spinenet_result.note == "n/a (no model)" and not spinenet_result.scores

@@ -262,7 +262,7 @@ def run_bench(quick: bool = False, device: str = "auto", model: str = "spinenet-
 
 
 def _footnote() -> str:
-    return ("s and Mvox/s: the method call alone, end to end (image in memory -> spine table; imports and model "
-            "load excluded); peakMB: peak resident memory of the isolated process, +MB: what the method added "
-            f"over the loaded input and libraries; CPU cores: {os.cpu_count()}.")
+    return ("s and Mvox/s: the method call alone, end to end (image in memory -> spine table; imports and\n"
+            "model load excluded). peakMB: peak resident memory of the method's own process; +MB: what the\n"
+            f"method added over the loaded input and libraries. CPU cores: {os.cpu_count()}.")
 

@@ -56,12 +56,17 @@ def _assign(sources_um: np.ndarray, targets_um: np.ndarray,
 def _local_correction(sources_um: np.ndarray, targets_um: np.ndarray, src: np.ndarray, dst: np.ndarray,
                       which: np.ndarray, scale_um: float) -> np.ndarray:
     """(n_which, 3) µm: for each source row selected by ``which``, the Gaussian-weighted mean of
-    the residuals (target - source) of the links ``src -> dst`` around it; a prior weight of one
-    link at zero residual keeps isolated points where registration put them."""
+    the residuals (target - source) of the links ``src -> dst`` within 3 sigma of it; a prior
+    weight of one link at zero residual keeps isolated points where registration put them."""
     residual = targets_um[dst] - sources_um[src]
-    d2 = ((sources_um[which][:, None, :] - sources_um[src][None, :, :]) ** 2).sum(-1)
-    weights = np.exp(-d2 / (2 * scale_um**2))
-    return weights @ residual / (weights.sum(axis=1, keepdims=True) + 1.0)
+    near = cKDTree(sources_um[which]).sparse_distance_matrix(cKDTree(sources_um[src]), 3 * scale_um,
+                                                             output_type="coo_matrix")
+    weights = np.exp(-near.data**2 / (2 * scale_um**2))
+    n = int(which.sum())
+    total = np.zeros((n, 3))
+    np.add.at(total, near.row, weights[:, None] * residual[near.col])
+    weight_sum = np.bincount(near.row, weights=weights, minlength=n)
+    return total / (weight_sum[:, None] + 1.0)
 
 
 def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 __all__ = ["link_spots", "locate_spots", "odd_diameter_vox", "trackpy_detect_track"]
 
 # Tuned on tuning seeds 0-1 of presets default, large_drift, low_snr, crowded (benchmarks/README.md).
-DEFAULT_DIAMETER_UM = (2.0, 0.9, 0.9)
-DEFAULT_SEPARATION_UM = (2.0, 0.9, 0.9)
-DEFAULT_PERCENTILE = 97.0
-DEFAULT_MIN_RELATIVE_MASS = 0.025
+DEFAULT_DIAMETER_UM = (1.5, 0.9, 0.9)
+DEFAULT_SEPARATION_UM = (1.5, 0.9, 0.9)
+DEFAULT_PERCENTILE = 95.0
+DEFAULT_MIN_RELATIVE_MASS = 0.02
 DEFAULT_SEARCH_RANGE_UM = 1.5
 DEFAULT_MEMORY = 2
 
