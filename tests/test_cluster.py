@@ -95,10 +95,19 @@ def test_existing_scheduler_by_address_loads_the_model_once_per_process(tmp_path
                                   dashboard_address=None) as cluster:
         report = detect_many(good, tmp_path / "out", scheduler=cluster.scheduler_address,
                              model=str(tiny_checkpoint), device="cpu")
+        # a cluster object (as dask-jobqueue's SLURMCluster) or a client the caller keeps
+        by_cluster = detect_many(good[:1], tmp_path / "by-cluster", scheduler=cluster, model=str(tiny_checkpoint))
+        with distributed.Client(cluster) as client:
+            by_client = detect_many(good[1:2], tmp_path / "by-client", scheduler=client, model=str(tiny_checkpoint))
+            assert client.status == "running"  # detect_many leaves the caller's client open
     assert report.scheduler == cluster.scheduler_address and report.workers == 2
     assert [r.status for r in report.results] == ["done"] * 3
     assert sum(r.model_loaded for r in report.results) == 1
     for result, image in zip(report.results, good):
+        _check_table(Path(result.output), image, result.spine_sessions)
+    for batch, image in ((by_cluster, good[0]), (by_client, good[1])):
+        (result,) = batch.done
+        assert batch.scheduler == cluster.scheduler_address and not result.model_loaded  # cached in this process
         _check_table(Path(result.output), image, result.spine_sessions)
 
 

@@ -151,9 +151,10 @@ def _worker_device(device: str) -> str:
 
 def _cached_model(model: str, device: str):
     """(LoadedModel, loaded now) for this process; loaded once per model file, device and file time."""
+    from .devices import get_device
     from .models import load_model, resolve_model
 
-    device = _worker_device(device)
+    device = str(get_device(_worker_device(device)))  # "auto" and "cpu" share one copy on a CPU worker
     stamp = resolve_model(model).stat().st_mtime_ns
     key = (model, device)
     with _MODEL_LOCK:
