@@ -129,6 +129,8 @@ def test_progress_cancel_and_bad_input():
         link_detections(det, VOXEL, drift_vox=np.zeros((2, 3)))
     with pytest.raises(InputError, match="column"):
         link_detections(det.drop(columns="z"), VOXEL)
+    with pytest.raises(InputError, match="finite"):
+        link_detections(det.assign(z=np.nan), VOXEL)
 
 
 def test_local_correction_follows_smooth_deformation():

@@ -140,7 +140,10 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     t_all = t_all.astype(int)
     n_sessions = int(t_all.max()) + 1
     drift = _check_drift(drift_vox, n_sessions)
-    pos = table[["z", "y", "x"]].to_numpy(float)
+    pos = table[["z", "y", "x"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    if not np.isfinite(pos).all():
+        raise InputError("detections: z, y, x must be finite numbers (voxels); "
+                         f"row {int(np.argmax(~np.isfinite(pos).all(axis=1)))} is not.")
     if "dz" in table.columns or "dy" in table.columns or "dx" in table.columns:
         disp = np.column_stack([pd.to_numeric(table[c], errors="coerce").to_numpy(float)
                                 if c in table.columns else np.full(len(table), np.nan)
