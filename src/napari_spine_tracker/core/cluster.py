@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, InputError
+from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _model_reference(model) -> str:
 def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *,
                 outputs: Sequence[str | os.PathLike] | None = None,
                 scheduler: Any = "local", workers: int | None = None,
-                model: Any = "spinenet-synth", device: str = "auto",
+                model: Any = DEFAULT_MODEL, device: str = "auto",
                 voxel_size_um: Sequence[float] | None = None, channel: int | None = None,
                 threshold: float | None = None, skip_done: bool = True,
                 progress: Callable[[int, int], None] | None = None,
