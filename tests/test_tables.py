@@ -87,3 +87,13 @@ def test_sniffing_and_default_path(tmp_path):
     assert not looks_like_spine_table(tmp_path / "missing.csv")
     assert default_table_path("/d/mouse1.ome.tif").name == "mouse1.spines.csv"
     assert default_table_path("/d/sessions").name == "sessions.spines.csv"
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    path = write_spine_table(_table(), tmp_path / "s.csv")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
