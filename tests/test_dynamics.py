@@ -130,7 +130,7 @@ def test_sizes_summaries():
                           "head_size_um3": [0.2, 0.3, 0.4, 0.5, 0.25]})
     sizes["size_change"] = sizes["head_size_um3"] / sizes["track_id"].map({1: 0.2, 2: 0.5})
     result = compute_dynamics(hand_table({1: [0, 1, 2], 2: [0, 1]}), sizes=sizes)
-    np.testing.assert_allclose(result.sessions["median_size_change"], [1.0, (1.5 + 0.5) / 2, 2.0])
+    np.testing.assert_allclose(result.sessions["median_size_change"], [np.nan, (1.5 + 0.5) / 2, 2.0])
     spines = result.spines.set_index("track_id")
     np.testing.assert_allclose(spines["size_change_last"], [2.0, 0.5])
 

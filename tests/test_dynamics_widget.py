@@ -91,3 +91,19 @@ def test_widget_measures_the_dendrite(make_napari_viewer, qtbot):
     assert len(widget.dendrite_length_um) == series.image.shape[0]
     np.testing.assert_allclose(widget.dendrite_length_um, series.session_dendrite_length_um, rtol=0.2)
     assert "density_per_um" in widget.result.sessions
+
+
+def test_a_closed_widget_stops_listening(make_napari_viewer, qtbot):
+    from napari_spine_tracker.widgets.dynamics import DynamicsWidget
+
+    viewer = make_napari_viewer()
+    widget = DynamicsWidget(viewer)
+    layer = add_spines(viewer)
+    qtbot.waitUntil(lambda: widget.result is not None, timeout=10000)
+    n_before = len(viewer.layers.events.inserted.callbacks)
+    with qtbot.waitSignal(widget.destroyed, timeout=5000):
+        widget.deleteLater()
+    assert len(viewer.layers.events.inserted.callbacks) == n_before - 1
+    layer.selected_data = {0}
+    layer.remove_selected()  # its data event reaches a deleted widget: must not raise
+    viewer.layers.remove(layer)

@@ -152,18 +152,25 @@ def accuracy_study(seeds: int, presets: list[str]) -> pd.DataFrame:
             series = synthesize_series(SynthConfig.preset(preset, seed=seed))
             lengths, sizes = measure_series(series.image, series.voxel_size_um, series.truth)
             merged = sizes.merge(series.truth[["track_id", "t", "head_radius_um"]], on=["track_id", "t"])
-            merged = merged.dropna(subset=["head_size_um3"])
+            merged = merged.dropna(subset=["head_size_um3"]).sort_values(["track_id", "t"])
             cube = merged["head_radius_um"] ** 3
+            # change relative to the spine's first session, against the generator's volume ratio
+            by_track = merged.groupby("track_id")
+            later = merged[merged["t"] > by_track["t"].transform("min")]
+            true_change = (later["head_radius_um"] / by_track["head_radius_um"].transform("first")[later.index]) ** 3
             error = lengths / series.session_dendrite_length_um - 1
             rows.append({"preset": preset, "seed": seed, "sessions": len(lengths),
                          "length_error_mean": error.mean(), "length_error_abs_mean": np.abs(error).mean(),
                          "length_error_abs_max": np.abs(error).max(), "spines": len(merged),
                          "pearson_r3": stats.pearsonr(merged["head_size_um3"], cube).statistic,
-                         "spearman_r3": stats.spearmanr(merged["head_size_um3"], cube).statistic})
+                         "spearman_r3": stats.spearmanr(merged["head_size_um3"], cube).statistic,
+                         "pearson_change": stats.pearsonr(later["size_change"], true_change).statistic,
+                         "spearman_change": stats.spearmanr(later["size_change"], true_change).statistic})
             row = rows[-1]
             print(f"{preset} seed {seed}: length error mean {row['length_error_mean']:+.3f} "
                   f"(|max| {row['length_error_abs_max']:.3f}); head size vs r^3: Pearson "
-                  f"{row['pearson_r3']:.3f}, Spearman {row['spearman_r3']:.3f} ({row['spines']} spine-sessions)")
+                  f"{row['pearson_r3']:.3f}, Spearman {row['spearman_r3']:.3f} ({row['spines']} spine-sessions); "
+                  f"size change: Pearson {row['pearson_change']:.3f}, Spearman {row['spearman_change']:.3f}")
     return pd.DataFrame(rows)
 
 
@@ -178,6 +185,7 @@ if __name__ == "__main__":
     summary = table.groupby("preset").agg(
         sessions=("sessions", "sum"), length_error_mean=("length_error_mean", "mean"),
         length_error_abs_mean=("length_error_abs_mean", "mean"), length_error_abs_max=("length_error_abs_max", "max"),
-        pearson_r3=("pearson_r3", "mean"), spearman_r3=("spearman_r3", "mean"))
+        pearson_r3=("pearson_r3", "mean"), spearman_r3=("spearman_r3", "mean"),
+        pearson_change=("pearson_change", "mean"), spearman_change=("spearman_change", "mean"))
     print("\nper preset (means over seeds; errors relative to the generator's dendrite_length_um):")
     print(summary.to_string(float_format="%.3f"))

@@ -245,7 +245,8 @@ def spine_lifetimes(presence: SpinePresence) -> pd.DataFrame:
 class DynamicsResult:
     """Every table of a dynamics report.
 
-    ``sessions``: :func:`session_table` (+ ``median_size_change`` with sizes); ``spines``:
+    ``sessions``: :func:`session_table` (+ ``median_size_change`` with sizes: the median head
+    size relative to the spine's first session, over the spines seen before ``t``); ``spines``:
     :func:`spine_lifetimes` (+ head-size summary with sizes); ``survival``: :func:`survival_table`;
     ``sizes``: one row per spine and session (see ``core.morphology.measure_series``) or None.
     """
@@ -274,7 +275,9 @@ def compute_dynamics(
     sessions = session_table(presence, dendrite_length_um=dendrite_length_um, turnover_total=turnover_total)
     spines = spine_lifetimes(presence)
     if sizes is not None and len(sizes):
-        per_session = sizes.groupby("t")["size_change"].median()
+        # a spine's first session is 1 by definition: the median is over spines seen before
+        first_t = sizes.groupby("track_id")["t"].transform("min")
+        per_session = sizes[sizes["t"] > first_t].groupby("t")["size_change"].median()
         sessions["median_size_change"] = sessions["t"].map(per_session).astype(float)
         ordered = sizes.dropna(subset=["head_size_um3"]).sort_values(["track_id", "t"])
         by_track = ordered.groupby("track_id")["head_size_um3"]
@@ -346,4 +349,6 @@ def run_dynamics_report(
     out = Path(out_dir) if out_dir is not None else default_report_dir(spines_path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder for the dynamics report.")
-    return write_dynamics_report(result, out, title=Path(spines_path).name)
+    n_start = int(result.sessions["n_present"].iloc[0]) if len(result.sessions) else 0
+    title = f"{Path(spines_path).name}: {n_start} spines in session 0, {len(result.sessions)} sessions"
+    return write_dynamics_report(result, out, title=title)

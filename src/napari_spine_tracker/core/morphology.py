@@ -13,13 +13,18 @@ shorter than ``min_piece_um`` (detached heads, boutons, noise), and sum the leng
 remaining branch in µm, with the real anisotropic voxel steps, after a Gaussian smoothing of its
 voxel path along its arc length (sigma ``smooth_um``): a staircase of voxel steps overestimates an
 oblique line by up to ~8 %, and the centreline wanders by a z voxel or two in the blurred z axis.
-On synthetic series (``tests/test_morphology.py`` run as a script) the length is within a few per
-cent of the generator's centreline length; see the lead's report for the figures.
+Against the generator's centreline length (``python tests/test_morphology.py``, 6 seeds x 6
+sessions per preset): mean error +3.7 % (worst session +16 %) on ``default``, +2.9 % (worst +34 %)
+on ``low_snr``; on ``crowded`` +10 % (worst +43 %), where axons with boutons running along the
+dendrites are counted as dendrite.
 
 **Head size.** The estimate chronic-imaging studies use: the integrated, background-subtracted
 fluorescence in an ellipsoid around the head, divided by the brightness of the nearby dendritic
 shaft (median along the shaft's centreline within ``shaft_window_um``), so that sessions with
 different laser power or expression compare. Its unit is µm³ of shaft-equivalent fluorescence.
+Same study: Pearson 0.86 / Spearman 0.88 with the true head radius³ on ``default`` (0.79 / 0.81 on
+``crowded``); the change relative to the first session follows the true volume ratio with Pearson
+0.83 (0.70 on ``crowded`` and ``low_snr``).
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def draw_dynamics_figure(
         ax = axes[2]
         for _, track in sizes.dropna(subset=["size_change"]).groupby("track_id"):
             ax.plot(track["t"], track["size_change"], color="0.75", linewidth=0.6)
-        median = sizes.groupby("t")["size_change"].median()
-        ax.plot(median.index, median.to_numpy(), "o-", color="black", label="median")
+        if "median_size_change" in sessions:
+            ax.plot(t, sessions["median_size_change"], "o-", color="black", label="median")
         ax.axhline(1, color="black", linewidth=0.6, linestyle=":")
         ax.set_xlabel("session")
         ax.set_ylabel("head size / size in first session")

@@ -50,6 +50,14 @@ TABLE_COLUMNS = (
 )
 
 
+def _disconnecter(viewer, callback):
+    """A slot for ``destroyed`` that stops the viewer calling a deleted widget (holds no widget)."""
+    def disconnect(*_):
+        viewer.layers.events.inserted.disconnect(callback)
+        viewer.layers.events.removed.disconnect(callback)
+    return disconnect
+
+
 def spine_table_from_layer(data: np.ndarray, features: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``(track_id, t)`` of the layer's points, and notes on what was tolerated.
 
@@ -145,7 +153,7 @@ class DynamicsWidget(QWidget):
         self.png_button.clicked.connect(self._ask_export_png)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
-        self.destroyed.connect(self._timer.stop)
+        self.destroyed.connect(_disconnecter(viewer, self._on_layers_changed))
         self._on_layers_changed()
 
     # ---------------------------------------------------------------------------------------
@@ -162,9 +170,7 @@ class DynamicsWidget(QWidget):
     def _on_layers_changed(self, event=None) -> None:
         layer = self._find_layer()
         if layer is not self.layer:
-            if self.layer is not None:
-                self.layer.events.data.disconnect(self.schedule_refresh)
-                self.layer.events.features.disconnect(self.schedule_refresh)
+            self._forget_layer()
             self.layer = layer
             if layer is not None:
                 layer.events.data.connect(self.schedule_refresh)
@@ -173,7 +179,16 @@ class DynamicsWidget(QWidget):
 
     def schedule_refresh(self, event=None) -> None:
         """Recompute a moment after the last change (edits come in bursts)."""
-        self._timer.start()
+        try:
+            self._timer.start()
+        except RuntimeError:  # the widget was closed and its Qt side deleted
+            self._forget_layer()
+
+    def _forget_layer(self) -> None:
+        if self.layer is not None:
+            self.layer.events.data.disconnect(self.schedule_refresh)
+            self.layer.events.features.disconnect(self.schedule_refresh)
+        self.layer = None
 
     def n_sessions(self) -> int | None:
         """Sessions in the series: the longest 4D image layer, or None (then the table's last session)."""
