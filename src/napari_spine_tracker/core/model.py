@@ -30,8 +30,8 @@ from torch.nn import functional as F
 #: architecture presets; "lean" is the shipped default (CPU-friendly, see README for measurements)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1], "group_width": 4},
-    "lean": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 8},
-    "base": {"widths": [24, 48, 96, 128], "blocks": [1, 2, 2], "group_width": 8},
+    "lean": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16},
+    "base": {"widths": [24, 48, 96, 128], "blocks": [1, 2, 2], "group_width": 16},
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "down_strides": [[1, 2, 2], [2, 2, 2], [2, 2, 2]],
     "lstm": True,
     "lstm_kernel": 1,  # the coarsest level already sees far; a 3x3x3 kernel there cost 20% of the time
-    "fine_decoder": "separable",  # "resnext" or "separable" at the finest level (see README, speed)
+    "bottleneck": 0.5,  # block width / output width, as in ResNeXt-50
     "head_width": 16,
 }
 
@@ -68,9 +68,9 @@ class ConvBNReLU(nn.Sequential):
 class ResNeXtBlock(nn.Module):
     """Bottleneck: 1x1x1 reduce, grouped 3x3x3 (maybe strided), 1x1x1 expand, residual."""
 
-    def __init__(self, cin: int, cout: int, stride=1, group_width: int = 8):
+    def __init__(self, cin: int, cout: int, stride=1, group_width: int = 8, bottleneck: float = 0.5):
         super().__init__()
-        mid = cout
+        mid = max(group_width, int(round(cout * bottleneck)))
         groups = 1 if group_width <= 0 else max(1, mid // group_width)
         self.reduce = ConvBNReLU(cin, mid, 1)
         self.grouped = ConvBNReLU(mid, mid, 3, stride, groups=groups)
@@ -82,18 +82,6 @@ class ResNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.expand(self.grouped(self.reduce(x))) + self.shortcut(x), inplace=True)
-
-
-class SeparableBlock(nn.Module):
-    """Depthwise 3x3x3 then pointwise 1x1x1, residual: a cheap block for the finest decoder level."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.depthwise = ConvBNReLU(channels, channels, 3, groups=channels)
-        self.pointwise = ConvBNReLU(channels, channels, 1, relu=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.pointwise(self.depthwise(x)) + x, inplace=True)
 
 
 class ConvLSTMCell(nn.Module):
@@ -124,23 +112,25 @@ class SpineNet(nn.Module):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.config = copy.deepcopy(config)
-        widths, blocks, gw = config["widths"], config["blocks"], config["group_width"]
+        widths, blocks, gw, bn = config["widths"], config["blocks"], config["group_width"], config["bottleneck"]
         strides = config["down_strides"]
         if len(widths) != len(strides) + 1 or len(blocks) != len(strides):
             raise ValueError("config needs len(widths) == len(down_strides) + 1 == len(blocks) + 1")
         self.stem = ConvBNReLU(config["in_channels"], widths[0], 3, config["stem_stride"])
         self.down = nn.ModuleList()
         for i, stride in enumerate(strides):
-            layers = [ResNeXtBlock(widths[i], widths[i + 1], stride, gw)]
-            layers += [ResNeXtBlock(widths[i + 1], widths[i + 1], 1, gw) for _ in range(blocks[i] - 1)]
+            layers = [ResNeXtBlock(widths[i], widths[i + 1], stride, gw, bn)]
+            layers += [ResNeXtBlock(widths[i + 1], widths[i + 1], 1, gw, bn) for _ in range(blocks[i] - 1)]
             self.down.append(nn.Sequential(*layers))
         self.lstm = ConvLSTMCell(widths[-1], config["lstm_kernel"]) if config["lstm"] else None
         self.lateral = nn.ModuleList(ConvBNReLU(widths[i + 1], widths[i], 1) for i in range(len(strides)))
-        self.up = nn.ModuleList(ResNeXtBlock(widths[i], widths[i], 1, gw) for i in range(len(strides)))
-        if config["fine_decoder"] == "separable":
-            self.up[0] = SeparableBlock(widths[0])
+        # the finest level costs most (a quarter of the input's voxels): there the head trunk, one
+        # plain 3x3x3 conv, does a block's job at half its cost (README: speed); a depthwise block is
+        # cheaper still to run, but its backward pass is 20-50x slower in oneDNN (untrainable on CPU)
+        self.up = nn.ModuleList([nn.Identity()] + [ResNeXtBlock(widths[i], widths[i], 1, gw, bn)
+                                                   for i in range(1, len(strides))])
         hw = config["head_width"]
-        self.head_trunk = ConvBNReLU(widths[0], hw, 1)
+        self.head_trunk = ConvBNReLU(widths[0], hw, 3)
         self.heads = nn.ModuleDict({name: nn.Conv3d(hw, n, 1) for name, n in self.HEADS.items()})
         with torch.no_grad():  # CenterNet prior: few voxels are centres
             self.heads["heatmap"].bias.fill_(-4.0)
