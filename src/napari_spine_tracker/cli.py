@@ -74,8 +74,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
                              skip_done=skip_done, progress=progress)
     print(report.format())
     if report.failed:
-        print(f"error: {len(report.failed)} of {len(report.results)} inputs failed (see above); the others "
-              "were written.", file=sys.stderr)
+        for result in report.failed:
+            print(f"error: {result.input}: {result.message}", file=sys.stderr)
+        if len(report.results) > 1:
+            print(f"error: {len(report.failed)} of {len(report.results)} inputs failed; the others were written.",
+                  file=sys.stderr)
         return 2
     return 0
 
@@ -93,8 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_dynamics(args: argparse.Namespace) -> int:
     from .core.dynamics import run_dynamics_report
 
-    outputs = run_dynamics_report(args.spines, image=args.image, voxel_size_um=args.voxel_size,
-                                  out_dir=args.out, channel=args.channel)
+    with _progress_bar("dynamics", quiet=args.quiet) as progress:
+        outputs = run_dynamics_report(args.spines, image=args.image, voxel_size_um=args.voxel_size,
+                                      out_dir=args.out, channel=args.channel, max_gap=args.max_gap,
+                                      progress=progress)
     for path in outputs:
         print(f"wrote {path}")
     return 0
@@ -208,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop after this many minutes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--size", default="lean", help="architecture preset when training from scratch")
+    p.add_argument("--patch", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                   help="training patch in model-grid voxels (default 16 96 96)")
+    p.add_argument("--patch-sessions", type=int, help="sessions per training patch (default 3)")
+    p.add_argument("--pool-size", type=int, help="synthetic series kept in memory (default 24)")
+    p.add_argument("--val-every", type=int, help="validate (and keep the best model) every N steps")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 from scratch, 3e-4 fine-tuning)")
+    p.add_argument("--synthetic-fraction", type=float,
+                   help="share of batches from the synthetic engine when training sets are given (default 0.3)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume from --out if it holds a run in progress")
@@ -220,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel-size", **_voxel_size())
     p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
     p.add_argument("--out", help="output folder (default: next to SPINES.csv)")
+    p.add_argument("--max-gap", type=int, default=1,
+                   help="sessions a spine may be missed and still count as present (default 1)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_dynamics)
 
     p = sub.add_parser("bench", help="speed and accuracy against the trackpy peer on generated series")

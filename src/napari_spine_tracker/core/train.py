@@ -64,10 +64,17 @@ class TrainOptions:
 
     @classmethod
     def from_args(cls, args) -> TrainOptions:
-        return cls(out=Path(args.out), datasets=[Path(d) for d in args.datasets], init=args.init,
-                   steps=args.steps, minutes=args.minutes, device=args.device, size=args.size,
-                   batch_size=args.batch_size, seed=args.seed, resume=args.resume,
-                   command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]))
+        """Options from the ``train`` command line; flags left out keep the defaults."""
+        given = {name: getattr(args, name, None) for name in
+                 ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction")}
+        options = cls(out=Path(args.out), datasets=[Path(d) for d in args.datasets], device=args.device,
+                      size=args.size, seed=args.seed, resume=args.resume,
+                      command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]),
+                      **{k: v for k, v in given.items() if v is not None})
+        if getattr(args, "patch", None) or getattr(args, "patch_sessions", None):
+            options.patch = PatchOptions(shape=tuple(args.patch or options.patch.shape),
+                                         sessions=args.patch_sessions or options.patch.sessions)
+        return options
 
 
 # ---------------------------------------------------------------------------------------------

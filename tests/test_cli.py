@@ -1,0 +1,108 @@
+"""The command line as a user's script meets it: subcommands, exit codes, outputs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.cli import build_parser, main
+from napari_spine_tracker.io.series import write_series_tiff
+from napari_spine_tracker.io.tables import read_spine_table, write_spine_table
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(out), "--seed", "3", "--preset", "tiny"]) == 0
+    return out
+
+
+def test_help_lists_every_subcommand():
+    text = build_parser().format_help()
+    for command in ("detect", "synth", "evaluate", "train", "dynamics", "bench", "gui"):
+        assert command in text
+
+
+def test_synth_writes_series_truth_and_metadata(synth_dir):
+    from napari_spine_tracker.io.series import load_series
+
+    series = load_series(synth_dir / "series.tif")
+    truth = read_spine_table(synth_dir / "truth.csv")
+    meta = json.loads((synth_dir / "synth.json").read_text())
+    assert series.data.shape[0] == 3 and series.voxel_size_um == pytest.approx((0.5, 0.1, 0.1))
+    assert len(truth) > 0 and truth["t"].max() <= 2
+    assert meta["config"]["seed"] == 3
+
+
+def test_evaluate_truth_against_itself_is_perfect(synth_dir, capsys):
+    truth = str(synth_dir / "truth.csv")
+    assert main(["evaluate", truth, truth, "--voxel-size", "0.5", "0.1", "0.1"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["f1"] == 1.0 and scores["idf1"] == 1.0
+
+
+def test_evaluate_perturbed_predictions(synth_dir, tmp_path, capsys):
+    """Shifting half the points by 2 µm in x makes them misses and false positives."""
+    truth = read_spine_table(synth_dir / "truth.csv")
+    pred = truth.copy()
+    moved = pred.index % 2 == 0
+    pred.loc[moved, "x"] += 20  # 20 voxels of 0.1 µm
+    write_spine_table(pred, tmp_path / "pred.csv")
+    assert main(["evaluate", str(tmp_path / "pred.csv"), str(synth_dir / "truth.csv"),
+                 "--voxel-size", "0.5", "0.1", "0.1"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kept = int((~moved).sum())
+    assert scores["tp"] == kept
+    assert scores["precision"] == pytest.approx(kept / len(pred))
+    assert scores["recall"] == pytest.approx(kept / len(truth))
+
+
+def test_evaluate_rejects_a_table_without_required_columns(synth_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    code = main(["evaluate", str(bad), str(synth_dir / "truth.csv"), "--voxel-size", "0.5", "0.1", "0.1"])
+    assert code == 2 and "track_id" in capsys.readouterr().err
+
+
+def test_detect_on_a_non_tiff_exits_2(synth_dir, tmp_path, tiny_checkpoint, capsys):
+    code = main(["detect", str(synth_dir / "truth.csv"), "--out", str(tmp_path / "x.csv"),
+                 "--model", str(tiny_checkpoint)])
+    assert code == 2 and "error" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_detect_4d_3d_and_folder_inputs(synth_dir, tmp_path, tiny_checkpoint):
+    from napari_spine_tracker.io.series import load_series
+
+    series = load_series(synth_dir / "series.tif")
+    image = np.asarray(series.data)
+    write_series_tiff(tmp_path / "one.tif", image[0], series.voxel_size_um)
+    folder = tmp_path / "sessions"
+    for t in range(image.shape[0]):
+        write_series_tiff(folder / f"day{t + 1}.tif", image[t], series.voxel_size_um)
+    for name, source in (("4d", synth_dir / "series.tif"), ("3d", tmp_path / "one.tif"), ("folder", folder)):
+        out = tmp_path / f"{name}.csv"
+        assert main(["detect", str(source), "--out", str(out), "--model", str(tiny_checkpoint), "-q"]) == 0
+        table = read_spine_table(out)
+        assert len(table) > 0
+        assert table["t"].max() == (0 if name == "3d" else image.shape[0] - 1)
+
+
+def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((4, 32, 32), np.uint16))
+    assert main(["detect", str(tmp_path / "plain.tif"), "--model", str(tiny_checkpoint)]) == 2
+    assert "--voxel-size" in capsys.readouterr().err
+
+
+def test_unknown_model_and_device_are_input_errors(synth_dir, capsys):
+    assert main(["detect", str(synth_dir / "series.tif"), "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_dynamics_report(synth_dir, tmp_path):
+    assert main(["dynamics", str(synth_dir / "truth.csv"), "--out", str(tmp_path / "dyn"), "-q"]) == 0
+    sessions = pd.read_csv(tmp_path / "dyn" / "sessions.csv")
+    assert len(sessions) == 3 and (tmp_path / "dyn" / "dynamics.png").exists()
