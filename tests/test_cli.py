@@ -92,7 +92,7 @@ def test_detect_4d_3d_and_folder_inputs(synth_dir, tmp_path, tiny_checkpoint):
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
     import tifffile
 
-    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((4, 32, 32), np.uint16))
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((6, 32, 32), np.uint16))
     assert main(["detect", str(tmp_path / "plain.tif"), "--model", str(tiny_checkpoint)]) == 2
     assert "--voxel-size" in capsys.readouterr().err
 
