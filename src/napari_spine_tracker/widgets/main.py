@@ -2,10 +2,11 @@
 
 Sections (collapsible, added with :meth:`SpineTrackerWidget.add_section`): Detect
 (:class:`~.detect.DetectPanel`), Review and correct (:class:`~.review.ReviewPanel` over a
-:class:`~.review.SpineEditor`), Export, and Dynamics when ``widgets/dynamics.py`` provides it. The
-widget wires them together: detection results become the ``spines`` layer (merged with the human
-corrections when asked), every change is autosaved, and a saved session is offered back when its
-image is opened again.
+:class:`~.review.SpineEditor`), Export, Train (:class:`~.train.TrainWidget`), and Dynamics when
+``widgets/dynamics.py`` provides it. The widget wires them together: detection results become the
+``spines`` layer (merged with the human corrections when asked), every change is autosaved, a
+saved session is offered back when its image is opened again, and a model trained in the Train
+section is listed and chosen for the next detection at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..io.autosave import Autosaver, find_autosave, safe_name
 from . import _dialogs
 from .detect import DetectPanel, series_input
 from .review import ReviewPanel, SpineEditor
+from .train import TrainWidget, add_model_description, refresh_model_choice
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class SpineTrackerWidget(QWidget):
         self._autosave_image: Image | None = None
         self._offered: set[tuple] = set()
         self._export_worker = None
+        self.last_export_folder: Path | None = None
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -79,7 +82,15 @@ class SpineTrackerWidget(QWidget):
         self.add_section("Detect", self.detect)
         self.add_section("Review and correct", self.review)
         self.add_section("Export", self._build_export())
+        self.train = TrainWidget(napari_viewer)
+        self.add_section("Train", self.train, expanded=False)
         self._add_dynamics()
+        # models listed by name, with what each was trained on (tooltip and a line under the choice)
+        self.model_description = add_model_description(self.detect.layout(), self.detect.model)
+        refresh_model_choice(self.detect.model)
+        self.train.set_start_model(self.detect.model_choice())
+        self.detect.model.currentTextChanged.connect(self.train.set_start_model)
+        self.train.trained.connect(lambda name: refresh_model_choice(self.detect.model, select=name))
 
         self.detect.detected.connect(self._on_detected)
         self.editor.changed.connect(self._on_spines_changed)
@@ -280,9 +291,14 @@ class SpineTrackerWidget(QWidget):
         self._export_worker = create_worker(
             export_training_set, folder, safe_name(image.name), series, state.table(),
             self.detect.voxel_size_um(), state.reviewed_sessions,
-            _connect={"returned": lambda item: show_info(f"exported {image.name!r} to {folder}"),
+            _connect={"returned": lambda item: self._on_exported(image.name, folder),
                       "errored": lambda exc: show_error(f"export failed: {exc}"),
                       "finished": self._on_export_finished})
+
+    def _on_exported(self, name: str, folder: str) -> None:
+        show_info(f"exported {name!r} to {folder}")
+        self.last_export_folder = Path(folder)
+        self.train.set_default_folder(folder)
 
     def _on_export_finished(self) -> None:
         self._export_worker = None
