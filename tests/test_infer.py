@@ -130,6 +130,17 @@ def test_batchnorm_folding_keeps_outputs(random_model):
         torch.testing.assert_close(after[name], before[name], atol=1e-4, rtol=1e-4)
 
 
+def test_content_that_drifted_into_a_session_is_analysed(random_model):
+    """Session 1's field moved +24 voxels in x: its first 24 columns (not in session 0's field)
+    are tiled and searched too."""
+    series = np.random.default_rng(8).poisson(5, (2, 8, 48, 64)).astype(np.uint16)
+    drift = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -24.0]])  # a point at p in session 0 is at p - 24 in session 1
+    table = predict_series(series, (0.5, 0.1, 0.1), random_model, drift_vox=drift)
+    second = table[table["t"] == 1]
+    assert (second["x"] > 40).any() and (second["x"] < 20).any()
+    assert (second["x"] > -0.5).all() and (second["x"] < 63.5).all()
+
+
 def test_padded_sessions_drop_detections_outside(random_model):
     series = np.random.default_rng(5).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
     table = predict_series(series, (0.5, 0.1, 0.1), random_model, session_shapes=[(8, 48, 48), (8, 24, 24)])

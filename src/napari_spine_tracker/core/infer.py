@@ -161,7 +161,12 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     net, device = model.net, model.device
     multiple = net.total_stride
     max_tile = options.max_tile or _default_max_tile(device)
-    plan = plan_tiles(model_shape, max_tile, options.halo, multiple)
+    # in the reference frame, session t covers [-shift[t], -shift[t] + model_shape): tile the union,
+    # so that what drifted into one session's field is analysed too
+    low = (-shift).min(axis=0)
+    high = (model_shape - shift).max(axis=0)
+    plan = plan_tiles(high - low, max_tile, options.halo, multiple)
+    plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
     threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
