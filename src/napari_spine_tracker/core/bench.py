@@ -8,8 +8,9 @@ added on top of the loaded input and the imported libraries; seconds are measure
 method call alone (imports, and for the network the model load, happen before the clock starts,
 so that a first run does not pay them), and Mvoxel/s is the series' voxel count over those seconds.
 
-Validation series are synthetic presets with seeds >= 1000, never used for training (seeds < 1000)
-nor for tuning the peer (seeds 0-1).
+Test series are synthetic presets with seeds 1000-1002, never seen in training (training draws
+randomised series from seed 100000 on and selects models on seeds 1500+) nor in tuning the peer
+(seeds 0-1).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = ["CASES", "METHODS", "QUICK_OVERRIDES", "VALIDATION_SEEDS", "BenchResu
 
 #: named validation cases: synthetic presets
 CASES = ("default", "large_drift", "low_snr", "crowded")
-#: seeds of the validation series (the trainer uses seeds < 1000; the peer was tuned on seeds 0-1)
+#: seeds of the test series (training uses seeds >= 1500; the peer was tuned on seeds 0-1)
 VALIDATION_SEEDS = (1000, 1001, 1002)
 #: a small series for a smoke run (``bench --quick``)
 QUICK_OVERRIDES = {"sessions": 3, "shape": (16, 96, 96)}
