@@ -60,6 +60,7 @@ class TrainOptions:
     pool_size: int = 24
     pool_refresh_every: int = 8
     synthetic_fraction: float | None = None  # None: 1.0 from scratch, 0.3 when fine-tuning
+    realistic_fraction: float = 0.5  # of the synthetic series: from the realistic presets
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -69,7 +70,8 @@ class TrainOptions:
     def from_args(cls, args) -> TrainOptions:
         """Options from the ``train`` command line; flags left out keep the defaults."""
         given = {name: getattr(args, name, None) for name in
-                 ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction")}
+                 ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
+                  "realistic_fraction")}
         options = cls(out=Path(args.out), datasets=[Path(d) for d in args.datasets], device=args.device,
                       size=args.size, seed=args.seed, resume=args.resume,
                       command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]),
@@ -84,11 +86,22 @@ class TrainOptions:
 # data sources
 
 
-class SyntheticPool:
-    """A pool of randomised synthetic series on the model grid; one is replaced every few steps."""
+#: presets (tuned on a real stack, see benchmarks/realism.py) that part of the pool is drawn from,
+#: with fresh seeds; the rest comes from SynthConfig.random (domain randomisation)
+REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
 
-    def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions):
+
+class SyntheticPool:
+    """A pool of synthetic series on the model grid; one is replaced every few steps.
+
+    A share ``realistic_fraction`` of the series come from the presets tuned to look like a real
+    two-photon stack (fresh seeds), the rest from the widely randomised engine.
+    """
+
+    def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions,
+                 realistic_fraction: float = 0.0):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
+        self.realistic_fraction = realistic_fraction
         # validation (1500+) and benchmark (1000+) seeds are far below: training never sees them
         self.first_seed = self.next_seed = TRAINING_SEED_BASE + seed * 100_000
         self.series: list[PreparedSeries] = []
@@ -111,7 +124,11 @@ class SyntheticPool:
 
         seed = self.next_seed
         self.next_seed += 1
-        config = SynthConfig.random(seed)
+        draw = np.random.default_rng(seed)
+        if draw.random() < self.realistic_fraction:
+            config = SynthConfig.preset(REALISTIC_PRESETS[draw.integers(len(REALISTIC_PRESETS))], seed=seed)
+        else:
+            config = SynthConfig.random(seed)
         # enough native voxels for a patch plus room to move it around, at this draw's voxel size
         room = np.asarray(self.patch.shape) + np.asarray([8, 48, 48])
         native = np.ceil(room * np.asarray(self.model_voxel_um) / np.asarray(config.voxel_size_um))
@@ -337,7 +354,8 @@ class _Run:
             self.user_train, user_val = _user_series(options.datasets, self.model_voxel, self.normalization,
                                                      np.random.default_rng(options.seed))
         self.pool = SyntheticPool(options.pool_size if self.synthetic_fraction > 0 else 0, self.model_voxel,
-                                  self.normalization, options.seed * 16 + self.dist.rank, options.patch)
+                                  self.normalization, options.seed * 16 + self.dist.rank, options.patch,
+                                  options.realistic_fraction)
         self.pool.fill(should_stop=should_stop)
         self.val_cases = []
         if self.rank0:
@@ -499,7 +517,8 @@ class _Run:
                 "patch_shape": list(options.patch.shape),
                 "sessions_per_patch": options.patch.sessions,
                 "seed": options.seed,
-                "synthetic_seeds": f"SynthConfig.random(n) for n from {self.pool.first_seed}",
+                "synthetic_seeds": f"n from {self.pool.first_seed}: SynthConfig.random(n), or with probability "
+                                   f"{options.realistic_fraction} SynthConfig.preset(one of {REALISTIC_PRESETS}, n)",
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
                 "history": list(self.history),
