@@ -9,6 +9,7 @@ import numpy as np
 DEFAULT_DECODE = {
     "threshold": 0.35,  # peak probability; the shipped model stores the value chosen on validation
     "nms_radius_um": [0.6, 0.3, 0.3],  # z, y, x half-width of the suppression window
+    "use_displacement": True,  # link with the displacement head (else registration only)
 }
 
 

@@ -107,6 +107,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
                                     progress=stage_progress(stages["register"], 100, total_units),
                                     should_stop=should_stop)
+        if not loaded.decode.get("use_displacement", True):  # validation found registration links better
+            detections = detections.drop(columns=["dz", "dy", "dx"])
         table = link_detections(detections, voxel, drift_vox=drift, gate_um=gate_um, max_gap=max_gap,
                                 should_stop=should_stop)
     finally:

@@ -226,40 +226,45 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
 
 
 def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
-    """Run detection on each validation case and score it for each threshold.
+    """Run detection on each validation case and score it for each decoding choice.
 
     ``cases``: (name, image (T,Z,Y,X), voxel_size_um, truth table, sessions to score or None).
-    Returns the best threshold (highest mean of F1 and IDF1 over cases) with per-case figures.
+    The choices are the peak threshold and whether linking uses the network's displacement head
+    or registration alone; the best pair (highest mean of F1 and IDF1 over cases) is returned with
+    its per-case figures, and becomes the checkpoint's decoding defaults.
     """
     from .infer import InferenceOptions, predict_series
     from .link import link_detections
     from .metrics import evaluate_tracks
     from .register import estimate_drift
 
-    lowest = min(thresholds)
-    per_threshold: dict[float, list[dict]] = {thr: [] for thr in thresholds}
+    choices = [(thr, use) for thr in thresholds for use in (True, False)]
+    results: dict[tuple[float, bool], list[dict]] = {choice: [] for choice in choices}
     for name, image, voxel, truth, sessions in cases:
         drift = estimate_drift(image, voxel) if image.shape[0] > 1 else None
         detections = predict_series(image, voxel, model, drift_vox=drift,
-                                    options=InferenceOptions(threshold=lowest))
+                                    options=InferenceOptions(threshold=min(thresholds)))
         if sessions is not None:
             truth = truth[truth["t"].isin(sessions)]
-        for thr in thresholds:
+        for thr, use_displacement in choices:
             kept = detections[detections["score"] >= thr]
+            if not use_displacement:
+                kept = kept.drop(columns=["dz", "dy", "dx"])
             table = link_detections(kept, voxel, drift_vox=drift)
             if sessions is not None:
                 table = table[table["t"].isin(sessions)]
             scores = evaluate_tracks(table, truth, voxel)
-            per_threshold[thr].append({"case": name, "f1": scores["f1"], "idf1": scores["idf1"],
-                                       "precision": scores["precision"], "recall": scores["recall"]})
+            results[(thr, use_displacement)].append(
+                {"case": name, **{k: scores[k] for k in ("f1", "idf1", "precision", "recall")}})
 
     def quality(rows):
         return float(np.mean([(r["f1"] + r["idf1"]) / 2 for r in rows])) if rows else 0.0
 
-    best = max(thresholds, key=lambda thr: quality(per_threshold[thr]))
-    rows = per_threshold[best]
+    threshold, use_displacement = max(choices, key=lambda choice: quality(results[choice]))
+    rows = results[(threshold, use_displacement)]
     return {
-        "threshold": best,
+        "threshold": threshold,
+        "use_displacement": use_displacement,
         "score": quality(rows),
         "f1": float(np.mean([r["f1"] for r in rows])) if rows else 0.0,
         "idf1": float(np.mean([r["idf1"] for r in rows])) if rows else 0.0,
@@ -505,7 +510,8 @@ class _Run:
             "config": self.net.config,
             "voxel_size_um": list(self.model_voxel),
             "normalization": self.normalization,
-            "decode": {**self.decode, "threshold": validation["threshold"]},
+            "decode": {**self.decode, "threshold": validation["threshold"],
+                       "use_displacement": validation["use_displacement"]},
             "state_dict": state,
             "training": {
                 "command_line": options.command_line,
