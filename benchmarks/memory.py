@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             row = {"shape": list(shape), "voxels": voxels, "file_mb": file_mb, **result,
                    "mvoxel_per_s": voxels / result["seconds"] / 1e6, "wall_s": time.perf_counter() - started}
             rows.append(row)
-            print(f"{str(tuple(shape)):>24} {file_mb:8.0f} {result['anon_peak_mb']:8.0f} "
+            print(f"{tuple(shape)!s:>24} {file_mb:8.0f} {result['anon_peak_mb']:8.0f} "
                   f"{result['anon_peak_mb'] - result['anon_before_mb']:9.0f} {result['rss_peak_mb']:7.0f} "
                   f"{result['seconds']:6.1f} {row['mvoxel_per_s']:7.2f} {result['spines']:7d}", flush=True)
             path.unlink()

@@ -1,5 +1,6 @@
 """Tiled inference engine: tile geometry, resampling, cancel, out-of-memory retry, devices."""
 
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_progress_reaches_total(random_model):
     series = np.random.default_rng(3).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
     seen = []
     detect_series(series, (0.5, 0.1, 0.1), model=random_model, progress=lambda d, t: seen.append((d, t)))
-    assert seen and seen[-1][0] == seen[-1][1] and all(b >= a for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert seen and seen[-1][0] == seen[-1][1] and all(b >= a for (a, _), (b, _) in itertools.pairwise(seen))
 
 
 def test_out_of_memory_retries_smaller(random_model, monkeypatch):

@@ -52,7 +52,7 @@ def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, 
     scale = grid_scale(voxel_size_um, model_voxel_um)
     t_count = image.shape[0]
     native_shape = image.shape[1:]
-    model_shape = tuple(int(round(n * s)) for n, s in zip(native_shape, scale))
+    model_shape = tuple(round(n * s) for n, s in zip(native_shape, scale))
     out = np.empty((t_count, *model_shape), np.float16)
     for t in range(t_count):
         session = np.asarray(image[t])
@@ -60,7 +60,8 @@ def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, 
         out[t] = normalize(block, session_range(session, normalization))
     zyx = labels[["z", "y", "x"]].to_numpy(np.float64)
     mapped = (zyx + 0.5) * np.asarray(scale) - 0.5
-    radius = labels["head_radius_um"].to_numpy(np.float64) if "head_radius_um" in labels else np.full(len(labels), np.nan)
+    radius = (labels["head_radius_um"].to_numpy(np.float64) if "head_radius_um" in labels
+              else np.full(len(labels), np.nan))
     table = pd.DataFrame({"track_id": labels["track_id"].to_numpy(), "t": labels["t"].to_numpy(),
                           "z": mapped[:, 0], "y": mapped[:, 1], "x": mapped[:, 2], "radius_um": radius})
     drift = np.zeros((t_count, 3)) if drift_vox is None else np.asarray(drift_vox, float) * np.asarray(scale)

@@ -25,7 +25,7 @@ class Peaks:
 
 def nms_kernel(output_voxel_um, radius_um) -> tuple[int, int, int]:
     """Odd max-pool kernel covering ``radius_um`` on each side, at least 3 voxels wide."""
-    return tuple(max(3, 2 * int(round(r / v)) + 1) for r, v in zip(radius_um, output_voxel_um))
+    return tuple(max(3, 2 * round(r / v) + 1) for r, v in zip(radius_um, output_voxel_um))
 
 
 def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int, int, int],

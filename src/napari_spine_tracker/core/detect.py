@@ -86,27 +86,25 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
 
     data, voxel, shapes = _as_series(series, voxel_size_um)
     loaded = load_model(model, device=device)
-    t_count = data.shape[0]
-    stages = {"register": t_count if (register and t_count > 1) else 0, "infer": 1, "link": 0}
+    # progress units: one per session registered, then 100 for inference (linking is quick)
+    register_units = data.shape[0] if (register and data.shape[0] > 1) else 0
+    total_units = register_units + 100
 
-    def stage_progress(offset: int, weight: int, total_units: int):
+    def stage(offset: int, units: int):
         def report(done: int, total: int) -> None:
             if progress is not None and total:
-                progress(offset + int(round(weight * done / total)), total_units)
+                progress(offset + round(units * done / total), total_units)
         return report
 
-    total_units = stages["register"] + 100
     try:
         drift = None
-        if stages["register"]:
-            drift = estimate_drift(data, voxel, progress=stage_progress(0, stages["register"], total_units),
-                                   should_stop=should_stop)
+        if register_units:
+            drift = estimate_drift(data, voxel, progress=stage(0, register_units), should_stop=should_stop)
         opts = options or InferenceOptions()
         if threshold is not None:
             opts = dataclasses.replace(opts, threshold=threshold)
         detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
-                                    progress=stage_progress(stages["register"], 100, total_units),
-                                    should_stop=should_stop)
+                                    progress=stage(register_units, 100), should_stop=should_stop)
         if not loaded.decode.get("use_displacement", True):  # validation found registration links better
             detections = detections.drop(columns=["dz", "dy", "dx"])
         table = link_detections(detections, voxel, drift_vox=drift, gate_um=gate_um, max_gap=max_gap,

@@ -21,7 +21,7 @@ session to session.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class ResNeXtBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride=1, group_width: int = 8, bottleneck: float = 0.5):
         super().__init__()
-        mid = max(group_width, int(round(cout * bottleneck)))
+        mid = max(group_width, round(cout * bottleneck))
         groups = 1 if group_width <= 0 else max(1, mid // group_width)
         self.reduce = ConvBNReLU(cin, mid, 1)
         self.grouped = ConvBNReLU(mid, mid, 3, stride, groups=groups)
@@ -107,7 +107,7 @@ class ConvLSTMCell(nn.Module):
 class SpineNet(nn.Module):
     """3D ResNeXt encoder, ConvLSTM at the coarsest level, U-Net decoder, four heads."""
 
-    HEADS = {"heatmap": 1, "offset": 3, "displacement": 3, "size": 1}
+    HEADS: ClassVar[dict[str, int]] = {"heatmap": 1, "offset": 3, "displacement": 3, "size": 1}
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()

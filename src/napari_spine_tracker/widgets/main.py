@@ -23,7 +23,15 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QApplication, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QApplication,
+    QFrame,
+    QHBoxLayout,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 from superqt import QCollapsible
 
 from ..core import edits
@@ -70,11 +78,20 @@ class SpineTrackerWidget(QWidget):
         self._export_worker = None
         self.last_export_folder: Path | None = None
 
-        layout = QVBoxLayout(self)
+        # the sections scroll, so that Detect, Train and Dynamics open together fit any screen
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        inner = QWidget()
+        layout = QVBoxLayout(inner)
         layout.setContentsMargins(4, 4, 4, 4)
         self._sections = QVBoxLayout()
         layout.addLayout(self._sections)
         layout.addStretch(1)
+        scroll.setWidget(inner)
+        outer.addWidget(scroll)
 
         self.editor = SpineEditor(napari_viewer)
         self.detect = DetectPanel(napari_viewer)
@@ -106,7 +123,7 @@ class SpineTrackerWidget(QWidget):
 
     def add_section(self, title: str, widget: QWidget, *, expanded: bool = True) -> QCollapsible:
         """Add a collapsible section (e.g. a Train panel) below the others; returns it."""
-        section = QCollapsible(title, self)
+        section = QCollapsible(title)
         section.addWidget(widget)
         if expanded:
             section.expand(animate=False)
