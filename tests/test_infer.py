@@ -1,6 +1,7 @@
 """Tiled inference engine: tile geometry, resampling, cancel, out-of-memory retry, devices."""
 
 import itertools
+
 import numpy as np
 import pytest
 import torch
