@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", nargs=3, type=int, metavar=("Z", "Y", "X"),
                    help="training patch in model-grid voxels (default 16 96 96)")
     p.add_argument("--patch-sessions", type=int, help="sessions per training patch (default 3)")
+    p.add_argument("--jitter-um", type=float,
+                   help="registration error simulated between a patch's sessions, µm per axis (default 0.4)")
     p.add_argument("--pool-size", type=int, help="synthetic series kept in memory (default 24)")
     p.add_argument("--val-every", type=int, help="validate (and keep the best model) every N steps")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 from scratch, 3e-4 fine-tuning)")

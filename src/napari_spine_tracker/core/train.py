@@ -11,6 +11,7 @@ threshold that scored best. A run can be resumed (``resume=True``) from its ``.r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -76,9 +77,11 @@ class TrainOptions:
                       size=args.size, seed=args.seed, resume=args.resume,
                       command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]),
                       **{k: v for k, v in given.items() if v is not None})
-        if getattr(args, "patch", None) or getattr(args, "patch_sessions", None):
-            options.patch = PatchOptions(shape=tuple(args.patch or options.patch.shape),
-                                         sessions=args.patch_sessions or options.patch.sessions)
+        patch = {"shape": tuple(args.patch) if getattr(args, "patch", None) else None,
+                 "sessions": getattr(args, "patch_sessions", None), "jitter_um": getattr(args, "jitter_um", None)}
+        patch = {k: v for k, v in patch.items() if v is not None}
+        if patch:
+            options.patch = dataclasses.replace(options.patch, **patch)
         return options
 
 
