@@ -54,11 +54,20 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     with pytest.raises(Cancelled):
         train_model(tiny_options(out), should_stop=stop_after_first_validation)
     assert out.exists() and (tmp_path / "m.resume.pt").exists()
+    import torch
+
+    first_minutes = torch.load(tmp_path / "m.resume.pt", weights_only=True)["minutes"]
+    assert first_minutes > 0
     records = []
     train_model(tiny_options(out, resume=True), on_log=records.append)
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [3, 4]  # it went on from step 2, where the first run validated and stopped
-    assert load_checkpoint(out)["training"]["steps"] in (2, 4)
+    training = load_checkpoint(out)["training"]
+    assert training["steps"] in (2, 4)
+    # the time recorded counts both parts of the run
+    assert [h["step"] for h in training["history"]][:1] == [2]
+    if training["steps"] == 4:
+        assert training["history"][-1]["minutes"] > first_minutes
 
 
 def test_out_must_be_a_pt_file(tmp_path):

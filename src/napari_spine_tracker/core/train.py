@@ -378,12 +378,14 @@ class _Run:
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         self.step, self.best, self.history = 0, None, []
         self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
+        self.prior_minutes = 0.0  # spent before a resume: budgets and records count the whole run
         self.resume_file = _resume_path(self.out)
         if options.resume and self.resume_file.exists():
             state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
+            self.prior_minutes = float(state.get("minutes", 0.0))
             self.validated_step = self.step  # the resume file is written when a step is validated
             log.info("resumed at step %d from %s", self.step, self.resume_file)
         self.forward = self.dist.wrap(self.net)
@@ -432,7 +434,7 @@ class _Run:
 
     # -- the loop -----------------------------------------------------------------------------
     def elapsed_minutes(self) -> float:
-        return (time.monotonic() - self.started) / 60
+        return self.prior_minutes + (time.monotonic() - self.started) / 60
 
     def wants_stop(self) -> tuple[bool, bool]:
         """(stop, cancelled), agreed by all ranks."""
@@ -502,7 +504,8 @@ class _Run:
                 save_checkpoint(self.out, checkpoint)
                 _write_sidecar(self.out, checkpoint)
             torch.save({"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "step": self.step, "best": self.best, "history": self.history}, self.resume_file)
+                        "step": self.step, "best": self.best, "history": self.history,
+                        "minutes": self.elapsed_minutes()}, self.resume_file)
         self.validated_step = self.step
         self.dist.barrier()
 

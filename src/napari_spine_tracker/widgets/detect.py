@@ -8,7 +8,6 @@ queued Qt signal). Layers are built on the main thread by whoever handles ``dete
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import Cancelled, InputError
 from . import _dialogs
+from ._runs import CancellableRun
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _ProgressRelay(QObject):
     progressed = Signal(int, int)
 
 
-class DetectPanel(QWidget):
+class DetectPanel(CancellableRun, QWidget):
     """Controls for a detection run; emits ``detected(table, image_layer, voxel_size_um)``."""
 
     detected = Signal(object, object, object)
@@ -105,8 +105,7 @@ class DetectPanel(QWidget):
     def __init__(self, viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = viewer
-        self.worker = None
-        self._stop = threading.Event()
+        self._init_run_state()
         self._pbar: napari_progress | None = None
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
@@ -211,18 +210,6 @@ class DetectPanel(QWidget):
 
     # ---------------------------------------------------------------------------------------
     # running
-
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
-    def _on_run_clicked(self) -> None:
-        if self.running:
-            self._stop.set()
-            self.run_button.setText("Cancelling…")
-            self.run_button.setEnabled(False)
-            return
-        self.start()
 
     def start(self) -> None:
         """Start a detection run on the chosen image (returns at once)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -43,6 +42,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import Cancelled, InputError
 from . import _dialogs
+from ._runs import CancellableRun
 from .detect import BROWSE, available_models
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class TrainPlot(QWidget):
         self.canvas.draw_idle()
 
 
-class TrainWidget(QWidget):
+class TrainWidget(CancellableRun, QWidget):
     """Fine-tune a model on training sets; emits ``trained(model_name)`` when a run leaves a model."""
 
     trained = Signal(str)
@@ -250,9 +250,8 @@ class TrainWidget(QWidget):
     def __init__(self, viewer=None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = viewer
-        self.worker = None
+        self._init_run_state()
         self.out: Path | None = None
-        self._stop = threading.Event()
         self._pbar: napari_progress | None = None
         self._default_folder: str | None = None
         self._device = "auto"
@@ -459,18 +458,8 @@ class TrainWidget(QWidget):
     # ---------------------------------------------------------------------------------------
     # running
 
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
-    def _on_run_clicked(self) -> None:
-        if self.running:
-            self._stop.set()
-            self.run_button.setText("Cancelling…")
-            self.run_button.setEnabled(False)
-            self._set_status("Cancelling after this step; the best model validated so far is kept.")
-            return
-        self.start()
+    def _cancel_message(self) -> str:
+        return "Cancelling after this step; the best model validated so far is kept."
 
     def start(self) -> bool:
         """Check the choices and start a fine-tuning run (returns at once); False when refused."""
