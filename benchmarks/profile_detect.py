@@ -1,0 +1,68 @@
+"""Where end-to-end detection spends its time: one synthetic test series under cProfile.
+
+Each stage is a function of ours, so its cumulative time is the stage's time (the network's
+PyTorch kernels count under ``SpineNet.forward_sessions``). What remains is bookkeeping:
+tiling, copies, building the table.
+
+    python benchmarks/profile_detect.py                       # default preset, seed 1000
+    python benchmarks/profile_detect.py --case crowded --model runs/stage2.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+
+#: (label, module file suffix, function name)
+STAGES = [
+    ("registration (estimate_drift)", "core/register.py", "estimate_drift"),
+    ("intensity range per session", "core/intensity.py", "session_range"),
+    ("reading + resampling tiles", "core/intensity.py", "read_resampled"),
+    ("network (forward_sessions)", "core/model.py", "forward_sessions"),
+    ("peak decoding (decode_peaks)", "core/decode.py", "decode_peaks"),
+    ("linking (link_detections)", "core/link.py", "link_detections"),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="spinenet-synth")
+    parser.add_argument("--case", default="default")
+    parser.add_argument("--seed", type=int, default=1000)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.models import load_model
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    model = load_model(args.model, device="cpu")
+    series = synthesize_series(SynthConfig.preset(args.case, seed=args.seed))
+    detect_series(series.image[:2], series.voxel_size_um, model=model)  # warm-up (oneDNN kernels)
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    detect_series(series.image, series.voxel_size_um, model=model)
+    profiler.disable()
+    total = time.perf_counter() - start
+
+    stats = pstats.Stats(profiler).stats
+    voxels = series.image.size
+    print(f"{args.case} seed {args.seed}: {series.image.shape} voxels, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"end to end {total:.2f} s = {voxels / total / 1e6:.2f} Mvoxel/s (under the profiler)\n")
+    print("| stage | s | share |\n|---|---|---|")
+    for label, suffix, name in STAGES:
+        seconds = sum(entry[3] for (path, _, func), entry in stats.items()
+                      if func == name and path.replace("\\", "/").endswith(suffix))
+        print(f"| {label} | {seconds:.2f} | {seconds / total:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
