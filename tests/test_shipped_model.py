@@ -1,0 +1,81 @@
+"""The shipped model, end to end on tiny synthetic series: it loads, finds spines, and tiling
+does not change what it finds (including spines that sit on tile seams)."""
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from napari_spine_tracker.core.detect import detect_series
+from napari_spine_tracker.core.infer import InferenceOptions, predict_series
+from napari_spine_tracker.core.metrics import evaluate_tracks
+from napari_spine_tracker.core.models import DEFAULT_MODEL, list_models, load_model
+from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DEFAULT_MODEL, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def series():
+    return synthesize_series(SynthConfig.preset("default", seed=4242, sessions=3, shape=(16, 144, 144)))
+
+
+def test_shipped_model_is_listed_with_its_training(model):
+    info = {m.name: m for m in list_models()}[DEFAULT_MODEL]
+    assert info.shipped and "validation F1" in info.description
+    assert model.training["validation"]["f1"] > 0.8
+    assert model.voxel_size_um == (0.5, 0.1, 0.1)
+
+
+def test_detects_spines_on_a_tiny_series(model, series):
+    table = detect_series(series.image, series.voxel_size_um, model=model)
+    scores = evaluate_tracks(table, series.truth, series.voxel_size_um)
+    assert scores["f1"] > 0.75 and scores["idf1"] > 0.7, scores
+    assert table["status"].eq("predicted").all() and table["track_id"].min() == 1
+
+
+def _match_fraction(a: np.ndarray, b: np.ndarray, tol: float) -> float:
+    if len(a) == 0:
+        return 1.0
+    distance, _ = cKDTree(b).query(a)
+    return float(np.mean(distance <= tol))
+
+
+def test_tiled_inference_equals_untiled(model, series):
+    untiled = predict_series(series.image, series.voxel_size_um, model,
+                             options=InferenceOptions(max_tile=(64, 256, 256)))
+    tiled = predict_series(series.image, series.voxel_size_um, model,
+                           options=InferenceOptions(max_tile=(64, 96, 96), halo=(4, 24, 24)))
+    assert len(untiled) > 20
+    for t in range(series.image.shape[0]):
+        a = untiled[untiled["t"] == t][["z", "y", "x"]].to_numpy()
+        b = tiled[tiled["t"] == t][["z", "y", "x"]].to_numpy()
+        # the same points within half a voxel (a borderline peak may flip at the threshold)
+        assert _match_fraction(a, b, 0.5) >= 0.9 and _match_fraction(b, a, 0.5) >= 0.9
+        assert abs(len(a) - len(b)) <= max(2, 0.1 * len(a))
+
+
+def test_spines_on_tile_seams_are_found_once(model, series):
+    """Cores 48 voxels wide put seams at y, x = 48 and 96; every spine is reported at most once,
+    and spines within two voxels of a seam are found as often as without tiles."""
+    options = InferenceOptions(max_tile=(64, 96, 96), halo=(4, 24, 24))
+    tiled = predict_series(series.image, series.voxel_size_um, model, options=options)
+    untiled = predict_series(series.image, series.voxel_size_um, model,
+                             options=InferenceOptions(max_tile=(64, 256, 256)))
+    vox = np.asarray(series.voxel_size_um)
+    near_seam = 0
+    for t in range(series.image.shape[0]):
+        pts = tiled[tiled["t"] == t][["z", "y", "x"]].to_numpy() * vox
+        pairs = cKDTree(pts).query_pairs(0.3)  # two reports of one spine would sit this close
+        assert not pairs
+        truth = series.truth[series.truth["t"] == t]
+        seam = np.minimum(np.abs(truth["y"].to_numpy()[:, None] - [47.5, 95.5]).min(1),
+                          np.abs(truth["x"].to_numpy()[:, None] - [47.5, 95.5]).min(1)) <= 2
+        near_seam += int(seam.sum())
+        for row in truth[seam][["z", "y", "x"]].to_numpy() * vox:
+            found = [len(cKDTree(table[table["t"] == t][["z", "y", "x"]].to_numpy() * vox)
+                         .query_ball_point(row, 1.0)) for table in (tiled, untiled)]
+            assert found[0] == found[1]  # (2 where a neighbour sits within 1 µm, tiled or not)
+    assert near_seam > 0  # the series does put spines on the seams
