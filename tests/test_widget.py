@@ -123,6 +123,14 @@ def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     assert viewer.layers.selection.active is spines
 
 
+def test_the_dock_is_as_wide_as_its_controls(viewer_widget, qtbot):
+    """The sections scroll vertically only: the dock never squeezes the buttons out of sight."""
+    viewer, widget = viewer_widget
+    needed = max(section.minimumSizeHint().width() for section in (widget.detect, widget.review, widget.train))
+    assert widget.minimumSizeHint().width() >= needed
+    qtbot.waitUntil(lambda: widget.width() >= needed, timeout=2000)
+
+
 def test_errors_reach_the_user_as_notifications(viewer_widget, qtbot, monkeypatch):
     viewer, widget = viewer_widget
     shown = []

@@ -22,7 +22,7 @@ import pandas as pd
 from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QFrame,
@@ -66,6 +66,27 @@ def _image_key(layer: Image) -> tuple[str | None, str, tuple[int, ...]]:
     return layer.source.path, layer.name, tuple(int(n) for n in layer.data.shape)
 
 
+class _VerticalScroll(QScrollArea):
+    """Scrolls up and down only: as wide as its content wants, so the dock never squeezes it."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def _width(self, content_width: int) -> int:
+        return content_width + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        return hint if inner is None else QSize(self._width(inner.minimumSizeHint().width()), hint.height())
+
+    def sizeHint(self) -> QSize:
+        hint = super().sizeHint()
+        inner = self.widget()
+        return hint if inner is None else QSize(self._width(inner.sizeHint().width()), hint.height())
+
+
 class SpineTrackerWidget(QWidget):
     """The plugin's main dock widget, titled ``Spine Tracker`` (DESIGN §3)."""
 
@@ -81,7 +102,7 @@ class SpineTrackerWidget(QWidget):
         # the sections scroll, so that Detect, Train and Dynamics open together fit any screen
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea(self)
+        scroll = _VerticalScroll(self)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         inner = QWidget()
