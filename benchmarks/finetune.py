@@ -39,12 +39,18 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="spinenet-synth", help="the model to start from")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--minutes", type=float, help="fine-tuning budget (default: the train command's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the train command's)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log training and validation")
     parser.add_argument("--sessions", type=int, default=8, help="sessions of the other microscope's series")
     parser.add_argument("--labelled", type=int, default=3, help="first sessions given as corrections")
     parser.add_argument("--seed", type=int, default=2000)
     parser.add_argument("--reference-cases", nargs="*", default=["default", "large_drift", "low_snr", "crowded"])
     parser.add_argument("--reference-seed", type=int, default=1000)
     args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
         out = Path(tmp) / "finetuned.pt"
         started = time.perf_counter()
         train_model(TrainOptions(out=out, datasets=[folder], init=args.model, device=args.device,
-                                 minutes=args.minutes,
+                                 minutes=args.minutes, lr=args.lr,
                                  command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):
