@@ -125,7 +125,7 @@ def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
 
 def test_the_dock_is_as_wide_as_its_controls(viewer_widget, qtbot):
     """The sections scroll vertically only: the dock never squeezes the buttons out of sight."""
-    viewer, widget = viewer_widget
+    _viewer, widget = viewer_widget
     needed = max(section.minimumSizeHint().width() for section in (widget.detect, widget.review, widget.train))
     assert widget.minimumSizeHint().width() >= needed
     qtbot.waitUntil(lambda: widget.width() >= needed, timeout=2000)
