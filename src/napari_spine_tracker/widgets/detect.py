@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
@@ -29,13 +28,12 @@ from qtpy.QtWidgets import (
 
 from ..errors import Cancelled, InputError
 from . import _dialogs
+from ._models import BROWSE, refresh_model_choice
 from ._runs import CancellableRun
 
 log = logging.getLogger(__name__)
 
 DETECT_LABEL = "Detect spines"
-BROWSE = "Browse…"
-DEFAULT_MODEL = "spinenet-synth"
 
 
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None,
@@ -48,18 +46,6 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
 
     return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold,
                          progress=progress, should_stop=should_stop)
-
-
-def available_models() -> list[tuple[str, str]]:
-    """(name, description) of the shipped models; the default alone when none can be listed."""
-    try:
-        from ..core.models import list_models
-
-        models = [(m.name, getattr(m, "description", "")) for m in list_models()]
-    except Exception as exc:  # a broken model registry must not break the widget
-        log.warning("cannot list models: %s", exc)
-        models = []
-    return models or [(DEFAULT_MODEL, "the shipped model")]
 
 
 def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
@@ -106,7 +92,6 @@ class DetectPanel(CancellableRun, QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self._init_run_state()
-        self._pbar: napari_progress | None = None
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self._images: list[Image] = []
@@ -130,10 +115,8 @@ class DetectPanel(CancellableRun, QWidget):
             self.voxel.append(box)
         form.addRow("Voxel z,y,x", voxel_row)
         self.model = QComboBox()
-        for name, description in available_models():
-            self.model.addItem(name)
-            self.model.setItemData(self.model.count() - 1, description, 3)  # 3: Qt.ToolTipRole
         self.model.addItem(BROWSE)
+        refresh_model_choice(self.model)
         self.model.setToolTip("A shipped model, or Browse… for a fine-tuned checkpoint (.pt)")
         self.model.activated.connect(self._on_model_activated)
         form.addRow("Model", self.model)
@@ -224,13 +207,7 @@ class DetectPanel(CancellableRun, QWidget):
         voxel = self.voxel_size_um()
         # points and image must agree on the voxel size the user settled on
         layer.scale = (*layer.scale[:-3], *voxel)
-        self._stop.clear()
-        self._pbar = napari_progress(total=0, desc="Detecting spines")
-        self.bar.setRange(0, 0)
-        self.bar.setVisible(True)
-        self.run_button.setText("Cancel")
-        for control in self._controls:
-            control.setEnabled(False)
+        self._show_running("Detecting spines")
         relay = self._relay
         self.worker = create_worker(
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
@@ -240,13 +217,6 @@ class DetectPanel(CancellableRun, QWidget):
             _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
                       "errored": self._on_errored, "finished": self._on_finished},
         )
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.bar.setRange(0, max(total, 1))
-        self.bar.setValue(done)
-        if self._pbar is not None:
-            self._pbar.total = total
-            self._pbar.update(done - self._pbar.n)
 
     def _on_returned(self, table: pd.DataFrame, layer: Image, voxel) -> None:
         if self._stop.is_set():  # cancelled while the model finished anyway
@@ -264,12 +234,4 @@ class DetectPanel(CancellableRun, QWidget):
             show_error(f"Detection failed: {type(exc).__name__}: {exc}")
 
     def _on_finished(self) -> None:
-        self.worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self.bar.setVisible(False)
-        self.run_button.setText(DETECT_LABEL)
-        self.run_button.setEnabled(True)
-        for control in self._controls:
-            control.setEnabled(True)
+        self._show_idle(DETECT_LABEL)

@@ -39,9 +39,10 @@ from ..core.edits import SpineState
 from ..errors import InputError
 from ..io.autosave import Autosaver, find_autosave, safe_name
 from . import _dialogs
+from ._models import add_model_description, refresh_model_choice
 from .detect import DetectPanel, series_input
 from .review import ReviewPanel, SpineEditor
-from .train import TrainWidget, add_model_description, refresh_model_choice
+from .train import TrainWidget
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ class SpineTrackerWidget(QWidget):
         self._add_dynamics()
         # models listed by name, with what each was trained on (tooltip and a line under the choice)
         self.model_description = add_model_description(self.detect.layout(), self.detect.model)
-        refresh_model_choice(self.detect.model)
         self.train.set_start_model(self.detect.model_choice())
         self.detect.model.currentTextChanged.connect(self.train.set_start_model)
         self.train.trained.connect(lambda name: refresh_model_choice(self.detect.model, select=name))

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 from napari.qt.threading import create_worker
-from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -42,8 +41,8 @@ from qtpy.QtWidgets import (
 
 from ..errors import Cancelled, InputError
 from . import _dialogs
+from ._models import BROWSE, add_model_description, is_checkpoint_path, refresh_model_choice
 from ._runs import CancellableRun
-from .detect import BROWSE, available_models
 
 log = logging.getLogger(__name__)
 
@@ -98,72 +97,6 @@ def check_training_sets(folders: Sequence[str | Path]) -> int:
         raise InputError("the training sets hold no reviewed session: mark the sessions you corrected as "
                          "reviewed (R) and export again; only reviewed sessions are complete labels.")
     return reviewed
-
-
-def _is_path(text: str) -> bool:
-    return Path(text).suffix == ".pt"
-
-
-def refresh_model_choice(combo: QComboBox, select: str | None = None) -> None:
-    """List the installed models in ``combo`` by name, each with what it was trained on as tooltip.
-
-    Keeps model paths picked with Browse… and the Browse… entry itself (last). Selects ``select``
-    (default: the current choice, when it still exists). Listeners of ``currentIndexChanged`` and
-    ``currentTextChanged`` hear the choice once, after the list is rebuilt.
-    """
-    from ..core.models import list_models
-
-    wanted = select or combo.currentText()
-    wanted = "" if wanted == BROWSE else wanted
-    has_browse = combo.findText(BROWSE) >= 0
-    browsed = [combo.itemText(i) for i in range(combo.count()) if _is_path(combo.itemText(i))]
-    try:
-        user = {m.name for m in list_models() if not m.shipped}
-    except Exception as exc:  # a broken model folder must not break the widget
-        log.warning("cannot list models: %s", exc)
-        user = set()
-    combo.blockSignals(True)
-    combo.clear()
-    for name, description in available_models():
-        if name in user:
-            tip = f"your model: {description}" if description else "your model (no description)"
-        else:
-            tip = description or "shipped with the plugin"
-        combo.addItem(name)
-        combo.setItemData(combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
-    for path in browsed:
-        combo.addItem(path)
-        combo.setItemData(combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
-    if has_browse:
-        combo.addItem(BROWSE)
-    index = combo.findText(wanted) if wanted else -1
-    combo.setCurrentIndex(index if index >= 0 else 0)
-    combo.blockSignals(False)
-    combo.currentIndexChanged.emit(combo.currentIndex())
-    combo.currentTextChanged.emit(combo.currentText())
-
-
-def model_description_label(combo: QComboBox) -> QLabel:
-    """A small label that shows the chosen model's description (its tooltip) and follows the choice."""
-    label = QLabel()
-    label.setWordWrap(True)
-    label.setStyleSheet("color: gray; font-size: small;")
-
-    def update(*_):
-        tip = combo.itemData(combo.currentIndex(), Qt.ItemDataRole.ToolTipRole)
-        label.setText(str(tip) if tip and combo.currentText() != BROWSE else "")
-
-    combo.currentIndexChanged.connect(update)
-    update()
-    return label
-
-
-def add_model_description(form: QFormLayout, combo: QComboBox) -> QLabel:
-    """Put a :func:`model_description_label` in ``form`` on the row under ``combo``."""
-    label = model_description_label(combo)
-    row, _ = form.getWidgetPosition(combo)
-    form.insertRow(row + 1, "", label)
-    return label
 
 
 class _Relay(QObject):
@@ -252,7 +185,6 @@ class TrainWidget(CancellableRun, QWidget):
         self.viewer = viewer
         self._init_run_state()
         self.out: Path | None = None
-        self._pbar: napari_progress | None = None
         self._default_folder: str | None = None
         self._device = "auto"
         self._last_step = 0
@@ -400,7 +332,7 @@ class TrainWidget(CancellableRun, QWidget):
         if not name_or_path or name_or_path == BROWSE:
             return
         if self.start_model.findText(name_or_path) < 0:
-            if not _is_path(name_or_path):
+            if not is_checkpoint_path(name_or_path):
                 refresh_model_choice(self.start_model)
             if self.start_model.findText(name_or_path) < 0:
                 self.start_model.insertItem(self.start_model.count() - 1, name_or_path)
@@ -481,17 +413,11 @@ class TrainWidget(CancellableRun, QWidget):
             return False
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self._stop.clear()
         self._last_step, self._val_every = 0, int(options.val_every)
         self._validations = []
         self._started = time.monotonic()
         self.plot.clear()
-        self._pbar = napari_progress(total=0, desc=f"Training {out.stem}")
-        self.bar.setRange(0, 0)
-        self.bar.setVisible(True)
-        self.run_button.setText("Cancel")
-        for control in self._controls:
-            control.setEnabled(False)
+        self._show_running(f"Training {out.stem}")
         self._set_status("Preparing the training data and the validation series…")
         relay = self._relay
         self.worker = create_worker(
@@ -500,13 +426,6 @@ class TrainWidget(CancellableRun, QWidget):
             should_stop=self._stop.is_set, on_log=relay.logged.emit,
             _connect={"returned": self._on_returned, "errored": self._on_errored, "finished": self._on_finished})
         return True
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.bar.setRange(0, max(total, 1))
-        self.bar.setValue(done)
-        if self._pbar is not None:
-            self._pbar.total = total
-            self._pbar.update(done - self._pbar.n)
 
     def _on_log(self, record: dict) -> None:
         self.plot.add(record)
@@ -570,17 +489,9 @@ class TrainWidget(CancellableRun, QWidget):
             _resume_path(self.out).unlink(missing_ok=True)
 
     def _on_finished(self) -> None:
-        self.worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self.bar.setVisible(False)
+        self._show_idle(TRAIN_LABEL)
         self._refit_timer.start()
         self.plot.redraw()
-        self.run_button.setText(TRAIN_LABEL)
-        self.run_button.setEnabled(True)
-        for control in self._controls:
-            control.setEnabled(True)
         refresh_model_choice(self.start_model)
         if self.out is not None and self.name.text().strip() == self.out.stem and self.out.exists():
             self.name.setText(default_model_name())
