@@ -6,10 +6,17 @@ sessions ``t-2 .. t-1-max_gap`` (gap closing), so a spine missed in one or two s
 id. Each step is one optimal assignment (Hungarian) maximising the sum of ``gate - cost`` over the
 links made: a link costs its distance in µm, and a pair farther apart than the gate is never linked.
 
-Where a detection came from (its expected position in an earlier session ``s``):
+Where a detection came from (its expected position in session ``t-1``):
 
-- frame-to-frame, with the network's displacement ``d = (dz, dy, dx)`` known:  ``p + d``;
-- otherwise (or for a gap), by registration: ``p - (drift[t] - drift[s])``.
+- with the network's displacement ``d = (dz, dy, dx)`` known:  ``p + d``;
+- otherwise by registration, ``p - (drift[t] - drift[t-1])``, corrected by the local motion of
+  the spines around it (the mode of the displacements between nearby detections of the two
+  sessions; registration of whole images misses non-rigid deformation and errs by up to ~1 µm
+  on large drift).
+
+A track missed in a session becomes a ghost: its expected position is carried forward from
+session to session by the registration step and the local motion of the spines linked around it,
+and gap closing compares the new detections with these positions.
 
 All positions are in voxels of each session's own grid; ``drift`` follows
 :func:`napari_spine_tracker.core.register.estimate_drift` (a point at ``p`` in session 0 is at
@@ -53,20 +60,67 @@ def _assign(sources_um: np.ndarray, targets_um: np.ndarray,
     return sparse_assignment(rows, cols, weights, len(sources_um), len(targets_um), maximize=True)
 
 
-def _local_correction(sources_um: np.ndarray, targets_um: np.ndarray, src: np.ndarray, dst: np.ndarray,
-                      which: np.ndarray, scale_um: float) -> np.ndarray:
-    """(n_which, 3) µm: for each source row selected by ``which``, the Gaussian-weighted mean of
-    the residuals (target - source) of the links ``src -> dst`` within 3 sigma of it; a prior
-    weight of one link at zero residual keeps isolated points where registration put them."""
-    residual = targets_um[dst] - sources_um[src]
-    near = cKDTree(sources_um[which]).sparse_distance_matrix(cKDTree(sources_um[src]), 3 * scale_um,
-                                                             output_type="coo_matrix")
+def _smooth_field(at_um: np.ndarray, samples_um: np.ndarray, values_um: np.ndarray,
+                  scale_um: float) -> np.ndarray:
+    """(len(at_um), 3) µm: at each point, the Gaussian-weighted (sigma ``scale_um``) mean of the
+    ``values_um`` sampled at ``samples_um`` within 3 sigma; a prior weight of one sample at zero
+    keeps isolated points where they are."""
+    total = np.zeros((len(at_um), 3))
+    if len(at_um) == 0 or len(samples_um) == 0:
+        return total
+    near = cKDTree(at_um).sparse_distance_matrix(cKDTree(samples_um), 3 * scale_um, output_type="coo_matrix")
     weights = np.exp(-near.data**2 / (2 * scale_um**2))
-    n = int(which.sum())
-    total = np.zeros((n, 3))
-    np.add.at(total, near.row, weights[:, None] * residual[near.col])
-    weight_sum = np.bincount(near.row, weights=weights, minlength=n)
+    np.add.at(total, near.row, weights[:, None] * values_um[near.col])
+    weight_sum = np.bincount(near.row, weights=weights, minlength=len(at_um))
     return total / (weight_sum[:, None] + 1.0)
+
+
+def _mean_shift(votes: np.ndarray, start: np.ndarray, widths_um: Sequence[float],
+                spatial: np.ndarray | None = None) -> np.ndarray:
+    """The mode of the displacement ``votes`` (n, 3) nearest ``start``: a mean shift with Gaussian
+    kernels of shrinking width, each vote weighted by ``spatial`` (default 1)."""
+    mode = np.asarray(start, float)
+    for width in widths_um:
+        for _ in range(10):
+            w = np.exp(-np.sum((votes - mode) ** 2, axis=1) / (2 * width**2))
+            if spatial is not None:
+                w = w * spatial
+            if w.sum() < 1e-9:
+                return mode
+            new = w @ votes / w.sum()
+            moved = np.linalg.norm(new - mode)
+            mode = new
+            if moved < 1e-3:
+                break
+    return mode
+
+
+def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float,
+                  scale_um: float) -> np.ndarray:
+    """(n_sources, 3) µm: how far each source must move to land on its own target, from the
+    motion of the spines around it.
+
+    Registration of whole images is off by up to ~1 µm when the field moves by several µm and
+    deforms, and a rigid model cannot follow the deformation; the detections say better how the
+    spines moved. Every source-target pair within ``radius_um`` votes with its displacement. The
+    common motion is the densest cluster of all votes (a mean shift from zero: wrong pairs scatter,
+    right ones agree); each source's own motion is then the mode of the votes cast near it
+    (Gaussian weight of sigma ``scale_um`` on the distance), climbed from the common one. Tissue
+    deforms smoothly, so neighbours share their motion. Zero when there are too few pairs.
+    """
+    out = np.zeros((len(sources_um), 3))
+    if len(sources_um) < 3 or len(targets_um) < 3:
+        return out
+    pairs = cKDTree(sources_um).sparse_distance_matrix(cKDTree(targets_um), radius_um, output_type="coo_matrix")
+    if pairs.nnz < 3:
+        return out
+    votes = targets_um[pairs.col] - sources_um[pairs.row]
+    voters = sources_um[pairs.row]
+    common = _mean_shift(votes, np.zeros(3), (1.0, 0.5, 0.3))
+    for i, p in enumerate(sources_um):
+        spatial = np.exp(-np.sum((voters - p) ** 2, axis=1) / (2 * scale_um**2))
+        out[i] = _mean_shift(votes, common, (1.0, 0.5), spatial)
+    return out
 
 
 def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:
@@ -104,10 +158,10 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     gap_gate_growth_um
         The gate grows by this much per missed session when closing a gap.
     local_scale_um
-        Non-rigid correction for detections linked by registration (no displacement): after a
-        first assignment, each such detection's expected position is moved by the Gaussian-weighted
-        (sigma ``local_scale_um``) mean offset of the links around it, and the assignment is
-        redone. Tissue deforms smoothly, so neighbours share their residual motion. None: off.
+        Non-rigid correction of registration (for detections without displacement, and for the
+        ghosts of missed tracks): the motion of the spines within about this distance (Gaussian
+        sigma, µm) is shared. Tissue deforms smoothly, so neighbours move together. None: rigid
+        registration only.
 
     Returns
     -------
@@ -155,6 +209,9 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     track_of_row = np.zeros(len(table), dtype=int)
     # active tracks: provisional key -> row index of its last detection
     last_row: dict[int, int] = {}
+    # tracks missed in the last session(s): key -> expected position (voxels) in the last session's
+    # frame, carried forward with the motion of the spines around it
+    ghost: dict[int, np.ndarray] = {}
     next_key = 1
     for t in range(n_sessions):
         if should_stop is not None and should_stop():
@@ -163,39 +220,54 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         # tracks that can no longer be continued
         for key in [k for k, r in last_row.items() if t_all[r] < t - 1 - max_gap]:
             del last_row[key]
+            ghost.pop(key, None)
         linked = np.zeros(len(rows), dtype=bool)
+        step = drift[t] - drift[t - 1] if t else np.zeros(3)
+        # residual motion of the spines linked frame-to-frame (beyond the rigid step), sampled at
+        # their positions in session t-1: what moves the ghosts
+        field_at, field = np.zeros((0, 3)), np.zeros((0, 3))
 
         # 1. frame-to-frame, to tracks seen in session t-1
         keys = [k for k, r in last_row.items() if t_all[r] == t - 1]
         if keys and len(rows):
-            back = np.where(has_disp[rows, None], pos[rows] + disp[rows],
-                            pos[rows] - (drift[t] - drift[t - 1]))
-            targets = pos[[last_row[k] for k in keys]]
+            rigid = pos[rows] - step
+            targets = pos[[last_row[k] for k in keys]] * scale
             gates = np.full(len(keys), float(gate_um))
-            src, dst = _assign(back * scale, targets * scale, gates)
             by_registration = ~has_disp[rows]
-            if local_scale_um and by_registration.any() and len(src) >= 3:
-                back[by_registration] += _local_correction(
-                    back * scale, targets * scale, src, dst, by_registration, local_scale_um) / scale
-                src, dst = _assign(back * scale, targets * scale, gates)
+            back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid) * scale
+            if local_scale_um and by_registration.any():
+                back[by_registration] += _local_motion(back[by_registration], targets, 2 * gate_um,
+                                                       local_scale_um)
+            src, dst = _assign(back, targets, gates)
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]
                 last_row[keys[j]] = rows[i]
             linked[src] = True
+            field_at, field = targets[dst], targets[dst] - rigid[src] * scale
+        # tracks seen in t-1 and not found now become ghosts at their last position
+        for key in keys:
+            if t_all[last_row[key]] == t - 1:
+                ghost[key] = pos[last_row[key]]
 
-        # 2. gap closing, to tracks last seen in t-2 .. t-1-max_gap, by registration
-        keys = [k for k, r in last_row.items() if t - 1 - max_gap <= t_all[r] <= t - 2]
+        # 2. gap closing, to tracks missed in the last 1..max_gap sessions, at their ghost
+        #    positions moved into session t with the spines around them
+        keys = [k for k in ghost if k in last_row]
         free = np.flatnonzero(~linked)
-        if keys and len(free):
-            last_t = np.array([t_all[last_row[k]] for k in keys])
-            # where each candidate track's last position would be in session t
-            ahead = pos[[last_row[k] for k in keys]] + (drift[t] - drift[last_t])
-            gates = gate_um + gap_gate_growth_um * (t - 1 - last_t)
-            src, dst = _assign(pos[rows[free]] * scale, ahead * scale, gates.astype(float))
-            for i, j in zip(src, dst, strict=True):
-                track_of_row[rows[free[i]]] = keys[j]
-                last_row[keys[j]] = rows[free[i]]
-            linked[free[src]] = True
+        if keys:
+            before = np.array([ghost[k] for k in keys]) * scale
+            moved = before - (_smooth_field(before, field_at, field, local_scale_um) if local_scale_um else 0)
+            ahead = moved / scale + step
+            for k, p in zip(keys, ahead, strict=True):
+                ghost[k] = p
+            if len(free):
+                last_t = np.array([t_all[last_row[k]] for k in keys])
+                gates = gate_um + gap_gate_growth_um * (t - 1 - last_t)
+                src, dst = _assign(pos[rows[free]] * scale, ahead * scale, gates.astype(float))
+                for i, j in zip(src, dst, strict=True):
+                    track_of_row[rows[free[i]]] = keys[j]
+                    last_row[keys[j]] = rows[free[i]]
+                    del ghost[keys[j]]
+                linked[free[src]] = True
 
         # 3. the rest start new tracks
         for i in np.flatnonzero(~linked):
@@ -224,3 +296,4 @@ def _renumber(keys: np.ndarray, t: np.ndarray) -> np.ndarray:
     rank[np.argsort(first)] = np.arange(1, len(first) + 1)
     uniq = np.unique(keys)
     return rank[np.searchsorted(uniq, keys)]
+
