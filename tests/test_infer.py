@@ -188,3 +188,12 @@ def test_cuda_matches_cpu(random_model):
                             random_model.normalization, random_model.decode)
     gpu = predict_series(series, (0.5, 0.1, 0.1), gpu_model)
     assert abs(len(gpu) - len(cpu)) <= max(2, 0.1 * len(cpu))  # bf16 autocast moves a few borderline peaks
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
+def test_percentiles_by_counting_equal_numpy(dtype):
+    from napari_spine_tracker.core.intensity import percentiles
+
+    values = np.random.default_rng(2).integers(0, 3000, (5, 40, 41)).astype(dtype)
+    q = [0, 25, 50, 99.8, 100]
+    np.testing.assert_allclose(percentiles(values, q), np.percentile(values.astype(np.float64), q))

@@ -163,3 +163,37 @@ def test_checkpoint_with_code_refused(tmp_path, capsys):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(InputError, match="no model checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_sparse_peak_decoding_equals_max_pooling():
+    """Peaks found by comparing candidates with their neighbours are those of a dense max-pool."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 1, 6, 20, 24) * 1.5 - 2
+    outputs = {"heatmap": logits, "offset": torch.zeros(2, 3, 6, 20, 24),
+               "displacement": torch.zeros(2, 3, 6, 20, 24), "size": torch.ones(2, 1, 6, 20, 24)}
+    kernel = (3, 5, 5)
+    pooled = torch.nn.functional.max_pool3d(logits, kernel, 1, (1, 2, 2))
+    prob = torch.sigmoid(logits)
+    for b, peaks in enumerate(decode_peaks(outputs, (1, 2, 2), kernel, 0.3)):
+        dense = torch.nonzero((logits[b, 0] == pooled[b, 0]) & (prob[b, 0] >= 0.3)).numpy()
+        expected = (dense + 0.5) * np.array([1, 2, 2]) - 0.5
+        assert len(peaks.score) == len(dense) > 0
+        np.testing.assert_allclose(np.sort(peaks.zyx, axis=0), np.sort(expected, axis=0))
+        assert (peaks.score >= 0.3).all()
+
+
+def test_decoder_skip_addition_equals_upsampling():
+    """The broadcast skip addition (in place in inference) equals nearest upsampling plus add."""
+    from napari_spine_tracker.core.model import _add_upsampled
+
+    fine = torch.randn(2, 4, 8, 12, 16).contiguous(memory_format=torch.channels_last_3d)
+    coarse = torch.randn(2, 4, 4, 6, 8).contiguous(memory_format=torch.channels_last_3d)
+    expected = fine + torch.nn.functional.interpolate(coarse, size=(8, 12, 16), mode="nearest")
+    assert torch.equal(_add_upsampled(fine, coarse), expected)
+    with torch.inference_mode():
+        inplace = fine.clone()
+        assert torch.equal(_add_upsampled(inplace, coarse), expected)
+    # shapes that do not divide fall back to interpolation
+    odd = torch.randn(1, 4, 7, 12, 16)
+    assert torch.equal(_add_upsampled(odd, coarse[:1]),
+                       odd + torch.nn.functional.interpolate(coarse[:1], size=(7, 12, 16), mode="nearest"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,23 +38,37 @@ def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int,
     covers input ``(i + o + 0.5) * stride - 0.5``).
     """
     import torch
-    from torch.nn import functional as F
 
-    prob = torch.sigmoid(outputs["heatmap"].float())
-    pooled = F.max_pool3d(prob, kernel, stride=1, padding=tuple(k // 2 for k in kernel))
-    is_peak = (prob == pooled) & (prob >= threshold)
-    stride_t = torch.tensor(stride, dtype=torch.float32, device=prob.device)
-    result = []
-    for b in range(prob.shape[0]):
-        idx = torch.nonzero(is_peak[b, 0])  # (N, 3)
-        z, y, x = idx.unbind(1)
-        offset = outputs["offset"][b, :, z, y, x].float().T  # (N, 3)
-        zyx = (idx.float() + offset + 0.5) * stride_t - 0.5
-        peaks = Peaks(
-            zyx=zyx.cpu().numpy().astype(np.float64),
-            score=prob[b, 0, z, y, x].cpu().numpy().astype(np.float64),
-            displacement_um=outputs["displacement"][b, :, z, y, x].float().T.cpu().numpy().astype(np.float64),
-            radius_um=outputs["size"][b, 0, z, y, x].float().cpu().numpy().astype(np.float64),
-        )
-        result.append(peaks)
-    return result
+    logits = outputs["heatmap"][:, 0].float()
+    # only voxels above the threshold can be peaks, and they are few: compare each with its
+    # neighbourhood instead of max-pooling the whole volume (10-20x faster on CPU). On logits,
+    # since the sigmoid is monotonic; probabilities are computed at the peaks only.
+    candidates = torch.nonzero(logits >= _logit(threshold))  # (N, 4): b, z, y, x
+    b, z, y, x = candidates.unbind(1)
+    value = logits[b, z, y, x]
+    half = [k // 2 for k in kernel]
+    padded = torch.nn.functional.pad(logits, (half[2], half[2], half[1], half[1], half[0], half[0]),
+                                     value=float("-inf"))
+    is_peak = torch.ones_like(value, dtype=torch.bool)
+    for dz, dy, dx in itertools.product(*(range(k) for k in kernel)):
+        is_peak &= padded[b, z + dz, y + dy, x + dx] <= value
+    b, z, y, x = candidates[is_peak].unbind(1)
+    stride_t = torch.tensor(stride, dtype=torch.float32, device=logits.device)
+    zyx = (torch.stack([z, y, x], 1).float() + outputs["offset"][b, :, z, y, x].float() + 0.5) * stride_t - 0.5
+    columns = {
+        "zyx": zyx,
+        "score": torch.sigmoid(logits[b, z, y, x]),
+        "displacement_um": outputs["displacement"][b, :, z, y, x].float(),
+        "radius_um": outputs["size"][b, 0, z, y, x].float(),
+    }
+    columns = {name: value.cpu().numpy().astype(np.float64) for name, value in columns.items()}
+    item = b.cpu().numpy()
+    return [Peaks(**{name: value[item == i] for name, value in columns.items()}) for i in range(logits.shape[0])]
+
+
+def _logit(probability: float) -> float:
+    """The logit of a threshold probability (-inf for 0, +inf for 1)."""
+    p = min(max(float(probability), 0.0), 1.0)
+    if p in (0.0, 1.0):
+        return float("-inf") if p == 0.0 else float("inf")
+    return float(np.log(p / (1.0 - p)))

@@ -179,6 +179,7 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     model_vox = np.asarray(model.voxel_size_um)
 
     chunk = options.session_chunk or _default_chunk(device)
+    chunk = math.ceil(t_count / math.ceil(t_count / chunk))  # equal chunks: 6 sessions run as 3 + 3, not 4 + 2
     rows: list[np.ndarray] = []
     total, done = len(plan.tiles) * t_count, 0
     for first in range(0, len(plan.tiles), batch_size):

@@ -33,13 +33,28 @@ def sample_planes(volume, max_voxels: int = 4_000_000) -> np.ndarray:
 
 def session_range(volume, normalization: dict[str, Any] = DEFAULT_NORMALIZATION) -> tuple[float, float]:
     """(background, bright) of one session, per the module docstring. ``volume``: (Z, Y, X)."""
-    sample = sample_planes(volume).astype(np.float32, copy=False)
-    low, high = np.percentile(sample, [normalization["low_pct"], normalization["high_pct"]])
-    below = sample[sample <= low]
-    # robust noise sigma of the background from the spread below the median (MAD of the lower half)
-    noise = float(np.median(low - below)) * 1.4826 if below.size else 0.0
+    sample = sample_planes(volume)
+    # robust noise sigma of the background from the spread below the background level (the MAD of
+    # the voxels below it: the distance from that level to their median, the percentile half way)
+    low_pct = normalization["low_pct"]
+    half, low, high = percentiles(sample, [low_pct / 2, low_pct, normalization["high_pct"]])
+    noise = float(low - half) * 1.4826
     high = max(float(high), float(low) + normalization["min_snr"] * max(noise, 1e-3), float(low) + 1.0)
     return float(low), high
+
+
+def percentiles(values: np.ndarray, q) -> np.ndarray:
+    """``np.percentile(values, q)`` (linear interpolation), by counting for whole numbers (camera
+    data: 5x faster than sorting) and by ``np.percentile`` otherwise."""
+    values = np.asarray(values)
+    q = np.asarray(q, dtype=np.float64)
+    if values.dtype.kind not in "ui" or values.size == 0 or values.min() < 0 or values.max() >= 2**24:
+        return np.percentile(values.astype(np.float32, copy=False), q)
+    cumulative = np.cumsum(np.bincount(values.ravel()))
+    rank = q / 100.0 * (values.size - 1)
+    lower, upper = (np.searchsorted(cumulative, np.floor(rank), side="right"),
+                    np.searchsorted(cumulative, np.ceil(rank), side="right"))
+    return lower + (rank - np.floor(rank)) * (upper - lower)
 
 
 def normalize(block: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarray:

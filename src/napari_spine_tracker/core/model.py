@@ -81,7 +81,11 @@ class ResNeXtBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.expand(self.grouped(self.reduce(x))) + self.shortcut(x), inplace=True)
+        out = self.expand(self.grouped(self.reduce(x)))
+        if torch.is_grad_enabled():
+            return F.relu(out + self.shortcut(x), inplace=True)
+        out += self.shortcut(x)  # inference: no new tensor (memory traffic is a third of CPU time)
+        return out.relu_()
 
 
 class ConvLSTMCell(nn.Module):
@@ -162,7 +166,8 @@ class SpineNet(nn.Module):
         b, k = x.shape[:2]
         first = x[:, :1] if previous is None else previous[:, None]
         prev = torch.cat([first, x[:, :-1]], dim=1)
-        pair = torch.cat([x, prev], dim=2).flatten(0, 1).contiguous(memory_format=torch.channels_last_3d)
+        # (B*K, 2, Z, Y, X) with channels-last memory, in one copy
+        pair = torch.stack([x[:, :, 0], prev[:, :, 0]], dim=-1).flatten(0, 1).permute(0, 4, 1, 2, 3)
         feats = [self.stem(pair)]
         for down in self.down:
             feats.append(down(feats[-1]))
@@ -175,8 +180,7 @@ class SpineNet(nn.Module):
                 hidden.append(h)
             y = torch.stack(hidden, dim=1).flatten(0, 1)
         for i in reversed(range(len(self.down))):
-            y = F.interpolate(self.lateral[i](y), size=feats[i].shape[2:], mode="nearest")
-            y = self.up[i](y + feats[i])
+            y = self.up[i](_add_upsampled(feats[i], self.lateral[i](y)))
         trunk = self.head_trunk(y)
         return {name: head(trunk).unflatten(0, (b, k)) for name, head in self.heads.items()}, state
 
@@ -185,6 +189,26 @@ class SpineNet(nn.Module):
         if x.ndim != 6:
             raise ValueError(f"expected (B, T, 1, Z, Y, X), got shape {tuple(x.shape)}")
         return self.forward_sessions(x)[0]
+
+
+def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``fine + nearest-upsampled coarse`` (both (N, C, Z, Y, X), channels-last memory).
+
+    The upsampled tensor is never built: ``coarse`` is broadcast over each block of ``fine`` it
+    covers (in inference, added in place). Upsampling and adding were a fifth of the CPU time.
+    """
+    n, c, z, y, x = fine.shape
+    factors = [f // k for f, k in zip(fine.shape[2:], coarse.shape[2:])]
+    last = fine.permute(0, 2, 3, 4, 1)  # a view of channels-last memory
+    if [f * k for f, k in zip(factors, coarse.shape[2:])] != [z, y, x] or not last.is_contiguous():
+        return fine + F.interpolate(coarse, size=(z, y, x), mode="nearest")
+    blocks = last.view(n, z // factors[0], factors[0], y // factors[1], factors[1],
+                                              x // factors[2], factors[2], c)
+    spread = coarse.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
+    if torch.is_grad_enabled():
+        return (blocks + spread).view(n, z, y, x, c).permute(0, 4, 1, 2, 3)
+    blocks += spread
+    return fine
 
 
 def fuse_for_inference(net: SpineNet) -> SpineNet:
