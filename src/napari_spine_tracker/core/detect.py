@@ -48,7 +48,7 @@ def _as_series(series, voxel_size_um):
 
 def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   model: str | LoadedModel = DEFAULT_MODEL, device: str = "auto",
-                  threshold: float | None = None, register: bool = True, gate_um: float = 1.5,
+                  threshold: float | None = None, register: bool = True, gate_um: float = 1.2,
                   max_gap: int = 2, options: InferenceOptions | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
