@@ -207,3 +207,26 @@ def test_broken_files_of_an_item(good_set):
 def test_name_defaults_to_image_stem_for_foreign_manifests(good_set):
     _edit_item(good_set, 0, name=None)
     assert [i.name for i in read_training_set(good_set)] == ["a", "b"]
+
+
+def _append_several(folder, prefix, count):
+    rng = np.random.default_rng(len(prefix))
+    for i in range(count):
+        append_training_item(folder, f"{prefix}{i}", _image(rng), _spines(), VOXEL, [0])
+
+
+def test_concurrent_appends_from_two_processes_keep_every_item(tmp_path):
+    """Two writers (two napari windows exporting to one set) each add items; none is lost from
+    the manifest, which each writer reads, extends and replaces under the set's lock file."""
+    import multiprocessing
+
+    folder = tmp_path / "set"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_several, args=(folder, prefix, 6)) for prefix in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    names = sorted(item.name for item in read_training_set(folder))
+    assert names == sorted(f"{p}{i}" for p in "ab" for i in range(6))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 from ..errors import InputError
 from .atomic import atomic_open
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "spine-trainset/1"
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
 _NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 _UINT16_MAX = 65535
 
@@ -153,19 +155,22 @@ def append_training_item(folder: str | os.PathLike, name: str, image: np.ndarray
     reviewed = _check_reviewed(reviewed_sessions, n_sessions, f"training item {name!r}")
     table = validate_spine_table(spines, source=f"training item {name!r}: spine table")
     _check_spines_fit(table, tuple(int(n) for n in image.shape), f"training item {name!r}")
-    manifest = (_read_manifest(folder) if (folder / MANIFEST).exists()
-                else {"schema": SCHEMA, "items": []})
-
     image_rel, spines_rel = f"images/{name}.tif", f"spines/{name}.csv"
-    write_series_tiff(folder / image_rel, _to_uint16(image, name), voxel)
-    write_spine_table(table, folder / spines_rel)
     entry = {"name": name, "image": image_rel, "spines": spines_rel, "voxel_size_um": list(voxel),
              "reviewed_sessions": reviewed}
-    items = [e for e in manifest["items"] if _item_name(e) != name]
-    replaced = len(items) < len(manifest["items"])
-    manifest["items"] = [*items, entry]
-    with atomic_open(folder / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    # one writer at a time (two napari windows, or a script beside the widget, exporting to one
+    # set): the manifest is read, the files written and the manifest replaced under a lock file
+    with FileLock(folder / LOCK):
+        manifest = (_read_manifest(folder) if (folder / MANIFEST).exists()
+                    else {"schema": SCHEMA, "items": []})
+        write_series_tiff(folder / image_rel, _to_uint16(image, name), voxel)
+        write_spine_table(table, folder / spines_rel)
+        items = [e for e in manifest["items"] if _item_name(e) != name]
+        replaced = len(items) < len(manifest["items"])
+        manifest["items"] = [*items, entry]
+        with atomic_open(folder / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
     log.info("%s training item %r in %s (%d sessions, %d reviewed, %d spine points)",
              "replaced" if replaced else "added", name, folder, n_sessions, len(reviewed), len(table))
     return TrainingItem(name, (folder / image_rel).resolve(), (folder / spines_rel).resolve(), voxel,
