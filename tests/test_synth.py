@@ -205,7 +205,8 @@ def test_head_sizes_change_between_sessions(series):
 
 
 def test_preset_names_and_errors():
-    for name in ("default", "large_drift", "low_snr", "crowded", "tiny", "sample", "other_microscope"):
+    for name in ("default", "large_drift", "low_snr", "crowded", "tiny", "sample", "other_microscope",
+                 "second_microscope"):
         assert name in PRESETS
         assert SynthConfig.preset(name, seed=1).seed == 1
     assert SynthConfig.preset("tiny").shape == (12, 64, 64)
@@ -223,7 +224,7 @@ def test_preset_names_and_errors():
     assert SynthConfig(shape=[4, 32, 32]).shape == (4, 32, 32)   # lists (from JSON) become tuples
 
 
-@pytest.mark.parametrize("name", ["tiny", "other_microscope"])
+@pytest.mark.parametrize("name", ["tiny", "other_microscope", "second_microscope"])
 def test_presets_render(name):
     cfg = SynthConfig.preset(name, seed=2, sessions=2)
     series = synthesize_series(cfg)

@@ -240,8 +240,8 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             by_registration = ~has_disp[rows]
             back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid) * scale
             if local_scale_um and by_registration.any():
-                back[by_registration] += _local_motion(back[by_registration], targets, max(MOTION_SEARCH_UM, 2 * gate_um),
-                                                       local_scale_um)
+                search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
+                back[by_registration] += _local_motion(back[by_registration], targets, search_um, local_scale_um)
             src, dst = _assign(back, targets, gates)
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]

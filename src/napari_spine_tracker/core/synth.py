@@ -183,6 +183,15 @@ PRESETS: dict[str, dict] = {
         offset_adu=1500.0, brightness_photons=400.0, background_photons=20.0, haze_fraction=0.7,
         shaft_radius_um_range=(1.3, 1.6), head_radius_um_range=(0.8, 1.1), neck_length_um_range=(0.0, 0.4),
         spine_density_per_um=2.5, spine_kind_fractions=(0.0, 0.5, 0.5, 0.0)),
+    # A second lab's two-photon microscope, different where such setups differ: 1 µm z steps, a
+    # lower-NA PSF, a noisier detector with a high offset (outside the training ranges), dimmer
+    # signal on more background, bigger heads on shorter necks, denser spines.
+    "second_microscope": dict(
+        voxel_size_um=(1.0, 0.22, 0.22), shape=(20, 128, 128), psf_fwhm_xy_um=0.65, psf_fwhm_z_um=3.5,
+        gain_adu_per_photon=20.0, pmt_gain_cv=0.2, noise_smoothing_px=0.0, read_noise_adu=25.0,
+        offset_adu=1000.0, brightness_photons=30.0, background_photons=3.0, haze_fraction=0.3,
+        head_radius_um_range=(0.4, 0.7), neck_length_um_range=(0.1, 0.8), spine_density_per_um=1.5,
+        spine_kind_fractions=(0.1, 0.45, 0.45, 0.0)),
 }
 
 
