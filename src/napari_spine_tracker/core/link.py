@@ -120,9 +120,14 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     votes = targets_um[pairs.col] - sources_um[pairs.row]
     voters = sources_um[pairs.row]
     common = _mean_shift(votes, np.zeros(3), (1.0, 0.5, 0.3))
-    for i, p in enumerate(sources_um):
-        spatial = np.exp(-np.sum((voters - p) ** 2, axis=1) / (2 * scale_um**2))
-        out[i] = _mean_shift(votes, common, (1.0, 0.5), spatial)
+    # each source hears the votes cast within 3 sigma of it (the rest weigh < 1 %)
+    near = cKDTree(voters).query_ball_point(sources_um, 3 * scale_um)
+    for i, (p, heard) in enumerate(zip(sources_um, near, strict=True)):
+        if not heard:
+            out[i] = common
+            continue
+        spatial = np.exp(-np.sum((voters[heard] - p) ** 2, axis=1) / (2 * scale_um**2))
+        out[i] = _mean_shift(votes[heard], common, (1.0, 0.5), spatial)
     return out
 
 
