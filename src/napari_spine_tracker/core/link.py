@@ -78,20 +78,23 @@ def _smooth_field(at_um: np.ndarray, samples_um: np.ndarray, values_um: np.ndarr
     return total / (weight_sum[:, None] + 1.0)
 
 
-def _mean_shift(votes: np.ndarray, start: np.ndarray, widths_um: Sequence[float],
-                spatial: np.ndarray | None = None) -> np.ndarray:
-    """The mode of the displacement ``votes`` (n, 3) nearest ``start``: a mean shift with Gaussian
-    kernels of shrinking width, each vote weighted by ``spatial`` (default 1)."""
-    mode = np.asarray(start, float)
+def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
+                widths_um: Sequence[float]) -> np.ndarray:
+    """Modes of weighted displacement votes, for many points at once.
+
+    ``votes`` (n, m, 3) µm and ``weights`` (n, m) (zero for a missing vote): point i's mode is
+    climbed from ``start[i]`` by a mean shift with Gaussian kernels of shrinking width; a point
+    whose kernel holds no weight keeps its start.
+    """
+    mode = np.array(start, dtype=float)
     for width in widths_um:
         for _ in range(10):
-            w = np.exp(-np.sum((votes - mode) ** 2, axis=1) / (2 * width**2))
-            if spatial is not None:
-                w = w * spatial
-            if w.sum() < 1e-9:
-                return mode
-            new = w @ votes / w.sum()
-            moved = np.linalg.norm(new - mode)
+            w = weights * np.exp(-np.sum((votes - mode[:, None]) ** 2, axis=2) / (2 * width**2))
+            total = w.sum(axis=1)
+            heard = total > 1e-9
+            new = mode.copy()
+            new[heard] = np.einsum("nm,nmk->nk", w[heard], votes[heard]) / total[heard, None]
+            moved = np.abs(new - mode).max() if len(mode) else 0.0
             mode = new
             if moved < 1e-3:
                 break
@@ -99,36 +102,41 @@ def _mean_shift(votes: np.ndarray, start: np.ndarray, widths_um: Sequence[float]
 
 
 def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float,
-                  scale_um: float) -> np.ndarray:
+                  scale_um: float, votes_per_source: int = 12, neighbours: int = 32) -> np.ndarray:
     """(n_sources, 3) µm: how far each source must move to land on its own target, from the
     motion of the spines around it.
 
     Registration of whole images is off by up to ~1 µm when the field moves by several µm and
     deforms, and a rigid model cannot follow the deformation; the detections say better how the
-    spines moved. Every source-target pair within ``radius_um`` votes with its displacement. The
-    common motion is the densest cluster of all votes (a mean shift from zero: wrong pairs scatter,
-    right ones agree); each source's own motion is then the mode of the votes cast near it
-    (Gaussian weight of sigma ``scale_um`` on the distance), climbed from the common one. Tissue
-    deforms smoothly, so neighbours share their motion. Zero when there are too few pairs.
+    spines moved. Each source votes with its displacements to its nearest targets within
+    ``radius_um``. The common motion is the densest cluster of all votes (a mean shift from zero:
+    wrong pairs scatter, right ones agree); each source's own motion is then the mode of the votes
+    of its nearest sources within 3 ``scale_um`` (Gaussian weight of sigma ``scale_um`` on their
+    distance), climbed from the common one. Tissue deforms smoothly, so neighbours share their
+    motion. The numbers of votes and neighbours are capped, so the cost stays linear in the
+    number of detections however dense they are. Zero when there are too few pairs.
     """
-    out = np.zeros((len(sources_um), 3))
-    if len(sources_um) < 3 or len(targets_um) < 3:
-        return out
-    pairs = cKDTree(sources_um).sparse_distance_matrix(cKDTree(targets_um), radius_um, output_type="coo_matrix")
-    if pairs.nnz < 3:
-        return out
-    votes = targets_um[pairs.col] - sources_um[pairs.row]
-    voters = sources_um[pairs.row]
-    common = _mean_shift(votes, np.zeros(3), (1.0, 0.5, 0.3))
-    # each source hears the votes cast within 3 sigma of it (the rest weigh < 1 %)
-    near = cKDTree(voters).query_ball_point(sources_um, 3 * scale_um)
-    for i, (p, heard) in enumerate(zip(sources_um, near, strict=True)):
-        if not heard:
-            out[i] = common
-            continue
-        spatial = np.exp(-np.sum((voters[heard] - p) ** 2, axis=1) / (2 * scale_um**2))
-        out[i] = _mean_shift(votes[heard], common, (1.0, 0.5), spatial)
-    return out
+    n = len(sources_um)
+    if n < 3 or len(targets_um) < 3:
+        return np.zeros((n, 3))
+    k = min(votes_per_source, len(targets_um))
+    dist, idx = cKDTree(targets_um).query(sources_um, k=k, distance_upper_bound=radius_um)
+    dist, idx = dist.reshape(n, k), idx.reshape(n, k)
+    valid = np.isfinite(dist)
+    if valid.sum() < 3:
+        return np.zeros((n, 3))
+    votes = targets_um[np.minimum(idx, len(targets_um) - 1)] - sources_um[:, None]  # (n, k, 3)
+    flat = votes[valid][None]
+    common = _mean_shift(flat, np.ones(flat.shape[:2]), np.zeros((1, 3)), (1.0, 0.5, 0.3))[0]
+    m = min(neighbours, n)
+    near_dist, near = cKDTree(sources_um).query(sources_um, k=m, distance_upper_bound=3 * scale_um)
+    near_dist, near = near_dist.reshape(n, m), near.reshape(n, m)
+    found = np.isfinite(near_dist)
+    near = np.where(found, near, 0)
+    spatial = np.where(found, np.exp(-np.where(found, near_dist, 0.0) ** 2 / (2 * scale_um**2)), 0.0)
+    heard_votes = votes[near].reshape(n, m * k, 3)
+    heard_weights = (spatial[:, :, None] * valid[near]).reshape(n, m * k)
+    return _mean_shift(heard_votes, heard_weights, np.repeat(common[None], n, axis=0), (1.0, 0.5))
 
 
 def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:
