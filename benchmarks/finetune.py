@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--minutes", type=float, help="fine-tuning budget (default: the train command's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the train command's)")
+    parser.add_argument("--synthetic-fraction", type=float,
+                        help="share of synthetic replay batches (default: the train command's)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log training and validation")
     parser.add_argument("--sessions", type=int, default=8, help="sessions of the other microscope's series")
     parser.add_argument("--labelled", type=int, default=3, help="first sessions given as corrections")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         out = Path(tmp) / "finetuned.pt"
         started = time.perf_counter()
         train_model(TrainOptions(out=out, datasets=[folder], init=args.model, device=args.device,
-                                 minutes=args.minutes, lr=args.lr,
+                                 minutes=args.minutes, lr=args.lr, synthetic_fraction=args.synthetic_fraction,
                                  command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):

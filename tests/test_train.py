@@ -83,3 +83,19 @@ def test_training_set_without_reviewed_sessions_is_refused(tmp_path):
     append_training_item(tmp_path / "set", "a", synth.image, synth.truth, synth.voxel_size_um, reviewed_sessions=[])
     with pytest.raises(InputError, match="no reviewed session"):
         train_model(tiny_options(tmp_path / "m.pt", datasets=[tmp_path / "set"]))
+
+
+def test_fine_tuning_selection_penalises_forgetting():
+    from napari_spine_tracker.core.train import FORGETTING_TOLERANCE, selection_score
+
+    def result(synthetic, user):
+        cases = [{"case": "default-1500", "f1": synthetic, "idf1": synthetic},
+                 {"case": "user:set/a", "f1": user, "idf1": user}]
+        return {"score": (synthetic + user) / 2, "cases": cases}
+
+    # from scratch (no baseline): the mean over all cases
+    assert selection_score(result(0.9, 0.5), None) == pytest.approx(0.7)
+    # fine-tuning: the user's score while the synthetic one stays within the tolerance ...
+    assert selection_score(result(0.9 - FORGETTING_TOLERANCE, 0.6), 0.9) == pytest.approx(0.6)
+    # ... and a checkpoint that gained on the user's data by forgetting more ranks below one that did not
+    assert selection_score(result(0.84, 0.7), 0.9) < selection_score(result(0.89, 0.6), 0.9)

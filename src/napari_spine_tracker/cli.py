@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realistic-fraction", type=float,
                    help="share of synthetic series from the realistic presets rather than fully randomised (0.5)")
     p.add_argument("--synthetic-fraction", type=float,
-                   help="share of batches from the synthetic engine when training sets are given (default 0.3)")
+                   help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume from --out if it holds a run in progress")

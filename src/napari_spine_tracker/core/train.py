@@ -60,7 +60,7 @@ class TrainOptions:
     val_every: int = 250
     pool_size: int = 24
     pool_refresh_every: int = 8
-    synthetic_fraction: float | None = None  # None: 1.0 from scratch, 0.3 when fine-tuning
+    synthetic_fraction: float | None = None  # None: 1.0 from scratch, 0.5 when fine-tuning (replay)
     realistic_fraction: float = 0.5  # of the synthetic series: from the realistic presets
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
@@ -260,19 +260,42 @@ def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS) -> dict[str
             results[(thr, use_displacement)].append(
                 {"case": name, **{k: scores[k] for k in ("f1", "idf1", "precision", "recall")}})
 
-    def quality(rows):
-        return float(np.mean([(r["f1"] + r["idf1"]) / 2 for r in rows])) if rows else 0.0
-
-    threshold, use_displacement = max(choices, key=lambda choice: quality(results[choice]))
+    threshold, use_displacement = max(choices, key=lambda choice: _quality(results[choice]))
     rows = results[(threshold, use_displacement)]
     return {
         "threshold": threshold,
         "use_displacement": use_displacement,
-        "score": quality(rows),
+        "score": _quality(rows),
         "f1": float(np.mean([r["f1"] for r in rows])) if rows else 0.0,
         "idf1": float(np.mean([r["idf1"] for r in rows])) if rows else 0.0,
         "cases": rows,
     }
+
+
+#: fine-tuning may cost this much of the initial model's synthetic validation score (mean of F1
+#: and IDF1) before a checkpoint counts as forgetting
+FORGETTING_TOLERANCE = 0.02
+
+
+def selection_score(result: dict[str, Any], synthetic_baseline: float | None) -> float:
+    """How a validation ``result`` ranks checkpoints.
+
+    From scratch (no baseline): the mean score over all cases. Fine-tuning (``synthetic_baseline``
+    is the initial model's score on the synthetic cases): the score on the user's held-out
+    sessions, less ten times whatever the synthetic score fell beyond
+    :data:`FORGETTING_TOLERANCE` below the baseline, so a checkpoint that learned the user's
+    microscope by forgetting the rest loses to one that did not.
+    """
+    user = [r for r in result["cases"] if str(r["case"]).startswith("user:")]
+    synthetic = [r for r in result["cases"] if not str(r["case"]).startswith("user:")]
+    if synthetic_baseline is None or not user or not synthetic:
+        return float(result["score"])
+    forgotten = max(0.0, synthetic_baseline - FORGETTING_TOLERANCE - _quality(synthetic))
+    return _quality(user) - 10.0 * forgotten
+
+
+def _quality(rows) -> float:
+    return float(np.mean([(r["f1"] + r["idf1"]) / 2 for r in rows])) if rows else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +378,7 @@ class _Run:
         self.lr = options.lr or (3e-4 if options.init else 2e-3)
         self.warmup = 50 if options.init else 200
         fraction = options.synthetic_fraction
-        self.synthetic_fraction = fraction if fraction is not None else (0.3 if options.datasets else 1.0)
+        self.synthetic_fraction = fraction if fraction is not None else (0.5 if options.datasets else 1.0)
 
         self.user_train, user_val = ([], [])
         if options.datasets:
@@ -379,6 +402,7 @@ class _Run:
         self.step, self.best, self.history = 0, None, []
         self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
         self.prior_minutes = 0.0  # spent before a resume: budgets and records count the whole run
+        self.synthetic_baseline = None  # fine-tuning: the initial model's synthetic validation score
         self.resume_file = _resume_path(self.out)
         if options.resume and self.resume_file.exists():
             state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
@@ -386,6 +410,7 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
             self.prior_minutes = float(state.get("minutes", 0.0))
+            self.synthetic_baseline = state.get("synthetic_baseline")
             self.validated_step = self.step  # the resume file is written when a step is validated
             log.info("resumed at step %d from %s", self.step, self.resume_file)
         self.forward = self.dist.wrap(self.net)
@@ -443,7 +468,24 @@ class _Run:
         cancelled, done = self.dist.any(cancelled), self.dist.any(done)
         return cancelled or done, cancelled
 
+    def measure_baseline(self) -> None:
+        """Fine-tuning with held-out user sessions: score the initial model on the synthetic
+        validation cases, the level that checkpoints must keep (see :func:`selection_score`)."""
+        from .models import LoadedModel
+
+        synthetic = [case for case in self.val_cases if not case[0].startswith("user:")]
+        if not (self.rank0 and self.options.init and synthetic and len(synthetic) < len(self.val_cases)):
+            return
+        self.net.eval()
+        result = validate(LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode),
+                          synthetic)
+        self.synthetic_baseline = float(result["score"])
+        log.info("initial model: synthetic validation F1 %.3f IDF1 %.3f; checkpoints must stay within %.2f",
+                 result["f1"], result["idf1"], FORGETTING_TOLERANCE)
+
     def loop(self) -> None:
+        if self.synthetic_baseline is None and self.step == 0:
+            self.measure_baseline()
         first_step, recent, loop_started = self.step, [], time.monotonic()
         self.net.train()
         while True:
@@ -492,20 +534,22 @@ class _Run:
             loaded = LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode)
             result = validate(loaded, self.val_cases)
             self.net.train()
+            score = selection_score(result, self.synthetic_baseline)
             self.history.append({"step": self.step, "f1": result["f1"], "idf1": result["idf1"],
-                                 "score": result["score"], "minutes": self.elapsed_minutes()})
+                                 "score": score, "minutes": self.elapsed_minutes()})
             log.info("step %d: validation F1 %.3f IDF1 %.3f (threshold %.2f)", self.step, result["f1"],
                      result["idf1"], result["threshold"])
             if self.on_log is not None:
                 self.on_log({"step": self.step, "validation": result})
-            if self.best is None or result["score"] > self.best["score"]:
-                self.best = {"score": result["score"], "step": self.step}
+            if self.best is None or score > self.best["score"]:
+                self.best = {"score": score, "step": self.step}
                 checkpoint = self.snapshot(result)
                 save_checkpoint(self.out, checkpoint)
                 _write_sidecar(self.out, checkpoint)
             torch.save({"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "step": self.step, "best": self.best, "history": self.history,
-                        "minutes": self.elapsed_minutes()}, self.resume_file)
+                        "minutes": self.elapsed_minutes(), "synthetic_baseline": self.synthetic_baseline},
+                       self.resume_file)
         self.validated_step = self.step
         self.dist.barrier()
 
@@ -533,6 +577,7 @@ class _Run:
                                    f"{options.realistic_fraction} SynthConfig.preset(one of {REALISTIC_PRESETS}, n)",
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
+                "synthetic_baseline": self.synthetic_baseline,
                 "history": list(self.history),
                 "hardware": _hardware(self.device),
                 "minutes": self.elapsed_minutes(),
