@@ -99,3 +99,9 @@ def test_fine_tuning_selection_penalises_forgetting():
     assert selection_score(result(0.9 - FORGETTING_TOLERANCE, 0.6), 0.9) == pytest.approx(0.6)
     # ... and a checkpoint that gained on the user's data by forgetting more ranks below one that did not
     assert selection_score(result(0.84, 0.7), 0.9) < selection_score(result(0.89, 0.6), 0.9)
+
+
+def test_fine_tuning_validates_more_often(tmp_path):
+    assert TrainOptions(out=tmp_path / "a.pt").validation_interval == 250
+    assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth").validation_interval == 100
+    assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth", val_every=7).validation_interval == 7

@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-um", type=float,
                    help="registration error simulated between a patch's sessions, µm per axis (default 0.4)")
     p.add_argument("--pool-size", type=int, help="synthetic series kept in memory (default 24)")
-    p.add_argument("--val-every", type=int, help="validate (and keep the best model) every N steps")
+    p.add_argument("--val-every", type=int,
+                   help="validate (and keep the best model) every N steps (default 250; 100 when fine-tuning)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 from scratch, 3e-4 fine-tuning)")
     p.add_argument("--realistic-fraction", type=float,
                    help="share of synthetic series from the realistic presets rather than fully randomised (0.5)")

@@ -413,7 +413,7 @@ class TrainWidget(CancellableRun, QWidget):
             return False
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self._last_step, self._val_every = 0, int(options.val_every)
+        self._last_step, self._val_every = 0, options.validation_interval
         self._validations = []
         self._started = time.monotonic()
         self.plot.clear()
