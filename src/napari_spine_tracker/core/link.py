@@ -268,7 +268,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
 
         # 2. gap closing, to tracks missed in the last 1..max_gap sessions, at their ghost
         #    positions moved into session t with the spines around them
-        keys = [k for k in ghost if k in last_row]
+        keys = list(ghost)  # a ghost is dropped with its track, so every ghost is active
         free = np.flatnonzero(~linked)
         if keys:
             before = np.array([ghost[k] for k in keys]) * scale
@@ -313,4 +313,3 @@ def _renumber(keys: np.ndarray, t: np.ndarray) -> np.ndarray:
     rank[np.argsort(first)] = np.arange(1, len(first) + 1)
     uniq = np.unique(keys)
     return rank[np.searchsorted(uniq, keys)]
-

@@ -202,8 +202,7 @@ def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     last = fine.permute(0, 2, 3, 4, 1)  # a view of channels-last memory
     if [f * k for f, k in zip(factors, coarse.shape[2:])] != [z, y, x] or not last.is_contiguous():
         return fine + F.interpolate(coarse, size=(z, y, x), mode="nearest")
-    blocks = last.view(n, z // factors[0], factors[0], y // factors[1], factors[1],
-                                              x // factors[2], factors[2], c)
+    blocks = last.view(n, z // factors[0], factors[0], y // factors[1], factors[1], x // factors[2], factors[2], c)
     spread = coarse.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
     if torch.is_grad_enabled():
         return (blocks + spread).view(n, z, y, x, c).permute(0, 4, 1, 2, 3)

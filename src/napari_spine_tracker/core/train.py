@@ -294,12 +294,17 @@ def selection_score(result: dict[str, Any], synthetic_baseline: float | None) ->
     :data:`FORGETTING_TOLERANCE` below the baseline, so a checkpoint that learned the user's
     microscope by forgetting the rest loses to one that did not.
     """
-    user = [r for r in result["cases"] if str(r["case"]).startswith("user:")]
-    synthetic = [r for r in result["cases"] if not str(r["case"]).startswith("user:")]
+    user = [r for r in result["cases"] if _is_user_case(r["case"])]
+    synthetic = [r for r in result["cases"] if not _is_user_case(r["case"])]
     if synthetic_baseline is None or not user or not synthetic:
         return float(result["score"])
     forgotten = max(0.0, synthetic_baseline - FORGETTING_TOLERANCE - _quality(synthetic))
     return _quality(user) - 10.0 * forgotten
+
+
+def _is_user_case(name) -> bool:
+    """Validation cases named ``user:...`` are held-out sessions of the user's training sets."""
+    return str(name).startswith("user:")
 
 
 def _quality(rows) -> float:
@@ -476,17 +481,20 @@ class _Run:
         cancelled, done = self.dist.any(cancelled), self.dist.any(done)
         return cancelled or done, cancelled
 
+    def loaded(self):
+        """The network being trained, with its grid, normalisation and decoding, as a model to detect with."""
+        from .models import LoadedModel
+
+        return LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode)
+
     def measure_baseline(self) -> None:
         """Fine-tuning with held-out user sessions: score the initial model on the synthetic
         validation cases, the level that checkpoints must keep (see :func:`selection_score`)."""
-        from .models import LoadedModel
-
-        synthetic = [case for case in self.val_cases if not case[0].startswith("user:")]
+        synthetic = [case for case in self.val_cases if not _is_user_case(case[0])]
         if not (self.rank0 and self.options.init and synthetic and len(synthetic) < len(self.val_cases)):
             return
         self.net.eval()
-        result = validate(LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode),
-                          synthetic)
+        result = validate(self.loaded(), synthetic)
         self.synthetic_baseline = float(result["score"])
         log.info("initial model: synthetic validation F1 %.3f IDF1 %.3f; checkpoints must stay within %.2f",
                  result["f1"], result["idf1"], FORGETTING_TOLERANCE)
@@ -535,12 +543,10 @@ class _Run:
         import torch
 
         from ..io.checkpoint import save_checkpoint
-        from .models import LoadedModel
 
         if self.rank0:
             self.net.eval()
-            loaded = LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode)
-            result = validate(loaded, self.val_cases)
+            result = validate(self.loaded(), self.val_cases)
             self.net.train()
             score = selection_score(result, self.synthetic_baseline)
             self.history.append({"step": self.step, "f1": result["f1"], "idf1": result["idf1"],
