@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the train command's)")
     parser.add_argument("--synthetic-fraction", type=float,
                         help="share of synthetic replay batches (default: the train command's)")
+    parser.add_argument("--workers", type=int, help="batch-preparing processes (default: the train command's)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log training and validation")
     parser.add_argument("--sessions", type=int, default=8, help="sessions of the other microscope's series")
     parser.add_argument("--labelled", type=int, default=3, help="first sessions given as corrections")
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         train_model(TrainOptions(out=out, datasets=[folder], init=args.model, device=args.device,
                                  minutes=args.minutes, lr=args.lr, synthetic_fraction=args.synthetic_fraction,
+                                 workers=args.workers,
                                  command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):

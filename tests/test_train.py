@@ -105,3 +105,71 @@ def test_fine_tuning_validates_more_often(tmp_path):
     assert TrainOptions(out=tmp_path / "a.pt").validation_interval == 250
     assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth").validation_interval == 100
     assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth", val_every=7).validation_interval == 7
+
+
+def _source_spec(**changes):
+    from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION
+    from napari_spine_tracker.core.train import MODEL_VOXEL_UM, _SourceSpec
+
+    values = dict(pool_size=2, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
+                  normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(shape=(8, 32, 32), sessions=2),
+                  realistic_fraction=0.5, user_series=[], synthetic_fraction=1.0, batch_size=2, out_shape=(8, 16, 16),
+                  stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=2)
+    values.update(changes)
+    return _SourceSpec(**values)
+
+
+def test_batch_workers_draw_distinct_seeds_and_repeat_exactly():
+    from napari_spine_tracker.core.train import WORKER_SEED_STRIDE, _worker_source
+
+    spec = _source_spec()
+    first = _worker_source(spec, 0, 2)
+    second = _worker_source(spec, 1, 2)
+    assert second.pool.first_seed - first.pool.first_seed == WORKER_SEED_STRIDE
+    again = _worker_source(spec, 1, 2)
+    for source in (first, second, again):
+        source.fill()
+    a, b, c = (s.next()["image"] for s in (first, second, again))
+    assert a.shape == (2, 2, 1, 8, 32, 32)
+    assert not np.array_equal(a, b)  # other series, other crops
+    np.testing.assert_array_equal(b, c)  # the same worker of the same run: the same stream
+
+
+@pytest.mark.slow
+def test_training_with_batch_workers(tmp_path):
+    records = []
+    path = train_model(tiny_options(tmp_path / "m.pt", workers=2), on_log=records.append)
+    training = load_checkpoint(path)["training"]
+    assert training["workers"] == 2 and "worker" in training["synthetic_seeds"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+
+def test_worker_count_is_checked(tmp_path):
+    with pytest.raises(InputError, match="--workers"):
+        train_model(tiny_options(tmp_path / "m.pt", workers=-1))
+
+
+def test_default_workers_only_beside_a_gpu():
+    import torch
+
+    from napari_spine_tracker.core.train import default_workers
+
+    assert default_workers(torch.device("cpu")) == 0
+    assert 0 <= default_workers(torch.device("cuda")) <= 8
+
+
+def test_learning_rate_decays_over_a_time_budget():
+    from types import SimpleNamespace
+
+    from napari_spine_tracker.core.train import _Distributed, _Run
+
+    fake = SimpleNamespace(lr=1.0, warmup=10, steps=10**9, minutes=10.0, step=100, dist=_Distributed(None))
+    fake.elapsed_minutes = lambda: 5.0
+    fraction = _Run.budget_fraction(fake)
+    assert fraction == pytest.approx(0.5)
+    assert _Run.lr_at(fake, 100, fraction) == pytest.approx(0.5)  # half way down the cosine
+    assert _Run.lr_at(fake, 100, 1.0) == pytest.approx(0.0)
+    assert _Run.lr_at(fake, 4, 0.0) == pytest.approx(0.5)  # warm-up
+    fake.steps, fake.elapsed_minutes = 400, (lambda: 1.0)
+    assert _Run.budget_fraction(fake) == pytest.approx(0.25)  # steps ran out faster than minutes

@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of synthetic series from the realistic presets rather than fully randomised (0.5)")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")
+    p.add_argument("--workers", type=int,
+                   help="processes preparing batches beside the training one (default: 0 on a CPU, up to 8 with a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume from --out if it holds a run in progress")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -60,6 +60,7 @@ class TrainOptions:
     val_every: int | None = None  # None: every 250 steps from scratch, 100 when fine-tuning
     pool_size: int = 24
     pool_refresh_every: int = 8
+    workers: int | None = None  # batch-preparing processes; None: 0 on a CPU, up to 8 beside a GPU
     synthetic_fraction: float | None = None  # None: 1.0 from scratch, 0.5 when fine-tuning (replay)
     realistic_fraction: float = 0.5  # of the synthetic series: from the realistic presets
     patch: PatchOptions = field(default_factory=PatchOptions)
@@ -80,7 +81,7 @@ class TrainOptions:
         """Options from the ``train`` command line; flags left out keep the defaults."""
         given = {name: getattr(args, name, None) for name in
                  ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
-                  "realistic_fraction")}
+                  "realistic_fraction", "workers")}
         options = cls(out=Path(args.out), datasets=[Path(d) for d in args.datasets], device=args.device,
                       size=args.size, seed=args.seed, resume=args.resume,
                       command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]),
@@ -100,6 +101,9 @@ class TrainOptions:
 #: presets (tuned on a real stack, see benchmarks/realism.py) that part of the pool is drawn from,
 #: with fresh seeds; the rest comes from SynthConfig.random (domain randomisation)
 REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
+#: synthetic seeds per batch-preparing worker (a pool uses one per ``pool_refresh_every`` batches)
+WORKER_SEED_STRIDE = 4_000
+MAX_WORKERS = 24
 
 
 class SyntheticPool:
@@ -110,11 +114,12 @@ class SyntheticPool:
     """
 
     def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions,
-                 realistic_fraction: float = 0.0):
+                 realistic_fraction: float = 0.0, worker: int = 0):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
         self.realistic_fraction = realistic_fraction
-        # validation (1500+) and benchmark (1000+) seeds are far below: training never sees them
-        self.first_seed = self.next_seed = TRAINING_SEED_BASE + seed * 100_000
+        # validation (1500+) and benchmark (1000+) seeds are far below: training never sees them;
+        # each batch-preparing worker draws from its own range
+        self.first_seed = self.next_seed = TRAINING_SEED_BASE + seed * 100_000 + worker * WORKER_SEED_STRIDE
         self.series: list[PreparedSeries] = []
         self.size = size
 
@@ -148,6 +153,75 @@ class SyntheticPool:
         return prepare_series(synth.image, synth.voxel_size_um, synth.truth, self.model_voxel_um,
                               self.normalization, drift_vox=synth.drift_um / np.asarray(synth.voxel_size_um),
                               name=f"synth-{seed}")
+
+
+@dataclass
+class _SourceSpec:
+    """What a :class:`BatchSource` is made of, picklable so that worker processes can build theirs."""
+
+    pool_size: int
+    pool_seed: int
+    seed: int
+    rank: int
+    model_voxel_um: tuple
+    normalization: dict
+    patch: PatchOptions
+    realistic_fraction: float
+    user_series: list
+    synthetic_fraction: float
+    batch_size: int
+    out_shape: tuple
+    stride: tuple
+    out_voxel_um: tuple
+    refresh_every: int
+
+
+class BatchSource:
+    """Training batches as numpy arrays (see :func:`make_batch`).
+
+    Each batch comes from the synthetic pool or, with probability ``1 - synthetic_fraction``, from
+    the user's series; the pool renews one series every ``refresh_every`` batches. Built in the
+    training process (``workers == 0``) or once per worker process, each with its own seeds.
+    """
+
+    def __init__(self, spec: _SourceSpec, worker: int | None = None):
+        in_process = worker is None
+        self.spec = spec
+        self.pool = SyntheticPool(spec.pool_size, spec.model_voxel_um, spec.normalization, spec.pool_seed,
+                                  spec.patch, spec.realistic_fraction, worker=0 if in_process else worker)
+        key = [spec.seed, spec.rank] if in_process else [spec.seed, spec.rank, worker + 1]
+        self.rng = np.random.default_rng(key)
+        self.count = 0
+
+    def fill(self, should_stop=None, progress=None) -> None:
+        self.pool.fill(should_stop=should_stop, progress=progress)
+
+    def next(self) -> dict[str, np.ndarray]:
+        spec, rng = self.spec, self.rng
+        use_user = spec.user_series and (not self.pool.series or rng.random() >= spec.synthetic_fraction)
+        sources = spec.user_series if use_user else self.pool.series
+        patches = [sample_patch(sources[rng.integers(len(sources))], rng, spec.patch, spec.model_voxel_um)
+                   for _ in range(spec.batch_size)]
+        sessions = min(p[0].shape[0] for p in patches)
+        patches = [(img[:sessions], pts[:sessions], lab[:sessions]) for img, pts, lab in patches]
+        arrays = make_batch(patches, spec.out_shape, spec.stride, spec.out_voxel_um)
+        self.count += 1
+        if self.pool.series and self.count % spec.refresh_every == 0:
+            self.pool.refresh()
+        return arrays
+
+
+def _worker_source(spec: _SourceSpec, worker: int, workers: int) -> BatchSource:
+    """Worker ``worker`` of ``workers``: a share of the pool (at least two series), own seeds."""
+    share = dataclasses.replace(spec, pool_size=max(2, math.ceil(spec.pool_size / workers)) if spec.pool_size else 0)
+    return BatchSource(share, worker=worker)
+
+
+def default_workers(device, world: int = 1) -> int:
+    """Batch-preparing processes: none on a CPU (training uses its cores), up to 8 per GPU."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // max(world, 1) - 2))
 
 
 def _validation_series(options: TrainOptions):
@@ -393,14 +467,33 @@ class _Run:
         fraction = options.synthetic_fraction
         self.synthetic_fraction = fraction if fraction is not None else (0.5 if options.datasets else 1.0)
 
-        self.user_train, user_val = ([], [])
+        user_train, user_val = ([], [])
         if options.datasets:
-            self.user_train, user_val = _user_series(options.datasets, self.model_voxel, self.normalization,
-                                                     np.random.default_rng(options.seed))
-        self.pool = SyntheticPool(options.pool_size if self.synthetic_fraction > 0 else 0, self.model_voxel,
-                                  self.normalization, options.seed * 16 + self.dist.rank, options.patch,
-                                  options.realistic_fraction)
-        self.pool.fill(should_stop=should_stop)
+            user_train, user_val = _user_series(options.datasets, self.model_voxel, self.normalization,
+                                                np.random.default_rng(options.seed))
+        stride = net.output_stride
+        self.spec = _SourceSpec(
+            pool_size=options.pool_size if self.synthetic_fraction > 0 else 0,
+            pool_seed=options.seed * 16 + self.dist.rank, seed=options.seed, rank=self.dist.rank, model_voxel_um=tuple(self.model_voxel),
+            normalization=self.normalization, patch=options.patch, realistic_fraction=options.realistic_fraction,
+            user_series=user_train, synthetic_fraction=self.synthetic_fraction, batch_size=self.batch_size,
+            out_shape=tuple(int(n // s) for n, s in zip(options.patch.shape, stride)), stride=tuple(stride),
+            out_voxel_um=tuple(v * s for v, s in zip(self.model_voxel, stride)),
+            refresh_every=options.pool_refresh_every)
+        self.workers = options.workers if options.workers is not None else default_workers(self.device, self.dist.world)
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise InputError(f"--workers must be between 0 and {MAX_WORKERS}, got {self.workers}.")
+        self.source, self.batches = None, None
+        if self.workers == 0:
+            self.source = BatchSource(self.spec)
+            self.source.fill(should_stop=should_stop)
+        else:
+            from functools import partial
+
+            from .loader import worker_batches
+
+            self.batches = worker_batches(partial(_worker_source, self.spec), self.workers,
+                                          pin_memory=self.device.type == "cuda")
         self.val_cases = []
         if self.rank0:
             self.val_cases = [(name, s.image, s.voxel_size_um, s.truth, None)
@@ -427,30 +520,32 @@ class _Run:
             self.validated_step = self.step  # the resume file is written when a step is validated
             log.info("resumed at step %d from %s", self.step, self.resume_file)
         self.forward = self.dist.wrap(self.net)
-        stride = self.net.output_stride
-        self.out_shape = tuple(int(n // s) for n, s in zip(options.patch.shape, stride))
-        self.out_vox = tuple(v * s for v, s in zip(self.model_voxel, stride))
         self.started = time.monotonic()
 
     # -- one step ---------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, fraction: float) -> float:
+        """Linear warm-up, then a cosine decay to zero over the run (``fraction`` of the budget spent)."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        if self.steps >= 10**9:  # a time budget: constant after warm-up
-            return self.lr
-        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / self.steps)))
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+    def budget_fraction(self) -> float:
+        """How much of the budget is spent: steps or minutes, whichever runs out first (agreed by all ranks,
+        so that every rank takes the same learning rate)."""
+        fraction = self.step / self.steps if self.steps < 10**9 else 0.0
+        if self.minutes is not None:
+            fraction = max(fraction, self.elapsed_minutes() / self.minutes)
+        return self.dist.max(fraction)
 
     def batch(self) -> dict:
+        """The next batch, as float32 tensors on the training device."""
         import torch
 
-        use_user = self.user_train and (not self.pool.series or self.rng.random() >= self.synthetic_fraction)
-        sources = self.user_train if use_user else self.pool.series
-        patches = [sample_patch(sources[self.rng.integers(len(sources))], self.rng, self.options.patch,
-                                self.model_voxel) for _ in range(self.batch_size)]
-        sessions = min(p[0].shape[0] for p in patches)
-        patches = [(img[:sessions], pts[:sessions], lab[:sessions]) for img, pts, lab in patches]
-        arrays = make_batch(patches, self.out_shape, self.net.output_stride, self.out_vox)
-        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        if self.batches is not None:
+            arrays = next(self.batches)
+        else:
+            arrays = {name: torch.from_numpy(value) for name, value in self.source.next().items()}
+        return {name: value.to(self.device, non_blocking=True).float() for name, value in arrays.items()}
 
     def train_step(self) -> dict:
         import torch
@@ -459,7 +554,7 @@ class _Run:
 
         batch = self.batch()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step, self.budget_fraction())
         with autocast(self.device):
             outputs = self.forward(batch["image"])
         loss, parts = compute_loss(outputs, batch)
@@ -521,8 +616,6 @@ class _Run:
             if self.on_log is not None:
                 self.on_log(record)
             self.report_progress()
-            if self.pool.series and self.step % self.options.pool_refresh_every == 0:
-                self.pool.refresh()
             if self.step % self.options.validation_interval == 0:
                 self.validate_and_save()
         if self.validated_step != self.step:  # all ranks agree, so all reach the barrier inside
@@ -583,12 +676,12 @@ class _Run:
                 "synthetic_fraction": self.synthetic_fraction,
                 "steps": self.step,
                 "batch_size": self.batch_size * self.dist.world,
+                "workers": self.workers,
                 "processes": self.dist.world,
                 "patch_shape": list(options.patch.shape),
                 "sessions_per_patch": options.patch.sessions,
                 "seed": options.seed,
-                "synthetic_seeds": f"n from {self.pool.first_seed}: SynthConfig.random(n), or with probability "
-                                   f"{options.realistic_fraction} SynthConfig.preset(one of {REALISTIC_PRESETS}, n)",
+                "synthetic_seeds": self.seeds_description(),
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
                 "synthetic_baseline": self.synthetic_baseline,
@@ -599,9 +692,17 @@ class _Run:
             },
         }
 
+    def seeds_description(self) -> str:
+        first = TRAINING_SEED_BASE + self.spec.pool_seed * 100_000
+        where = (f"n from {first}" if self.workers == 0 else
+                 f"n from {first} + {WORKER_SEED_STRIDE} w for worker w of {self.workers}")
+        return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
+                f"SynthConfig.preset(one of {REALISTIC_PRESETS}, n)")
+
     def close(self) -> None:
         from .devices import free_memory
 
+        self.batches = None  # stops the worker processes
         free_memory(self.device)
         self.dist.close()
 
@@ -623,14 +724,18 @@ class _Distributed:
         return DistributedDataParallel(net, device_ids=ids)
 
     def any(self, flag: bool) -> bool:
+        return self.max(1.0 if flag else 0.0) > 0
+
+    def max(self, value: float) -> float:
+        """The largest ``value`` over all ranks."""
         if self.world == 1:
-            return flag
+            return value
         import torch
         import torch.distributed as dist
 
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        tensor = torch.tensor([float(value)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def barrier(self) -> None:
         if self.world > 1:
