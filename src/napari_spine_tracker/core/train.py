@@ -474,7 +474,8 @@ class _Run:
         stride = net.output_stride
         self.spec = _SourceSpec(
             pool_size=options.pool_size if self.synthetic_fraction > 0 else 0,
-            pool_seed=options.seed * 16 + self.dist.rank, seed=options.seed, rank=self.dist.rank, model_voxel_um=tuple(self.model_voxel),
+            pool_seed=options.seed * 16 + self.dist.rank, seed=options.seed, rank=self.dist.rank,
+            model_voxel_um=tuple(self.model_voxel),
             normalization=self.normalization, patch=options.patch, realistic_fraction=options.realistic_fraction,
             user_series=user_train, synthetic_fraction=self.synthetic_fraction, batch_size=self.batch_size,
             out_shape=tuple(int(n // s) for n, s in zip(options.patch.shape, stride)), stride=tuple(stride),
