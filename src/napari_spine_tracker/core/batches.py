@@ -164,7 +164,7 @@ def augment(image: np.ndarray, points: list[SessionPoints], rng: np.random.Gener
         x = np.where(x > 0, positive**gamma, x)
         x = x * float(np.exp(rng.uniform(-0.35, 0.35))) + float(rng.uniform(-0.05, 0.05))
         if rng.random() < 0.5:
-            x = x + rng.normal(0, rng.uniform(0, 0.15), x.shape).astype(np.float32)
+            x = x + np.float32(rng.uniform(0, 0.15)) * rng.standard_normal(x.shape, dtype=np.float32)
         image[t] = x
     return image, pts
 
