@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -715,6 +716,11 @@ class _Distributed:
     device: Any
     world: int = 1
     rank: int = 0
+    # The last few tensors given to a collective, kept alive on purpose: gloo's worker thread lets
+    # go of a finished collective's tensor a moment after the call returns, and if it held the last
+    # reference it needs the GIL to free it; at interpreter exit that aborts the process ("terminate
+    # called without an active exception", pytorch/pytorch#190489) after a finished run.
+    held: deque = field(default_factory=lambda: deque(maxlen=4))
 
     def wrap(self, net):
         if self.world == 1:
@@ -736,6 +742,7 @@ class _Distributed:
 
         tensor = torch.tensor([float(value)], device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        self.held.append(tensor)
         return float(tensor.item())
 
     def barrier(self) -> None:
@@ -748,6 +755,8 @@ class _Distributed:
         if self.world > 1:
             import torch.distributed as dist
 
+            time.sleep(0.05)  # gloo's workers let go of the last collectives' tensors while ``held`` keeps them
+            self.held.clear()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
