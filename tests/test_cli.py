@@ -24,6 +24,15 @@ def test_help_lists_every_subcommand():
         assert command in text
 
 
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "napari_spine_tracker", "evaluate", "missing.csv", "missing.csv",
+                           "--voxel-size", "1", "1", "1"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "missing.csv" in done.stderr  # the same exit codes as the entry point
+
+
 def test_synth_writes_series_truth_and_metadata(synth_dir):
     from napari_spine_tracker.io.series import load_series
 
