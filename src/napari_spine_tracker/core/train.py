@@ -459,7 +459,6 @@ class _Run:
         self.device = self.dist.device
         self.rank0 = self.dist.rank == 0
         torch.manual_seed(options.seed + self.dist.rank)
-        self.rng = np.random.default_rng([options.seed, self.dist.rank])
         net, self.model_voxel, self.normalization, self.decode, self.provenance = _initial_model(options)
         self.steps, self.minutes = _budget(options, self.device)
         self.batch_size = options.batch_size or (32 if self.device.type == "cuda" else 4)
