@@ -2,8 +2,9 @@
 
 1. A few training steps on the GPU: bf16 autocast, channels-last 3D, batches from worker
    processes through pinned memory.
-2. The shipped model on a synthetic series, on the GPU and on the CPU: the same spines (F1 of the
-   GPU points against the CPU points within 0.5 µm), and GPU memory given back after the run.
+2. The shipped model on a synthetic series, on the GPU (fp16 autocast) and on the CPU: the same
+   spines (F1 of the GPU points against the CPU points within 0.5 µm), and GPU memory given back
+   after the run.
 3. Out-of-memory recovery: with this process limited to a small share of the GPU's memory, a
    series that does not fit in one batch of tiles is still detected (after retries with smaller
    batches and tiles), with the same result.

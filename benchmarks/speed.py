@@ -6,7 +6,7 @@ end) on a batch of 4 sessions of 32 x 256 x 256 voxels, after warm-up, best of t
 break-even series size can be read off.
 
     python benchmarks/speed.py                  # CPU, the shipped model's architecture
-    python benchmarks/speed.py --device cuda    # on a GPU: bf16 autocast, channels-last 3D
+    python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses)
     python benchmarks/speed.py --variants       # also group widths 4, 8 and dense convolutions
 """
 
@@ -21,10 +21,10 @@ def measure(net, x, device, repeats: int = 3) -> float:
     """Best voxels/s of ``net(x)`` over ``repeats`` runs."""
     import torch
 
-    from napari_spine_tracker.core.devices import autocast
+    from napari_spine_tracker.core.devices import inference_autocast
 
     best = float("inf")
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), inference_autocast(device):
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_spine_tracker.core.devices import autocast, get_device
+    from napari_spine_tracker.core.devices import get_device, inference_autocast
     from napari_spine_tracker.core.model import SpineNet, build_config, count_parameters, fuse_for_inference
 
     device = get_device(args.device)
@@ -60,14 +60,14 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} CPU threads")
     for name, config in configs.items():
         net = fuse_for_inference(SpineNet(config).eval()).to(device)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), inference_autocast(device):
             net(x)  # warm-up
         eager = measure(net, x, device)
         line = f"{name:36s} {count_parameters(net):7d} params  eager {eager / 1e6:8.2f} Mvoxel/s"
         if not args.no_compile:
             compiled = torch.compile(net)
             start = time.perf_counter()
-            with torch.inference_mode(), autocast(device):
+            with torch.inference_mode(), inference_autocast(device):
                 compiled(x)
             compile_s = time.perf_counter() - start
             fast = measure(compiled, x, device)

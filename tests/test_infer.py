@@ -115,6 +115,40 @@ def test_out_of_memory_retries_smaller(random_model, monkeypatch):
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
 
 
+def test_reduced_precision_that_overflows_runs_again_in_float32(random_model, monkeypatch):
+    from napari_spine_tracker.core import infer
+
+    series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
+    expected = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    forward = random_model.net.forward_sessions
+    calls = []
+
+    def overflowing_forward(x, previous, state):  # as fp16 would on extreme input, the first time
+        outputs, state = forward(x, previous, state)
+        calls.append(1)
+        if len(calls) == 1:
+            outputs = {**outputs, "heatmap": outputs["heatmap"] * float("inf")}
+        return outputs, state
+
+    # the check runs only where reduced precision does (CUDA); here it stands in for it
+    monkeypatch.setattr(infer, "_reduced_precision", lambda device, options: options.precision != "float32")
+    monkeypatch.setattr(random_model.net, "forward_sessions", overflowing_forward)
+    got = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    assert len(calls) > 1 and len(got) > 0
+    np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_inference_precision_choices():
+    from types import SimpleNamespace
+
+    from napari_spine_tracker.core.devices import inference_autocast
+
+    with inference_autocast(torch.device("cpu"), "float16"):  # no autocast off CUDA
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(InputError, match="precision"):
+        inference_autocast(SimpleNamespace(type="cuda"), "float8")
+
+
 def test_session_chunks_carry_state(random_model):
     """Running sessions one by one or four at a time gives the same detections."""
     series = np.random.default_rng(7).poisson(5, (5, 8, 32, 32)).astype(np.uint16)

@@ -14,6 +14,7 @@ of a tile, sees roughly aligned content and the displacement head only has to fi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -25,6 +26,7 @@ import pandas as pd
 
 from ..errors import Cancelled
 from .decode import decode_peaks, nms_kernel
+from .devices import inference_autocast
 from .intensity import grid_scale, normalize, read_resampled, session_range
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ class InferenceOptions:
     halo: tuple[int, int, int] = (4, 24, 24)
     batch_size: int | None = None  # tiles per batch
     session_chunk: int | None = None  # sessions per network call (the ConvLSTM carries state between)
+    precision: str = "float16"  # on CUDA: float16, bfloat16 or float32 (see devices.inference_autocast)
 
 
 def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np.ndarray | None = None,
@@ -119,7 +122,8 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     dz, dy, dx (native voxels to the same spine in session t-1; NaN in the first session) and
     head_radius_um. ``drift_vox`` (T, 3) native voxels, see core/register.py.
 
-    On CUDA out-of-memory the run starts again with half the batch, then with smaller tiles.
+    On CUDA out-of-memory the run starts again with half the batch, then with smaller tiles; if
+    reduced precision gives a result that is not finite, it starts again in float32.
     """
     import torch
 
@@ -127,6 +131,11 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     while True:
         try:
             return _predict(data, voxel_size_um, model, drift_vox, session_shapes, options, progress, should_stop)
+        except _NotFinite:
+            if options.precision == "float32":
+                raise RuntimeError("the network produced values that are not finite, in float32") from None
+            log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
+            options = dataclasses.replace(options, precision="float32")
         except torch.cuda.OutOfMemoryError:
             from .devices import free_memory
 
@@ -143,12 +152,12 @@ def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
     batch = options.batch_size or _default_batch(model.device, options.max_tile or _default_max_tile(model.device))
     tile = options.max_tile or _default_max_tile(model.device)
     if batch > 1:
-        return InferenceOptions(options.threshold, tile, options.halo, batch // 2, options.session_chunk)
+        return dataclasses.replace(options, max_tile=tile, batch_size=batch // 2)
     minimum = [4 * h for h in options.halo]
     halved = tuple(max(m, t // 2) if axis else t for axis, (t, m) in enumerate(zip(tile, minimum)))
     if halved == tuple(tile):
         return None
-    return InferenceOptions(options.threshold, halved, options.halo, 1, options.session_chunk)
+    return dataclasses.replace(options, max_tile=halved, batch_size=1)
 
 
 def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: InferenceOptions,
@@ -193,8 +202,10 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
                                                 plan.input_shape, tuple(scale), fill=ranges[t][0]), ranges[t])
                        for t in times] for tile in tiles]
             x = torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), inference_autocast(device, options.precision):
                 outputs, state = net.forward_sessions(x, previous, state)
+            if _reduced_precision(device, options) and not torch.isfinite(outputs["heatmap"]).all():
+                raise _NotFinite
             previous = x[:, -1]
             flat = {name: value.flatten(0, 1) for name, value in outputs.items()}
             peaks = decode_peaks(flat, net.output_stride, kernel, threshold)
@@ -253,7 +264,9 @@ def _default_batch(device, input_shape) -> int:
     return max(1, int(2**25 // voxels))
 
 
-def _autocast(device):
-    from .devices import autocast
+def _reduced_precision(device, options: InferenceOptions) -> bool:
+    return device.type == "cuda" and options.precision != "float32"
 
-    return autocast(device)
+
+class _NotFinite(Exception):
+    """Reduced-precision inference overflowed (see :func:`predict_series`)."""
