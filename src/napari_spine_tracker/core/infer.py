@@ -131,9 +131,7 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     while True:
         try:
             return _predict(data, voxel_size_um, model, drift_vox, session_shapes, options, progress, should_stop)
-        except _NotFinite:
-            if options.precision == "float32":
-                raise RuntimeError("the network produced values that are not finite, in float32") from None
+        except _NotFinite:  # raised in reduced precision only
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
         except torch.cuda.OutOfMemoryError:

@@ -548,14 +548,15 @@ class _Run:
             arrays = {name: torch.from_numpy(value) for name, value in self.source.next().items()}
         return {name: value.to(self.device, non_blocking=True).float() for name, value in arrays.items()}
 
-    def train_step(self) -> dict:
+    def train_step(self, fraction: float) -> dict:
+        """One optimisation step, at the learning rate for ``fraction`` of the budget spent."""
         import torch
 
         from .devices import autocast
 
         batch = self.batch()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step, self.budget_fraction())
+            group["lr"] = self.lr_at(self.step, fraction)
         with autocast(self.device):
             outputs = self.forward(batch["image"])
         loss, parts = compute_loss(outputs, batch)
@@ -570,12 +571,11 @@ class _Run:
     def elapsed_minutes(self) -> float:
         return self.prior_minutes + (time.monotonic() - self.started) / 60
 
-    def wants_stop(self) -> tuple[bool, bool]:
-        """(stop, cancelled), agreed by all ranks."""
-        cancelled = bool(self.should_stop is not None and self.should_stop())
-        done = self.step >= self.steps or (self.minutes is not None and self.elapsed_minutes() >= self.minutes)
-        cancelled, done = self.dist.any(cancelled), self.dist.any(done)
-        return cancelled or done, cancelled
+    def wants_stop(self) -> tuple[bool, bool, float]:
+        """(stop, cancelled, fraction of the budget spent), agreed by all ranks."""
+        cancelled = self.dist.any(bool(self.should_stop is not None and self.should_stop()))
+        fraction = self.budget_fraction()
+        return cancelled or fraction >= 1.0, cancelled, fraction
 
     def loaded(self):
         """The network being trained, with its grid, normalisation and decoding, as a model to detect with."""
@@ -601,14 +601,14 @@ class _Run:
         first_step, recent, loop_started = self.step, [], time.monotonic()
         self.net.train()
         while True:
-            stop, cancelled = self.wants_stop()
+            stop, cancelled, fraction = self.wants_stop()
             if cancelled:
                 if self.out.exists():
                     log.warning("training cancelled; %s holds the best model validated so far", self.out)
                 raise Cancelled("training cancelled")
             if stop:
                 break
-            record = self.train_step()
+            record = self.train_step(fraction)
             recent.append(record["loss"])
             if self.step % 50 == 0 and self.rank0:
                 rate = (self.step - first_step) / max(time.monotonic() - loop_started, 1e-9)
