@@ -46,6 +46,8 @@ def test_a_volume_slightly_larger_than_a_tile_costs_little_more():
     read = len(plan.tiles) * np.prod(plan.input_shape)
     assert read < 2.2 * 33 * 268 * 273  # 2.2x the volume; the old plan read 4 tiles of 256 x 256: 3.9x
     assert plan_tiles((33, 268, 273), (64, 384, 384), (4, 24, 24), (4, 16, 16)).input_shape == (36, 272, 288)
+    # inference rounds nothing up (the network takes any size): one tile of exactly the volume
+    assert plan_tiles((33, 268, 273), (64, 384, 384), (4, 24, 24)).input_shape == (33, 268, 273)
 
 
 def test_read_resampled_identity_and_linear():
@@ -101,11 +103,11 @@ def test_out_of_memory_retries_smaller(random_model, monkeypatch):
     forward = random_model.net.forward_sessions
     batches = []
 
-    def flaky_forward(x, previous, state):
+    def flaky_forward(x, previous, state, **kwargs):
         batches.append(x.shape[0])
         if x.shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return forward(x, previous, state)
+        return forward(x, previous, state, **kwargs)
 
     monkeypatch.setattr(random_model.net, "forward_sessions", flaky_forward)
     got = predict_series(series, (0.5, 0.1, 0.1), random_model,
@@ -123,8 +125,8 @@ def test_reduced_precision_that_overflows_runs_again_in_float32(random_model, mo
     forward = random_model.net.forward_sessions
     calls = []
 
-    def overflowing_forward(x, previous, state):  # as fp16 would on extreme input, the first time
-        outputs, state = forward(x, previous, state)
+    def overflowing_forward(x, previous, state, **kwargs):  # as fp16 would on extreme input, the first time
+        outputs, state = forward(x, previous, state, **kwargs)
         calls.append(1)
         if len(calls) == 1:
             outputs = {**outputs, "heatmap": outputs["heatmap"] * float("inf")}
@@ -231,3 +233,30 @@ def test_percentiles_by_counting_equal_numpy(dtype):
     values = np.random.default_rng(2).integers(0, 3000, (5, 40, 41)).astype(dtype)
     q = [0, 25, 50, 99.8, 100]
     np.testing.assert_allclose(percentiles(values, q), np.percentile(values.astype(np.float64), q))
+
+
+def test_large_buffers_are_reused_during_detection_and_given_back_after():
+    """Under glibc, a large buffer freed inside ``reuse_freed_memory`` stays in the heap for the
+    next tile (no fresh memory map, so no page faults), and the heap is trimmed on exit."""
+    import ctypes
+
+    from napari_spine_tracker.core.devices import _glibc, reuse_freed_memory
+
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc.mallinfo2.restype = MallInfo2
+    size = 64 << 20
+    with reuse_freed_memory(), reuse_freed_memory():  # nested uses share the setting
+        buffer = np.ones(size // 8)
+        assert libc.mallinfo2().hblkhd < size  # not a memory map
+        del buffer
+        assert libc.mallinfo2().fordblks >= size  # kept, free, for the next allocation
+    assert libc.mallinfo2().fordblks < size  # given back on exit
+    buffer = np.ones(size // 8)
+    assert libc.mallinfo2().hblkhd >= size  # glibc's default again: large blocks are mapped

@@ -193,7 +193,52 @@ def test_decoder_skip_addition_equals_upsampling():
     with torch.inference_mode():
         inplace = fine.clone()
         assert torch.equal(_add_upsampled(inplace, coarse), expected)
-    # shapes that do not divide fall back to interpolation
-    odd = torch.randn(1, 4, 7, 12, 16)
-    assert torch.equal(_add_upsampled(odd, coarse[:1]),
-                       odd + torch.nn.functional.interpolate(coarse[:1], size=(7, 12, 16), mode="nearest"))
+    # sizes that are not multiples of the stride (any input size): the last blocks are cut short
+    odd = torch.randn(1, 4, 7, 11, 16).contiguous(memory_format=torch.channels_last_3d)
+    up = coarse[:1].repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
+    expected = odd + up[:, :, :7, :11, :16]
+    assert torch.equal(_add_upsampled(odd, coarse[:1]), expected)
+    with torch.inference_mode():
+        inplace = odd.clone()
+        assert torch.equal(_add_upsampled(inplace, coarse[:1]), expected)
+    with pytest.raises(ValueError, match="cannot upsample"):
+        _add_upsampled(torch.randn(1, 4, 9, 12, 16), coarse[:1])
+
+
+def test_any_input_size_matches_a_padded_input_inside():
+    """The network takes sizes that are not multiples of its total stride; away from the far
+    edges its outputs equal those of the same input padded up to a multiple."""
+    torch.manual_seed(0)
+    net = SpineNet(build_config("tiny")).eval()
+    x = torch.rand(1, 2, 1, 9, 37, 45)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 11, 0, 3))  # up to (12, 48, 48)
+    with torch.inference_mode():
+        out = net(x)
+        ref = net(padded)
+    assert out["heatmap"].shape == (1, 2, 1, 9, 19, 23)
+    for name in out:
+        torch.testing.assert_close(out[name][..., :4, :8, :8], ref[name][..., :4, :8, :8])
+
+
+def test_heads_at_the_peaks_equal_dense_heads():
+    """Inference computes the offset, displacement and size heads at the peaks only: the decoded
+    peaks are those of the dense heads."""
+    torch.manual_seed(2)
+    net = SpineNet(build_config("tiny")).eval()
+    with torch.no_grad():
+        net.heads["heatmap"].bias.fill_(0.0)
+    x = torch.rand(1, 3, 1, 8, 32, 48)
+    with torch.inference_mode():
+        dense, _ = net.forward_sessions(x)
+        sparse, _ = net.forward_sessions(x, point_heads=True)
+    assert set(sparse) == {"heatmap", "trunk"}
+    kernel = (3, 3, 3)
+    for t in range(3):
+        a = decode_peaks({name: value[:, t] for name, value in dense.items()}, (1, 2, 2), kernel, 0.4)[0]
+        b = decode_peaks({name: value[:, t] for name, value in sparse.items()}, (1, 2, 2), kernel, 0.4,
+                         heads_at=net.heads_at)[0]
+        assert len(a.score) > 0
+        for field in ("zyx", "score", "displacement_um", "radius_um"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="heads_at"):
+        decode_peaks({name: value[:, 0] for name, value in sparse.items()}, (1, 2, 2), kernel, 0.4)

@@ -104,3 +104,13 @@ def test_synthetic_series_with_large_drift(seed):
     error_um = np.abs(estimate_drift(series.image, voxel) * voxel - true_um)
     assert np.linalg.norm(error_um[:, 1:], axis=1).max() < 0.2, error_um   # y, x
     assert error_um[:, 0].max() < voxel[0], error_um                       # z: within a z voxel
+
+
+def test_binning_is_a_block_mean():
+    from napari_spine_tracker.core.register import _bin_yx
+
+    volume = np.random.default_rng(0).integers(0, 4000, (3, 14, 10)).astype(np.uint16)
+    expected = volume[:, :12, :9].astype(np.float64).reshape(3, 4, 3, 3, 3).mean(axis=(2, 4))
+    binned = _bin_yx(volume, 3)
+    assert binned.dtype == np.float32
+    np.testing.assert_allclose(binned, expected, rtol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +31,14 @@ def nms_kernel(output_voxel_um, radius_um) -> tuple[int, int, int]:
 
 
 def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int, int, int],
-                 threshold: float) -> list[Peaks]:
+                 threshold: float, heads_at: Callable | None = None) -> list[Peaks]:
     """Decode a batch of one session: ``outputs[name]`` is (B, C, Z', Y', X') (torch).
 
     A voxel is a peak where its probability is the maximum of its ``kernel`` neighbourhood and
     above ``threshold``. Positions come back in input-grid voxels (output voxel i with offset o
-    covers input ``(i + o + 0.5) * stride - 0.5``).
+    covers input ``(i + o + 0.5) * stride - 0.5``). Where ``outputs`` holds the heatmap and the
+    ``trunk`` features only (``SpineNet.forward_sessions(..., point_heads=True)``), the other
+    heads are computed at the peaks by ``heads_at`` (``SpineNet.heads_at``).
     """
     import torch
 
@@ -53,13 +56,19 @@ def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int,
     for dz, dy, dx in itertools.product(*(range(k) for k in kernel)):
         is_peak &= padded[b, z + dz, y + dy, x + dx] <= value
     b, z, y, x = candidates[is_peak].unbind(1)
+    if "trunk" in outputs:
+        if heads_at is None:
+            raise ValueError("outputs hold trunk features: decode_peaks needs heads_at")
+        heads = heads_at(outputs["trunk"][b, :, z, y, x])
+    else:
+        heads = {name: outputs[name][b, :, z, y, x].float() for name in ("offset", "displacement", "size")}
     stride_t = torch.tensor(stride, dtype=torch.float32, device=logits.device)
-    zyx = (torch.stack([z, y, x], 1).float() + outputs["offset"][b, :, z, y, x].float() + 0.5) * stride_t - 0.5
+    zyx = (torch.stack([z, y, x], 1).float() + heads["offset"] + 0.5) * stride_t - 0.5
     columns = {
         "zyx": zyx,
         "score": torch.sigmoid(logits[b, z, y, x]),
-        "displacement_um": outputs["displacement"][b, :, z, y, x].float(),
-        "radius_um": outputs["size"][b, 0, z, y, x].float(),
+        "displacement_um": heads["displacement"],
+        "radius_um": heads["size"][:, 0],
     }
     columns = {name: value.cpu().numpy().astype(np.float64) for name, value in columns.items()}
     item = b.cpu().numpy()

@@ -4,7 +4,10 @@ not available is an error, never a silent fallback."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import platform
+import threading
 
 from ..errors import InputError
 
@@ -89,3 +92,54 @@ def free_memory(device) -> None:
     elif device is not None and device.type == "mps":
         with contextlib.suppress(AttributeError, RuntimeError):
             torch.mps.empty_cache()
+
+
+# glibc mallopt parameters (malloc.h) and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_heap_lock = threading.Lock()
+_heap_users = 0
+
+
+def _glibc():
+    """The C library if it is glibc (mallopt, malloc_trim), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """While the block runs, large buffers (tensors, arrays) come from the heap and are reused
+    when freed, instead of each being a fresh memory map.
+
+    glibc serves every allocation above 32 MiB with a new ``mmap`` and unmaps it when it is freed,
+    so each activation tensor of a tile is page-faulted in and zeroed by the kernel again: on 2
+    cores that was a quarter of end-to-end detection time (a 1x1x1 convolution took 60 ms instead
+    of 14; README: speed). On exit the settings are restored and the heap's free memory is given
+    back (``malloc_trim``). Nested and concurrent uses share one setting. Without glibc (macOS,
+    Windows, musl) this does nothing.
+    """
+    global _heap_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_users += 1
+        if _heap_users == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)  # no mmap: large blocks come from the heap ...
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**30)  # ... which keeps freed memory for the next tile
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                for param, value in _GLIBC_DEFAULTS.items():
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)

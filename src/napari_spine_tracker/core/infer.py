@@ -47,14 +47,15 @@ class TilePlan:
 
 
 def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Sequence[int],
-               multiple: Sequence[int]) -> TilePlan:
+               multiple: Sequence[int] = (1, 1, 1)) -> TilePlan:
     """Cut ``model_shape`` into tiles whose cores partition it.
 
     Along an axis that fits in ``max_input`` there is one tile (no halo needed: the volume edge is
     the edge); otherwise as few tiles as cores of at most ``max_input - 2 * halo`` allow, with
     equal cores and ``halo`` context on each side, so that a volume a little larger than one tile
     costs a little more than one tile, not twice as much per axis. Input shapes are rounded up to
-    ``multiple`` (the network's total stride).
+    ``multiple``; SpineNet takes any size, so inference reads exactly what it needs (rounding a
+    drifted 256 x 256 x 32 field up to the network's total stride read a third more voxels).
     """
     axes_origins, axes_keep, input_shape = [], [], []
     for n, limit, h, m in zip(model_shape, max_input, halo, multiple):
@@ -169,13 +170,12 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     shift = np.round(drift * scale).astype(int)  # model-grid voxels
     model_shape = np.ceil(np.asarray(data.shape[1:]) * scale).astype(int)
     net, device = model.net, model.device
-    multiple = net.total_stride
     max_tile = options.max_tile or _default_max_tile(device)
     # in the reference frame, session t covers [-shift[t], -shift[t] + model_shape): tile the union,
     # so that what drifted into one session's field is analysed too
     low = (-shift).min(axis=0)
     high = (model_shape - shift).max(axis=0)
-    plan = plan_tiles(high - low, max_tile, options.halo, multiple)
+    plan = plan_tiles(high - low, max_tile, options.halo)
     plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
     threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
@@ -201,12 +201,12 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
                        for t in times] for tile in tiles]
             x = torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
             with torch.inference_mode(), inference_autocast(device, options.precision):
-                outputs, state = net.forward_sessions(x, previous, state)
+                outputs, state = net.forward_sessions(x, previous, state, point_heads=True)
             if _reduced_precision(device, options) and not torch.isfinite(outputs["heatmap"]).all():
                 raise _NotFinite
             previous = x[:, -1]
             flat = {name: value.flatten(0, 1) for name, value in outputs.items()}
-            peaks = decode_peaks(flat, net.output_stride, kernel, threshold)
+            peaks = decode_peaks(flat, net.output_stride, kernel, threshold, heads_at=net.heads_at)
             for i, tile in enumerate(tiles):
                 for j, t in enumerate(times):
                     rows.append(_to_native(peaks[i * len(times) + j], tile, t, shift, scale, model_vox))

@@ -3,15 +3,15 @@
 The module holds the architecture only; training, inference and decoding live elsewhere. A model
 is built from a plain config dict (stored in checkpoints), see :data:`PRESETS`.
 
-Shapes (B batch, T sessions, Z, Y, X at the model's voxel size; Y and X divisible by 16 and Z by
-:func:`SpineNet.z_multiple`)::
+Shapes (B batch, T sessions, Z, Y, X at the model's voxel size, any size; training patches are
+multiples of :attr:`SpineNet.total_stride`, and other sizes cut the last blocks short)::
 
     x                        (B, T, 1, Z, Y, X)   normalised intensity
     out["heatmap"]           (B, T, 1, Z', Y', X')  logits of "a spine head centre is here"
     out["offset"]            (B, T, 3, Z', Y', X')  sub-voxel offset of the centre, output voxels, z y x
     out["displacement"]      (B, T, 3, Z', Y', X')  position in session t-1 minus position in t, µm
     out["size"]              (B, T, 1, Z', Y', X')  head radius, µm
-    where (Z', Y', X') = (Z, Y, X) // output_stride
+    where (Z', Y', X') = ceil((Z, Y, X) / output_stride)
 
 Each session sees its own image and the previous session's (CenterTrack: the pair lets the
 displacement head compare the two), and a ConvLSTM at the coarsest level carries state from
@@ -21,6 +21,7 @@ session to session.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, ClassVar
 
 import torch
@@ -154,7 +155,8 @@ class SpineNet(nn.Module):
         return tuple(total)
 
     # -- forward --------------------------------------------------------------------------
-    def forward_sessions(self, x: torch.Tensor, previous: torch.Tensor | None = None, state=None):
+    def forward_sessions(self, x: torch.Tensor, previous: torch.Tensor | None = None, state=None, *,
+                         point_heads: bool = False):
         """K consecutive sessions at once. Returns (outputs, state).
 
         ``x`` (B, K, 1, Z, Y, X); ``previous`` (B, 1, Z, Y, X), the session before them, or None
@@ -162,6 +164,10 @@ class SpineNet(nn.Module):
         displacement means nothing); ``state`` the ConvLSTM state after ``previous``. Outputs are
         (B, K, C, Z', Y', X') per head. Encoder and decoder run on all B*K sessions as one batch
         (oneDNN picks its fast kernels only for batches > 1); only the ConvLSTM steps in order.
+
+        With ``point_heads`` (inference) only the heatmap is computed at every voxel; the other
+        heads are left to :meth:`heads_at`, at the few peaks, and ``outputs["trunk"]`` (B, K,
+        head_width, Z', Y', X') holds the features they read.
         """
         b, k = x.shape[:2]
         first = x[:, :1] if previous is None else previous[:, None]
@@ -182,7 +188,20 @@ class SpineNet(nn.Module):
         for i in reversed(range(len(self.down))):
             y = self.up[i](_add_upsampled(feats[i], self.lateral[i](y)))
         trunk = self.head_trunk(y)
-        return {name: head(trunk).unflatten(0, (b, k)) for name, head in self.heads.items()}, state
+        names = ["heatmap"] if point_heads else list(self.heads)
+        outputs = {name: self.heads[name](trunk).unflatten(0, (b, k)) for name in names}
+        if point_heads:
+            outputs["trunk"] = trunk.unflatten(0, (b, k))
+        return outputs, state
+
+    def heads_at(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The heads other than the heatmap at chosen voxels: ``features`` (P, head_width), taken
+        from ``outputs["trunk"]`` of :meth:`forward_sessions`, -> {name: (P, C)}, in float32.
+        Computing them at the peaks only saved a twentieth of the network's CPU time."""
+        with torch.no_grad():
+            features = features.float()
+            return {name: F.linear(features, head.weight.flatten(1).float(), head.bias.float())
+                    for name, head in self.heads.items() if name != "heatmap"}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, T, 1, Z, Y, X) -> dict of (B, T, C, Z', Y', X'); the series starts at x[:, 0]."""
@@ -192,16 +211,30 @@ class SpineNet(nn.Module):
 
 
 def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """``fine + nearest-upsampled coarse`` (both (N, C, Z, Y, X), channels-last memory).
+    """``fine + coarse`` upsampled by nearest neighbour (both (N, C, Z, Y, X), channels-last memory).
 
-    The upsampled tensor is never built: ``coarse`` is broadcast over each block of ``fine`` it
-    covers (in inference, added in place). Upsampling and adding were a fifth of the CPU time.
+    Each coarse voxel covers a block of ``stride`` fine voxels; where a size is not a multiple of
+    the stride (a strided convolution gives ``ceil(fine / stride)``), the last blocks are cut at
+    the fine edge, so the network takes inputs of any size, not only multiples of its total
+    stride. The upsampled tensor is never built in inference: ``coarse`` is broadcast over each
+    block of ``fine`` it covers and added in place. Upsampling and adding were a fifth of the CPU
+    time.
     """
     n, c, z, y, x = fine.shape
-    factors = [f // k for f, k in zip(fine.shape[2:], coarse.shape[2:])]
+    size = fine.shape[2:]
+    factors = [-(-f // k) for f, k in zip(size, coarse.shape[2:])]
+    if [-(-f // s) for f, s in zip(size, factors)] != list(coarse.shape[2:]):
+        raise ValueError(f"cannot upsample {tuple(coarse.shape)} onto {tuple(fine.shape)}")
+    exact = [f * k for f, k in zip(factors, coarse.shape[2:])] == [z, y, x]
     last = fine.permute(0, 2, 3, 4, 1)  # a view of channels-last memory
-    if [f * k for f, k in zip(factors, coarse.shape[2:])] != [z, y, x] or not last.is_contiguous():
-        return fine + F.interpolate(coarse, size=(z, y, x), mode="nearest")
+    if not exact or not last.is_contiguous():
+        if torch.is_grad_enabled():
+            up = F.interpolate(coarse, scale_factor=factors, mode="nearest")
+            return fine + up[:, :, :z, :y, :x]
+        for oz, oy, ox in itertools.product(*(range(s) for s in factors)):
+            part = fine[:, :, oz :: factors[0], oy :: factors[1], ox :: factors[2]]
+            part += coarse[:, :, : part.shape[2], : part.shape[3], : part.shape[4]]
+        return fine
     blocks = last.view(n, z // factors[0], factors[0], y // factors[1], factors[1], x // factors[2], factors[2], c)
     spread = coarse.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
     if torch.is_grad_enabled():

@@ -55,12 +55,11 @@ def _prepare(volume: np.ndarray, voxel_um: np.ndarray, bin_yx: int, smooth_um: f
     removes the background and haze; the window (separable Tukey) damps the borders, whose content
     drift changes.
     """
-    vol = np.asarray(volume, dtype=np.float32)
     if bin_yx > 1:
-        z, y, x = vol.shape
-        y2, x2 = y - y % bin_yx, x - x % bin_yx
-        vol = vol[:, :y2, :x2].reshape(z, y2 // bin_yx, bin_yx, x2 // bin_yx, bin_yx).mean(axis=(2, 4))
+        vol = _bin_yx(np.asarray(volume), bin_yx)
         voxel_um = voxel_um * np.array([1, bin_yx, bin_yx])
+    else:
+        vol = np.asarray(volume, dtype=np.float32)
     # a Gaussian of width s (µm) in Fourier space is exp(-2 pi^2 s^2 k^2), k in cycles per µm
     freqs = [sfft.fftfreq(n, d=float(v)) for n, v in zip(vol.shape[:2], voxel_um[:2], strict=True)]
     freqs.append(sfft.rfftfreq(vol.shape[2], d=float(voxel_um[2])))
@@ -69,6 +68,19 @@ def _prepare(volume: np.ndarray, voxel_um: np.ndarray, bin_yx: int, smooth_um: f
     spectrum = sfft.rfftn(vol, workers=-1) * band.astype(np.float32)
     vol = sfft.irfftn(spectrum, s=vol.shape, workers=-1).astype(np.float32)
     return vol, _windowed_spectrum(vol)
+
+
+def _bin_yx(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped), summed
+    slice by slice: a mean over two axes of a reshaped view took 9x longer."""
+    z, y, x = volume.shape
+    y2, x2 = y - y % factor, x - x % factor
+    out = np.zeros((z, y2 // factor, x2 // factor), np.float32)
+    for i in range(factor):
+        for j in range(factor):
+            out += volume[:, i:y2:factor, j:x2:factor]
+    out *= np.float32(1 / factor**2)
+    return out
 
 
 def _windowed_spectrum(vol: np.ndarray) -> np.ndarray:
