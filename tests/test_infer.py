@@ -260,3 +260,4 @@ def test_large_buffers_are_reused_during_detection_and_given_back_after():
     assert libc.mallinfo2().fordblks < size  # given back on exit
     buffer = np.ones(size // 8)
     assert libc.mallinfo2().hblkhd >= size  # glibc's default again: large blocks are mapped
+    del buffer

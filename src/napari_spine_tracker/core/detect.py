@@ -80,7 +80,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         ``track_id, t, z, y, x, score, status`` (status ``predicted``) and ``head_radius_um``;
         coordinates in voxels of each session's own image.
     """
-    from .devices import free_memory, reuse_freed_memory
+    from .devices import free_memory
     from .link import link_detections
     from .register import estimate_drift
 
@@ -97,19 +97,18 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         return report
 
     try:
-        with reuse_freed_memory():  # tiles' buffers reused, not page-faulted in again
-            drift = None
-            if register_units:
-                drift = estimate_drift(data, voxel, progress=stage(0, register_units), should_stop=should_stop)
-            opts = options or InferenceOptions()
-            if threshold is not None:
-                opts = dataclasses.replace(opts, threshold=threshold)
-            detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
-                                        progress=stage(register_units, 100), should_stop=should_stop)
-            if not loaded.decode.get("use_displacement", True):  # validation found registration links better
-                detections = detections.drop(columns=["dz", "dy", "dx"])
-            table = link_detections(detections, voxel, drift_vox=drift, gate_um=gate_um, max_gap=max_gap,
-                                    should_stop=should_stop)
+        drift = None
+        if register_units:
+            drift = estimate_drift(data, voxel, progress=stage(0, register_units), should_stop=should_stop)
+        opts = options or InferenceOptions()
+        if threshold is not None:
+            opts = dataclasses.replace(opts, threshold=threshold)
+        detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
+                                    progress=stage(register_units, 100), should_stop=should_stop)
+        if not loaded.decode.get("use_displacement", True):  # validation found registration links better
+            detections = detections.drop(columns=["dz", "dy", "dx"])
+        table = link_detections(detections, voxel, drift_vox=drift, gate_um=gate_um, max_gap=max_gap,
+                                should_stop=should_stop)
     finally:
         free_memory(loaded.device)
     drop = [c for c in ("dz", "dy", "dx") if c in table.columns]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import platform
 import threading
@@ -101,6 +102,7 @@ _heap_lock = threading.Lock()
 _heap_users = 0
 
 
+@functools.cache
 def _glibc():
     """The C library if it is glibc (mallopt, malloc_trim), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -143,3 +145,14 @@ def reuse_freed_memory():
                 for param, value in _GLIBC_DEFAULTS.items():
                     libc.mallopt(param, value)
                 libc.malloc_trim(0)
+
+
+def give_back_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Inside :func:`reuse_freed_memory`, called between tiles: buffers are reused within a tile,
+    where nearly all the reuse is, and freed blocks that no later buffer fits do not pile up
+    across tiles (without it, peak memory on a 16-tile series grew by a half)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..errors import Cancelled
 from .decode import decode_peaks, nms_kernel
-from .devices import inference_autocast
+from .devices import give_back_free_memory, inference_autocast, reuse_freed_memory
 from .intensity import grid_scale, normalize, read_resampled, session_range
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,9 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     options = options or InferenceOptions()
     while True:
         try:
-            return _predict(data, voxel_size_um, model, drift_vox, session_shapes, options, progress, should_stop)
+            with reuse_freed_memory():
+                return _predict(data, voxel_size_um, model, drift_vox, session_shapes, options, progress,
+                                should_stop)
         except _NotFinite:  # raised in reduced precision only
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
@@ -210,9 +212,11 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
             for i, tile in enumerate(tiles):
                 for j, t in enumerate(times):
                     rows.append(_to_native(peaks[i * len(times) + j], tile, t, shift, scale, model_vox))
+            del outputs, flat  # before the next chunk's network call allocates
             done += len(tiles) * len(times)
             if progress is not None:
                 progress(done, total)
+        give_back_free_memory()  # the next tiles reuse the heap page by page again, but it stays small
     table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
