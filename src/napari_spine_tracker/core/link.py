@@ -87,13 +87,18 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
     whose kernel holds no weight keeps its start.
     """
     mode = np.array(start, dtype=float)
+    # one (n, m) array per axis: reductions over a last axis of 3 were half the linking time
+    axes = [np.ascontiguousarray(votes[:, :, i]) for i in range(3)]
     for width in widths_um:
         for _ in range(10):
-            w = weights * np.exp(-np.sum((votes - mode[:, None]) ** 2, axis=2) / (2 * width**2))
+            d2 = sum((v - mode[:, i : i + 1]) ** 2 for i, v in enumerate(axes))
+            w = weights * np.exp(d2 * (-1 / (2 * width**2)))
             total = w.sum(axis=1)
             heard = total > 1e-9
             new = mode.copy()
-            new[heard] = np.einsum("nm,nmk->nk", w[heard], votes[heard]) / total[heard, None]
+            if heard.any():
+                w = w[heard]
+                new[heard] = np.stack([(w * v[heard]).sum(axis=1) for v in axes], axis=1) / total[heard, None]
             moved = np.abs(new - mode).max() if len(mode) else 0.0
             mode = new
             if moved < 1e-3:
