@@ -95,9 +95,11 @@ def free_memory(device) -> None:
             torch.mps.empty_cache()
 
 
-# glibc mallopt parameters (malloc.h) and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+# glibc mallopt parameters (malloc.h). After a run they are set where glibc's own adaptation ends
+# once large blocks have been freed (mmap threshold raised to its 32 MiB cap, trim threshold twice
+# that): any mallopt call stops that adaptation for the rest of the process.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_GLIBC_AFTER = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
 _heap_lock = threading.Lock()
 _heap_users = 0
 
@@ -122,9 +124,9 @@ def reuse_freed_memory():
     glibc serves every allocation above 32 MiB with a new ``mmap`` and unmaps it when it is freed,
     so each activation tensor of a tile is page-faulted in and zeroed by the kernel again: on 2
     cores that was a quarter of end-to-end detection time (a 1x1x1 convolution took 60 ms instead
-    of 14; README: speed). On exit the settings are restored and the heap's free memory is given
-    back (``malloc_trim``). Nested and concurrent uses share one setting. Without glibc (macOS,
-    Windows, musl) this does nothing.
+    of 14; README: speed). On exit large blocks are mapped again (see ``_GLIBC_AFTER``) and the
+    heap's free memory is given back (``malloc_trim``). Nested and concurrent uses share one
+    setting. Without glibc (macOS, Windows, musl) this does nothing.
     """
     global _heap_users
     libc = _glibc()
@@ -142,7 +144,7 @@ def reuse_freed_memory():
         with _heap_lock:
             _heap_users -= 1
             if _heap_users == 0:
-                for param, value in _GLIBC_DEFAULTS.items():
+                for param, value in _GLIBC_AFTER.items():
                     libc.mallopt(param, value)
                 libc.malloc_trim(0)
 

@@ -216,7 +216,7 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
             done += len(tiles) * len(times)
             if progress is not None:
                 progress(done, total)
-        give_back_free_memory()  # the next tiles reuse the heap page by page again, but it stays small
+        give_back_free_memory()  # so that freed blocks no later buffer fits do not pile up across tiles
     table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
