@@ -243,21 +243,37 @@ def test_large_buffers_are_reused_during_detection_and_given_back_after():
     from napari_spine_tracker.core.devices import _glibc, reuse_freed_memory
 
     libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    if libc is None:
+        pytest.skip("not glibc: reuse_freed_memory does nothing (see the test below)")
+    # mallinfo2 (glibc >= 2.33) has size_t fields; the older mallinfo has int ones (enough for 64 MB)
+    field = ctypes.c_size_t if hasattr(libc, "mallinfo2") else ctypes.c_int
+    stats = libc.mallinfo2 if hasattr(libc, "mallinfo2") else libc.mallinfo
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
+    class MallInfo(ctypes.Structure):
+        _fields_ = [(name, field) for name in
                     "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-    libc.mallinfo2.restype = MallInfo2
+    stats.restype = MallInfo
     size = 64 << 20
     with reuse_freed_memory(), reuse_freed_memory():  # nested uses share the setting
         buffer = np.ones(size // 8)
-        assert libc.mallinfo2().hblkhd < size  # not a memory map
+        assert stats().hblkhd < size  # not a memory map
         del buffer
-        assert libc.mallinfo2().fordblks >= size  # kept, free, for the next allocation
-    assert libc.mallinfo2().fordblks < size  # given back on exit
+        assert stats().fordblks >= size  # kept, free, for the next allocation
+    assert stats().fordblks < size  # given back on exit
     buffer = np.ones(size // 8)
-    assert libc.mallinfo2().hblkhd >= size  # glibc's default again: large blocks are mapped
+    assert stats().hblkhd >= size  # large blocks are mapped again
     del buffer
+
+
+def test_without_glibc_heap_reuse_does_nothing(random_model, monkeypatch):
+    """Where the C library is not glibc (macOS, Windows, musl) detection runs the same, with the
+    allocator left alone."""
+    from napari_spine_tracker.core import devices
+
+    series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
+    expected = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    monkeypatch.setattr(devices, "_glibc", lambda: None)
+    got = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), equal_nan=True)
+    assert devices._heap_users == 0

@@ -146,7 +146,7 @@ def reuse_freed_memory():
             if _heap_users == 0:
                 for param, value in _GLIBC_AFTER.items():
                     libc.mallopt(param, value)
-                libc.malloc_trim(0)
+                give_back_free_memory()
 
 
 def give_back_free_memory() -> None:

@@ -107,6 +107,12 @@ WORKER_SEED_STRIDE = 4_000
 MAX_WORKERS = 24
 
 
+def pool_first_seed(pool_seed: int, worker: int = 0) -> int:
+    """The first synthetic seed of a pool. Validation (1500+) and benchmark (1000+) seeds are far
+    below, so training never sees them; each batch-preparing worker draws from its own range."""
+    return TRAINING_SEED_BASE + pool_seed * 100_000 + worker * WORKER_SEED_STRIDE
+
+
 class SyntheticPool:
     """A pool of synthetic series on the model grid; one is replaced every few steps.
 
@@ -118,9 +124,7 @@ class SyntheticPool:
                  realistic_fraction: float = 0.0, worker: int = 0):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
         self.realistic_fraction = realistic_fraction
-        # validation (1500+) and benchmark (1000+) seeds are far below: training never sees them;
-        # each batch-preparing worker draws from its own range
-        self.first_seed = self.next_seed = TRAINING_SEED_BASE + seed * 100_000 + worker * WORKER_SEED_STRIDE
+        self.first_seed = self.next_seed = pool_first_seed(seed, worker)
         self.series: list[PreparedSeries] = []
         self.size = size
 
@@ -694,7 +698,7 @@ class _Run:
         }
 
     def seeds_description(self) -> str:
-        first = TRAINING_SEED_BASE + self.spec.pool_seed * 100_000
+        first = pool_first_seed(self.spec.pool_seed)
         where = (f"n from {first}" if self.workers == 0 else
                  f"n from {first} + {WORKER_SEED_STRIDE} w for worker w of {self.workers}")
         return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
