@@ -22,6 +22,8 @@ PHASES=${PHASES:-checks speed train finetune compare compile}
 DEVICE=${DEVICE:-cuda}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5.5}
 TRAIN_WORKERS=${TRAIN_WORKERS:-11}
+TRAIN_SIZE=${TRAIN_SIZE:-}  # e.g. deep: grow the shipped model into that preset
+TRAIN_SEED=${TRAIN_SEED:-3}
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
 REPEAT_XY=${REPEAT_XY:-4}
@@ -63,10 +65,11 @@ finetune() {
         ${FT_MINUTES:+--minutes "$FT_MINUTES"} > "$OUT/finetune.txt" 2>&1
 }
 if wants train; then
-    stamp "training for $TRAIN_MINUTES min with $TRAIN_WORKERS batch workers"
+    stamp "training for $TRAIN_MINUTES min with $TRAIN_WORKERS batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
     $PY -m napari_spine_tracker -v train --init spinenet-synth --out "$OUT/spinenet-synth.pt" --device "$DEVICE" \
-        --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every 600 --workers "$TRAIN_WORKERS" --seed 3 -q \
+        --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every 600 --workers "$TRAIN_WORKERS" --seed "$TRAIN_SEED" \
+        ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} -q \
         > "$OUT/train.log" 2>&1 &
     train_pid=$!
     if wants finetune; then

@@ -242,3 +242,41 @@ def test_heads_at_the_peaks_equal_dense_heads():
             np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="heads_at"):
         decode_peaks({name: value[:, 0] for name, value in sparse.items()}, (1, 2, 2), kernel, 0.4)
+
+
+def test_a_lean_model_grows_into_deep_without_changing_its_output():
+    from napari_spine_tracker.core.model import grow_config, load_grown
+
+    torch.manual_seed(0)
+    small = SpineNet(build_config("lean"))
+    with torch.no_grad():  # trained-looking BatchNorm statistics, so that the check means something
+        for module in small.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    grown = SpineNet(grow_config(small.config, "deep"))
+    added = load_grown(grown, small.state_dict())
+    assert added == ["down.1.1", "down.2.1"]
+    assert grown.config["blocks"] == [1, 2, 2] and grown.config["preset"] == "deep"
+    x = torch.randn(1, 2, 1, 16, 64, 64)
+    small.eval(), grown.eval()
+    with torch.no_grad():
+        before, after = small(x), grown(x)
+    for name in SpineNet.HEADS:
+        torch.testing.assert_close(after[name], before[name])
+    grown.train()  # and the added blocks learn: their last BatchNorm scale gets a gradient
+    loss = grown(x)["heatmap"].square().mean()
+    loss.backward()
+    assert grown.down[2][1].expand[1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["base", "tiny"])
+def test_growing_into_other_widths_is_refused(preset):
+    from napari_spine_tracker.core.model import grow_config
+
+    with pytest.raises(ValueError, match="only blocks can be added"):
+        grow_config(build_config("deep"), preset)
+    if preset == "base":  # lean -> base changes the widths as well
+        with pytest.raises(ValueError, match="widths"):
+            grow_config(build_config("lean"), preset)

@@ -107,6 +107,23 @@ def test_fine_tuning_validates_more_often(tmp_path):
     assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth", val_every=7).validation_interval == 7
 
 
+
+def test_the_shipped_model_grows_into_a_deeper_one(tmp_path):
+    """--init with a deeper --size: the shipped weights are kept and the added blocks trained."""
+    path = train_model(tiny_options(tmp_path / "deep.pt", init="spinenet-synth", size="deep", steps=2, val_every=2))
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["config"]["preset"] == "deep" and checkpoint["config"]["blocks"] == [1, 2, 2]
+    assert checkpoint["training"]["grown_blocks"] == ["down.1.1", "down.2.1"]
+    assert checkpoint["state_dict"]["down.2.1.expand.1.weight"].abs().sum() > 0, "the added blocks were trained"
+
+
+def test_growing_into_other_widths_is_a_clear_error(tmp_path):
+    first = train_model(tiny_options(tmp_path / "tiny.pt", steps=1, val_every=1))
+    with pytest.raises(InputError, match=r"--size lean with --init .*only blocks can be added"):
+        train_model(tiny_options(tmp_path / "b.pt", init=str(first), size="lean"))
+    with pytest.raises(InputError, match="unknown model size 'huge'"):
+        train_model(tiny_options(tmp_path / "c.pt", size="huge"))
+
 def _source_spec(**changes):
     from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION
     from napari_spine_tracker.core.train import MODEL_VOXEL_UM, _SourceSpec

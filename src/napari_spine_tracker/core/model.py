@@ -33,6 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1], "group_width": 4},
     "lean": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16},
     "base": {"widths": [24, 48, 96, 128], "blocks": [1, 2, 2], "group_width": 16},
+    # lean with a second block on the two coarsest levels: more context where voxels are few
+    # (network 9 % slower on a 2-core CPU); a lean model grows into it, see grow_config
+    "deep": {"widths": [16, 32, 48, 64], "blocks": [1, 2, 2], "group_width": 16},
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -55,6 +58,42 @@ def build_config(preset: str = "lean", **overrides: Any) -> dict[str, Any]:
     config.update(overrides)
     config["preset"] = preset
     return config
+
+
+def grow_config(config: dict[str, Any], preset: str) -> dict[str, Any]:
+    """``config`` with the blocks of ``preset``, for a trained model to grow into (see
+    :func:`load_grown`). Only depth can grow: the widths, strides and other settings must be the
+    same, and no level may lose a block."""
+    target = build_config(preset)
+    fixed = [key for key in target if key not in ("blocks", "preset") and target[key] != config.get(key)]
+    if fixed or len(target["blocks"]) != len(config["blocks"]) or any(
+            new < old for new, old in zip(target["blocks"], config["blocks"])):
+        differ = ", ".join(fixed) if fixed else f"blocks {config['blocks']} -> {target['blocks']}"
+        raise ValueError(f"a {config.get('preset', 'custom')!r} model cannot grow into {preset!r} ({differ}): "
+                         "only blocks can be added; train from scratch instead (leave out --init)")
+    grown = copy.deepcopy(config)
+    grown["blocks"], grown["preset"] = list(target["blocks"]), preset
+    return grown
+
+
+def load_grown(net: SpineNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load a smaller model's weights into ``net`` built from :func:`grow_config`; returns the
+    names of the blocks it adds. Each added block starts as the identity (the scale of its last
+    BatchNorm is zero and its input comes out of a ReLU), so the grown model computes exactly what
+    the smaller one did, and training starts from there (the zero-initialised residual of Goyal
+    et al., 2017)."""
+    missing, unexpected = net.load_state_dict(state_dict, strict=False)
+    added = sorted({key.rsplit(".", 3)[0] for key in missing if key.startswith("down.")})
+    stray = [key for key in missing if not any(key.startswith(block + ".") for block in added)]
+    if unexpected or stray:
+        raise ValueError(f"weights do not fit the grown model (unexpected {unexpected[:3]}, missing {stray[:3]})")
+    modules = dict(net.named_modules())
+    for name in added:
+        block = modules[name]
+        if not isinstance(block, ResNeXtBlock) or not isinstance(block.shortcut, nn.Identity):
+            raise ValueError(f"{name} is not an added residual block")
+        nn.init.zeros_(block.expand[1].weight)
+    return added
 
 
 class ConvBNReLU(nn.Sequential):

@@ -53,7 +53,7 @@ class TrainOptions:
     steps: int | None = None
     minutes: float | None = None
     device: str = "auto"
-    size: str = "lean"
+    size: str | None = None  # from scratch: "lean"; with init: grow into this preset
     batch_size: int | None = None
     seed: int = 0
     resume: bool = False
@@ -396,7 +396,7 @@ def _quality(rows) -> float:
 
 def _initial_model(options: TrainOptions):
     """(net, model_voxel_um, normalization, decode, provenance) from --init or from scratch."""
-    from .model import SpineNet, build_config
+    from .model import SpineNet, build_config, grow_config, load_grown
 
     if options.init:
         from ..io.checkpoint import load_checkpoint
@@ -404,11 +404,24 @@ def _initial_model(options: TrainOptions):
 
         path = resolve_model(options.init)
         checkpoint = load_checkpoint(path)
-        net = SpineNet(checkpoint["config"])
-        net.load_state_dict(checkpoint["state_dict"])
+        provenance = {"init": str(options.init), "init_training": checkpoint["training"]}
+        if options.size and options.size != checkpoint["config"].get("preset"):
+            try:
+                net = SpineNet(grow_config(checkpoint["config"], options.size))
+                provenance["grown_blocks"] = load_grown(net, checkpoint["state_dict"])
+            except ValueError as exc:
+                raise InputError(f"--size {options.size} with --init {options.init}: {exc}") from exc
+            log.info("grew %s into %r: added %s, each starting as the identity", options.init, options.size,
+                     ", ".join(provenance["grown_blocks"]) or "nothing")
+        else:
+            net = SpineNet(checkpoint["config"])
+            net.load_state_dict(checkpoint["state_dict"])
         return (net, tuple(checkpoint["voxel_size_um"]), dict(checkpoint["normalization"]),
-                dict(checkpoint["decode"]), {"init": str(options.init), "init_training": checkpoint["training"]})
-    net = SpineNet(build_config(options.size))
+                dict(checkpoint["decode"]), provenance)
+    try:
+        net = SpineNet(build_config(options.size or "lean"))
+    except ValueError as exc:
+        raise InputError(f"--size: {exc}") from exc
     return net, MODEL_VOXEL_UM, dict(DEFAULT_NORMALIZATION), dict(DEFAULT_DECODE), {"init": None}
 
 
