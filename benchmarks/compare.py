@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"small series {QUICK_OVERRIDES}")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--model", default="spinenet-synth")
+    parser.add_argument("--views", type=int, choices=[1, 2, 4], default=1,
+                        help="SpineNet's test-time augmentation (mirror images averaged per tile)")
     parser.add_argument("--tol-um", type=float, default=1.0)
     parser.add_argument("--no-isolate", action="store_true",
                         help="run methods in this process (no per-method peak memory)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 1000 for s in seeds):
         print("warning: seeds < 1000 are training / tuning seeds, not validation seeds", file=sys.stderr)
     results = run_cases(args.methods, args.cases, seeds, quick=args.quick, device=args.device, model=args.model,
-                        tol_um=args.tol_um, isolate=not args.no_isolate)
+                        tol_um=args.tol_um, isolate=not args.no_isolate, views=args.views)
     print(f"seeds {seeds}, cases {args.cases}, tolerance {args.tol_um} µm, means over seeds")
     print(format_table(results))
     if args.json:

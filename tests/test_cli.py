@@ -98,6 +98,22 @@ def test_detect_4d_3d_and_folder_inputs(synth_dir, tmp_path, tiny_checkpoint):
         assert table["t"].max() == (0 if name == "3d" else image.shape[0] - 1)
 
 
+
+def test_detect_with_mirror_views(synth_dir, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from napari_spine_tracker.core import infer
+
+    seen = []
+    forward = infer._forward_views
+    monkeypatch.setattr(infer, "_forward_views", lambda net, x, previous, states: seen.append(len(states))
+                        or forward(net, x, previous, states))
+    out = tmp_path / "views.csv"
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--views", "4", "-q"]) == 0
+    assert set(seen) == {4} and len(read_spine_table(out)) > 0
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        main(["detect", str(synth_dir / "series.tif"), "--views", "3"])
+    assert exc.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
     import tifffile
 

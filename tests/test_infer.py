@@ -277,3 +277,42 @@ def test_without_glibc_heap_reuse_does_nothing(random_model, monkeypatch):
     got = predict_series(series, (0.5, 0.1, 0.1), random_model)
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), equal_nan=True)
     assert devices._heap_users == 0
+
+
+def test_mirror_views_make_the_heatmap_mirror_equivariant(random_model):
+    """Averaging over the four xy mirror images (each with its own ConvLSTM state) gives a
+    heatmap that mirrors exactly with the input; it would not if a view were flipped back wrong."""
+    from napari_spine_tracker.core.infer import VIEW_FLIPS, _forward_views
+
+    net = random_model.net
+    x = torch.randn(1, 3, 1, 8, 32, 48)
+    plain = net.forward_sessions(x, point_heads=True)[0]["heatmap"]
+    with torch.inference_mode():
+        averaged = _forward_views(net, x, None, [None] * 4)[0]["heatmap"]
+        for flip in VIEW_FLIPS[1:]:
+            of_mirror = _forward_views(net, x.flip(flip), None, [None] * 4)[0]["heatmap"]
+            torch.testing.assert_close(of_mirror, averaged.flip(flip), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(net.forward_sessions(x.flip((-1,)), point_heads=True)[0]["heatmap"],
+                                  plain.flip((-1,)), atol=1e-3), "the network alone is not equivariant"
+        # and the state after the views goes on: sessions one at a time give the same heatmap
+        states, previous, parts = [None] * 4, None, []
+        for t in range(3):
+            out, states = _forward_views(net, x[:, t : t + 1], previous, states)
+            parts.append(out["heatmap"])
+            previous = x[:, t]
+        torch.testing.assert_close(torch.cat(parts, dim=1), averaged, atol=1e-5, rtol=1e-5)
+
+
+def test_views_run_on_odd_sizes_and_are_checked(random_model):
+    series = np.random.default_rng(3).poisson(5, (2, 7, 33, 45)).astype(np.uint16)
+    plain = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    mirrored = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(views=4))
+    assert len(plain) > 0 and len(mirrored) > 0
+    for table in (plain, mirrored):  # every point inside its session, though tiles were rounded up to even
+        assert table[["z", "y", "x"]].min().min() >= -0.5
+        assert (table[["z", "y", "x"]].max().to_numpy() <= np.array(series.shape[1:]) - 0.5).all()
+    for bad in (3, 0, True, "4"):
+        with pytest.raises(InputError, match="views must be 1, 2 or 4"):
+            InferenceOptions(views=bad)
+    with pytest.raises(InputError, match="views must be"):
+        detect_series(series, (0.5, 0.1, 0.1), model=random_model, views=8)

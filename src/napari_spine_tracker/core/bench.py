@@ -53,10 +53,11 @@ def _trackpy(image: np.ndarray, voxel_size_um, **_options) -> pd.DataFrame:
 
 
 def _spinenet(image: np.ndarray, voxel_size_um, *, device: str = "auto", model: str = "spinenet-synth",
-              loaded=None, **_options) -> pd.DataFrame:
+              loaded=None, views: int = 1, **_options) -> pd.DataFrame:
     from .detect import detect_series
 
-    return detect_series(image, voxel_size_um, model=loaded if loaded is not None else model, device=device)
+    return detect_series(image, voxel_size_um, model=loaded if loaded is not None else model, device=device,
+                         views=views)
 
 
 def _spinenet_prepare(device: str = "auto", model: str = "spinenet-synth", **_options) -> dict:
@@ -174,12 +175,14 @@ def _gpu_peak(torch) -> float:
 def run_cases(methods: Sequence[str] = ("trackpy", "spinenet"), cases: Sequence[str] = CASES,
               seeds: Sequence[int] = VALIDATION_SEEDS, *, quick: bool = False, device: str = "auto",
               model: str = "spinenet-synth", tol_um: float = 1.0, isolate: bool = True,
-              overrides: dict | None = None,
+              overrides: dict | None = None, views: int = 1,
               progress: Callable[[int, int], None] | None = None) -> list[BenchResult]:
     """Run every method on every (case, seed) synthetic series; returns one result per run.
 
     ``isolate=False`` runs the methods in this process (faster to start; peak memory then is not
     per method and is left out). ``overrides`` change the synthetic configuration (e.g. ``shape``).
+    ``views``: SpineNet's test-time augmentation (core/infer.py); its rows are then named
+    ``spinenet xN``.
     """
     from .synth import SynthConfig, synthesize_series
 
@@ -187,7 +190,7 @@ def run_cases(methods: Sequence[str] = ("trackpy", "spinenet"), cases: Sequence[
         method_unavailable(name)  # raises on an unknown name
     unavailable = {m: method_unavailable(m, model) for m in methods}
     changes = dict(QUICK_OVERRIDES if quick else {}) | dict(overrides or {})
-    options = {"device": device, "model": model}
+    options = {"device": device, "model": model, "views": views}
     results: list[BenchResult] = []
     total, done = len(cases) * len(seeds) * len(methods), 0
     context = get_context("spawn")
@@ -199,7 +202,8 @@ def run_cases(methods: Sequence[str] = ("trackpy", "spinenet"), cases: Sequence[
                 np.save(image_path, series.image)
                 voxel = series.voxel_size_um
                 for name in methods:
-                    result = BenchResult(name, case, int(seed), int(series.image.size))
+                    label = f"{name} x{views}" if name == "spinenet" and views > 1 else name
+                    result = BenchResult(label, case, int(seed), int(series.image.size))
                     if unavailable[name]:
                         result.note = unavailable[name]
                     else:
@@ -232,7 +236,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
     if not results:
         return "(no results)"
     rows = pd.DataFrame([r.as_row() for r in results])
-    header = (f"{'method':9s} {'case':12s} {'seeds':>5s} {'F1':>6s} {'IDF1':>6s} {'assoc':>6s} "
+    header = (f"{'method':11s} {'case':12s} {'seeds':>5s} {'F1':>6s} {'IDF1':>6s} {'assoc':>6s} "
               f"{'s':>7s} {'Mvox/s':>7s} {'peakMB':>7s} {'+MB':>6s} {'GPU MB':>7s}  note")
     lines = [header, "-" * len(header)]
 
@@ -246,20 +250,20 @@ def format_table(results: Sequence[BenchResult]) -> str:
                       "added_rss_mb", "peak_gpu_mb"]].mean(skipna=True)
         ok = group["note"].eq("").sum()
         lines.append(
-            f"{method:9s} {case:12s} {ok:5d} {fmt(mean.f1, '6.3f')} {fmt(mean.idf1, '6.3f')} "
+            f"{method:11s} {case:12s} {ok:5d} {fmt(mean.f1, '6.3f')} {fmt(mean.idf1, '6.3f')} "
             f"{fmt(mean.association_accuracy, '6.3f')} {fmt(mean.seconds, '7.2f')} "
             f"{fmt(mean.mvoxel_per_s, '7.2f')} {fmt(mean.peak_rss_mb, '7.0f')} {fmt(mean.added_rss_mb, '6.0f')} "
             f"{fmt(mean.peak_gpu_mb, '7.0f')}  {note}".rstrip())
     return "\n".join(lines)
 
 
-def run_bench(quick: bool = False, device: str = "auto", model: str = "spinenet-synth") -> str:
+def run_bench(quick: bool = False, device: str = "auto", model: str = "spinenet-synth", views: int = 1) -> str:
     """The ``bench`` command: both methods on the validation cases; returns the printed table.
 
     ``quick``: one seed of small series (a smoke run of a minute or so on 2 CPU cores).
     """
     seeds = VALIDATION_SEEDS[:1] if quick else VALIDATION_SEEDS
-    results = run_cases(tuple(METHODS), CASES, seeds, quick=quick, device=device, model=model)
+    results = run_cases(tuple(METHODS), CASES, seeds, quick=quick, device=device, model=model, views=views)
     shape = QUICK_OVERRIDES["shape"] if quick else None
     title = (f"spine detection + tracking on synthetic validation series (seeds {', '.join(map(str, seeds))}"
              f"{', shape ' + str(shape) if shape else ''}; tolerance 1.0 µm; means over seeds)")

@@ -49,7 +49,7 @@ def _as_series(series, voxel_size_um):
 def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   model: str | LoadedModel = DEFAULT_MODEL, device: str = "auto",
                   threshold: float | None = None, register: bool = True, gate_um: float = 1.2,
-                  max_gap: int = 2, options: InferenceOptions | None = None,
+                  max_gap: int = 2, views: int | None = None, options: InferenceOptions | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Detect and track spines in a series; returns a spine table (DESIGN §3).
@@ -70,6 +70,10 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     register, gate_um, max_gap
         Rigid registration between sessions; linking gate in µm; sessions a spine may be missed
         and keep its id.
+    views
+        Test-time augmentation: average the heatmap over 1, 2 or 4 mirror images of each tile
+        (default 1). 4 views found more spines on every synthetic test case (README) at about 3.5
+        times the network's time: most of a CPU run, a few per cent of a GPU run.
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).
@@ -103,6 +107,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         opts = options or InferenceOptions()
         if threshold is not None:
             opts = dataclasses.replace(opts, threshold=threshold)
+        if views is not None:
+            opts = dataclasses.replace(opts, views=views)
         detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
                                     progress=stage(register_units, 100), should_stop=should_stop)
         if not loaded.decode.get("use_displacement", True):  # validation found registration links better

@@ -10,6 +10,12 @@ model voxel, see core/intensity.py). Tiles partition the model grid of the refer
 so a spine on a seam is reported exactly once. Session ``t``'s tile is read at the tile position
 moved by the session's rounded registration drift, so the ConvLSTM, which runs over all sessions
 of a tile, sees roughly aligned content and the displacement head only has to find what remains.
+
+Test-time augmentation (``InferenceOptions.views``): the network also sees the tile's mirror
+images in xy (each with its own ConvLSTM state), and the heatmap is the mean probability over the
+views, mirrored back. Training turned and flipped patches in xy, so each view is as good a guess
+as the plain one and their mean is a better one. Tiles are then an even number of voxels in y and
+x, so that the output grid (stride 2) of a mirrored tile is exactly the mirror of the plain one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import Cancelled
+from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
 from .devices import give_back_free_memory, inference_autocast, reuse_freed_memory
 from .intensity import grid_scale, normalize, read_resampled, session_range
@@ -32,6 +38,9 @@ from .intensity import grid_scale, normalize, read_resampled, session_range
 log = logging.getLogger(__name__)
 
 DETECTION_COLUMNS = ["t", "z", "y", "x", "score", "dz", "dy", "dx", "head_radius_um"]
+#: the mirror images of a (..., Y, X) tile that ``views`` test-time augmentation averages, in
+#: order: as is, turned by 180 degrees, flipped in x, flipped in y (the dims to flip)
+VIEW_FLIPS: tuple[tuple[int, ...], ...] = ((), (-2, -1), (-1,), (-2,))
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,17 @@ class InferenceOptions:
     batch_size: int | None = None  # tiles per batch
     session_chunk: int | None = None  # sessions per network call (the ConvLSTM carries state between)
     precision: str = "float16"  # on CUDA: float16, bfloat16 or float32 (see devices.inference_autocast)
+    views: int = 1  # test-time augmentation: 1, 2 or 4 mirror images of each tile (see VIEW_FLIPS)
+
+    def __post_init__(self):
+        check_views(self.views)
+
+
+def check_views(views) -> int:
+    """``views`` if it is a valid number of mirror images (1, 2 or 4), else an InputError."""
+    if views not in (1, 2, 4) or isinstance(views, bool):
+        raise InputError(f"views must be 1, 2 or 4 (mirror images of each tile to average), got {views!r}.")
+    return views
 
 
 def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np.ndarray | None = None,
@@ -177,7 +197,8 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     # so that what drifted into one session's field is analysed too
     low = (-shift).min(axis=0)
     high = (model_shape - shift).max(axis=0)
-    plan = plan_tiles(high - low, max_tile, options.halo)
+    # mirrored tiles need an even size where the output is strided, to mirror the output grid exactly
+    plan = plan_tiles(high - low, max_tile, options.halo, net.output_stride if options.views > 1 else (1, 1, 1))
     plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
     threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
@@ -193,7 +214,7 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
     total, done = len(plan.tiles) * t_count, 0
     for first in range(0, len(plan.tiles), batch_size):
         tiles = plan.tiles[first : first + batch_size]
-        state, previous = None, None
+        states, previous = [None] * options.views, None
         for t0 in range(0, t_count, chunk):
             if should_stop is not None and should_stop():
                 raise Cancelled("detection cancelled")
@@ -203,7 +224,7 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
                        for t in times] for tile in tiles]
             x = torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
             with torch.inference_mode(), inference_autocast(device, options.precision):
-                outputs, state = net.forward_sessions(x, previous, state, point_heads=True)
+                outputs, states = _forward_views(net, x, previous, states)
             if _reduced_precision(device, options) and not torch.isfinite(outputs["heatmap"]).all():
                 raise _NotFinite
             previous = x[:, -1]
@@ -221,6 +242,33 @@ def _predict(data, voxel_size_um, model, drift_vox, session_shapes, options: Inf
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
     return _inside_sessions(table, shapes)
+
+
+def _forward_views(net, x, previous, states: list):
+    """``net.forward_sessions`` on ``len(states)`` mirror images of ``x`` (see :data:`VIEW_FLIPS`),
+    each view carrying its own ConvLSTM state. Returns (outputs, states): the heatmap holds the
+    logit of the mean probability over the views, mirrored back; the trunk is the plain view's (the
+    offset and displacement heads read it at the peaks)."""
+    import torch
+
+    if len(states) == 1:
+        outputs, state = net.forward_sessions(x, previous, states[0], point_heads=True)
+        return outputs, [state]
+    probability, after = None, []
+    for flip, state in zip(VIEW_FLIPS, states):
+        view = x.flip(flip) if flip else x
+        before = previous.flip(flip) if flip and previous is not None else previous
+        out, state = net.forward_sessions(view, before, state, point_heads=True)
+        after.append(state)
+        if not torch.isfinite(out["heatmap"]).all():  # reduced precision overflowed: let the caller see it
+            return out, after
+        heat = torch.sigmoid(out["heatmap"].float())
+        heat = heat.flip(flip) if flip else heat
+        probability = heat if probability is None else probability.add_(heat)
+        if not flip:
+            outputs = out
+    outputs["heatmap"] = torch.logit(probability.div_(len(states)), eps=1e-6)
+    return outputs, after
 
 
 def _to_native(peaks, tile: Tile, t: int, shift: np.ndarray, scale: np.ndarray, model_vox: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DETECT_LABEL = "Detect spines"
 
 
-def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None,
+def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None, views: int = 1,
                   progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> pd.DataFrame:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
 
@@ -44,7 +44,7 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
     """
     from ..core.detect import detect_series
 
-    return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold,
+    return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold, views=views,
                          progress=progress, should_stop=should_stop)
 
 
@@ -130,6 +130,11 @@ class DetectPanel(CancellableRun, QWidget):
         self.threshold.setSpecialValueText("model default")
         self.threshold.setToolTip("Detection score threshold: lower finds more spines (and more false ones)")
         form.addRow("Threshold", self.threshold)
+        self.views = QComboBox()
+        self.views.addItems(["1", "2", "4"])
+        self.views.setToolTip("Mirror views: average the model over this many mirror images of the image. "
+                              "4 finds more spines; it takes about 3.5x as long on a CPU, little more on a GPU")
+        form.addRow("Mirror views", self.views)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
         self.run_button.clicked.connect(self._on_run_clicked)
@@ -137,7 +142,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.bar = QProgressBar()
         self.bar.setVisible(False)
         form.addRow(self.bar)
-        self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold]
+        self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold, self.views]
 
         viewer.layers.events.inserted.connect(self.refresh_images)
         viewer.layers.events.removed.connect(self.refresh_images)
@@ -211,7 +216,7 @@ class DetectPanel(CancellableRun, QWidget):
         relay = self._relay
         self.worker = create_worker(
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
-            threshold=self.threshold.value() or None,
+            threshold=self.threshold.value() or None, views=int(self.views.currentText()),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
             _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
