@@ -108,9 +108,11 @@ def test_fine_tuning_validates_more_often(tmp_path):
 
 
 
-def test_the_shipped_model_grows_into_a_deeper_one(tmp_path):
-    """--init with a deeper --size: the shipped weights are kept and the added blocks trained."""
-    path = train_model(tiny_options(tmp_path / "deep.pt", init="spinenet-synth", size="deep", steps=2, val_every=2))
+def test_a_lean_model_grows_into_a_deeper_one(tmp_path):
+    """--init with a deeper --size: the initial weights are kept and the added blocks trained
+    (how the shipped model was made from the earlier lean one)."""
+    lean = train_model(tiny_options(tmp_path / "lean.pt", size="lean", steps=1, val_every=1))
+    path = train_model(tiny_options(tmp_path / "deep.pt", init=str(lean), size="deep", steps=2, val_every=2))
     checkpoint = load_checkpoint(path)
     assert checkpoint["config"]["preset"] == "deep" and checkpoint["config"]["blocks"] == [1, 2, 2]
     assert checkpoint["training"]["grown_blocks"] == ["down.1.1", "down.2.1"]
@@ -190,3 +192,17 @@ def test_learning_rate_decays_over_a_time_budget():
     assert _Run.lr_at(fake, 4, 0.0) == pytest.approx(0.5)  # warm-up
     fake.steps, fake.elapsed_minutes = 400, (lambda: 1.0)
     assert _Run.budget_fraction(fake) == pytest.approx(0.25)  # steps ran out faster than minutes
+
+
+def test_validation_with_given_choices(tmp_path):
+    """validate() tries only the thresholds and linkings it is given, with mirror views if asked."""
+    from napari_spine_tracker.core.models import load_model
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+    from napari_spine_tracker.core.train import validate
+
+    model = load_model(train_model(tiny_options(tmp_path / "m.pt", steps=1, val_every=1)), device="cpu")
+    series = synthesize_series(SynthConfig.preset("tiny", seed=1000))
+    cases = [("tiny-1000", series.image, series.voxel_size_um, series.truth, None)]
+    result = validate(model, cases, thresholds=(0.3,), views=2, linking=(False,))
+    assert result["threshold"] == 0.3 and result["use_displacement"] is False
+    assert [row["case"] for row in result["cases"]] == ["tiny-1000"] and 0 <= result["f1"] <= 1

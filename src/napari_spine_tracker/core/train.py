@@ -315,25 +315,28 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
 # validation
 
 
-def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS, views: int = 1,
+             linking: Sequence[bool] = (True, False)) -> dict[str, Any]:
     """Run detection on each validation case and score it for each decoding choice.
 
     ``cases``: (name, image (T,Z,Y,X), voxel_size_um, truth table, sessions to score or None).
     The choices are the peak threshold and whether linking uses the network's displacement head
     or registration alone; the best pair (highest mean of F1 and IDF1 over cases) is returned with
-    its per-case figures, and becomes the checkpoint's decoding defaults.
+    its per-case figures, and becomes the checkpoint's decoding defaults. ``linking``: the
+    ``use_displacement`` choices to try. ``views``: test-time augmentation (core/infer.py), for
+    measuring it; training validates without.
     """
     from .infer import InferenceOptions, predict_series
     from .link import link_detections
     from .metrics import evaluate_tracks
     from .register import estimate_drift
 
-    choices = [(thr, use) for thr in thresholds for use in (True, False)]
+    choices = [(thr, use) for thr in thresholds for use in linking]
     results: dict[tuple[float, bool], list[dict]] = {choice: [] for choice in choices}
     for name, image, voxel, truth, sessions in cases:
         drift = estimate_drift(image, voxel) if image.shape[0] > 1 else None
         detections = predict_series(image, voxel, model, drift_vox=drift,
-                                    options=InferenceOptions(threshold=min(thresholds)))
+                                    options=InferenceOptions(threshold=min(thresholds), views=views))
         if sessions is not None:
             truth = truth[truth["t"].isin(sessions)]
         for thr, use_displacement in choices:
