@@ -267,6 +267,7 @@ def _forward_views(net, x, previous, states: list):
         probability = heat if probability is None else probability.add_(heat)
         if not flip:
             outputs = out
+        del out, heat  # a mirrored view's trunk is not needed while the next view runs
     outputs["heatmap"] = torch.logit(probability.div_(len(states)), eps=1e-6)
     return outputs, after
 
