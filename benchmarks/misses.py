@@ -1,0 +1,72 @@
+"""What the model misses: recall on the test series by quartile of a spine's local
+contrast-to-noise, head radius, neck length and how much it points along z.
+
+Contrast-to-noise: the smoothed image at the true head centre above the session's median,
+over a robust noise estimate (median absolute deviation of the darker 60 % of voxels).
+
+    python benchmarks/misses.py
+    python benchmarks/misses.py --model runs/m.pt --cases low_snr crowded
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="spinenet-synth")
+    parser.add_argument("--cases", nargs="+", default=["low_snr", "crowded", "default"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1000, 1001, 1002])
+    parser.add_argument("--views", type=int, default=1, choices=[1, 2, 4])
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import pandas as pd
+    from scipy import ndimage
+
+    from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.metrics import match_points
+    from napari_spine_tracker.core.models import load_model
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    model = load_model(args.model, device="cpu")
+    rows = []
+    for case in args.cases:
+        for seed in args.seeds:
+            series = synthesize_series(SynthConfig.preset(case, seed=seed))
+            voxel = np.asarray(series.voxel_size_um)
+            table = detect_series(series.image, series.voxel_size_um, model=model, views=args.views)
+            for t in range(series.image.shape[0]):
+                image = series.image[t].astype(np.float32)
+                smooth = ndimage.gaussian_filter(image, (0.5, 1.5, 1.5))
+                background = np.median(image)
+                dark = image[image < np.percentile(image, 60)]
+                noise = 1.4826 * np.median(np.abs(dark - background))
+                truth = series.truth[series.truth["t"] == t]
+                pred = table[table["t"] == t]
+                _, found = match_points(pred[["z", "y", "x"]].to_numpy() * voxel,
+                                        truth[["z", "y", "x"]].to_numpy() * voxel, 1.0)
+                hit = np.zeros(len(truth), bool)
+                hit[found] = True
+                centre = np.clip(np.round(truth[["z", "y", "x"]].to_numpy()).astype(int), 0,
+                                 np.array(image.shape) - 1)
+                cnr = (smooth[tuple(centre.T)] - background) / noise
+                rows.append(pd.DataFrame({"case": case, "hit": hit, "contrast/noise": cnr,
+                                          "head radius um": truth["head_radius_um"].to_numpy(),
+                                          "neck um": truth["neck_length_um"].to_numpy(),
+                                          "|pointing z|": truth["pointing_z"].abs().to_numpy()}))
+    df = pd.concat(rows, ignore_index=True)
+    print(f"model {args.model}, views {args.views}, seeds {args.seeds}; recall per quartile (range: recall)")
+    for case, group in df.groupby("case", sort=False):
+        print(f"\n{case}: {len(group)} true spine-sessions, recall {group['hit'].mean():.3f}")
+        for column in ("contrast/noise", "head radius um", "neck um", "|pointing z|"):
+            bins = pd.qcut(group[column], 4, duplicates="drop")
+            recall = group.groupby(bins, observed=True)["hit"].mean()
+            print(f"  {column:15s}", "  ".join(f"{b.left:.2f}-{b.right:.2f}: {r:.2f}" for b, r in recall.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
