@@ -106,3 +106,12 @@ def test_run_cases_isolated_measures_time_memory_and_scores():
     assert trackpy_result.peak_rss_mb > trackpy_result.added_rss_mb >= 0
     assert 0 <= trackpy_result.scores["f1"] <= 1 and trackpy_result.scores["n_true"] > 0
     assert spinenet_result.note == "n/a (no model)" and not spinenet_result.scores
+
+
+def test_run_cases_with_mirror_views_names_the_row(tiny_checkpoint):
+    from napari_spine_tracker.core.bench import format_table, run_cases
+
+    results = run_cases(("spinenet",), ("tiny",), (1000,), model=str(tiny_checkpoint), isolate=False, views=2)
+    assert [r.method for r in results] == ["spinenet x2"] and results[0].note == ""
+    assert results[0].seconds > 0 and 0 <= results[0].scores["f1"] <= 1
+    assert format_table(results).splitlines()[2].startswith("spinenet x2 tiny")
