@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="detection score threshold (default: the model's)")
     p.add_argument("--views", type=int, choices=[1, 2, 4], default=1,
                    help="test-time augmentation: average over this many mirror images of each tile (default 1); "
-                        "4 finds more spines, at about 3.5x the network's time (most of a CPU run, little of a GPU's)")
+                        "4 finds more spines on data like the training series, at about 3.5x the network's time "
+                        "(most of a CPU run, little of a GPU's)")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

@@ -33,8 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1], "group_width": 4},
     "lean": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16},
     "base": {"widths": [24, 48, 96, 128], "blocks": [1, 2, 2], "group_width": 16},
-    # lean with a second block on the two coarsest levels: more context where voxels are few
-    # (network 9 % slower on a 2-core CPU); a lean model grows into it, see grow_config
+    # lean with a second block on the two coarsest levels: more context where voxels are few; a
+    # lean model grows into it (grow_config). Tried as stage 4, not shipped (README)
     "deep": {"widths": [16, 32, 48, 64], "blocks": [1, 2, 2], "group_width": 16},
 }
 
