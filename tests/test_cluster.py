@@ -149,6 +149,8 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, tiny_checkpoin
         detect_many([tmp_path / "a.tif"], voxel_size_um=(0.5, -1, 0.1), model=str(tiny_checkpoint))
     with pytest.raises(InputError, match="no model checkpoint"):
         detect_many([tmp_path / "a.tif", tmp_path / "b.tif"], model=str(tmp_path / "missing.pt"))
+    with pytest.raises(InputError, match="views must be 1, 2 or 4"):
+        detect_many([tmp_path / "a.tif"], views=3, model=str(tiny_checkpoint))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
