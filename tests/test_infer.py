@@ -117,11 +117,12 @@ def test_out_of_memory_retries_smaller(random_model, monkeypatch):
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
 
 
-def test_reduced_precision_that_overflows_runs_again_in_float32(random_model, monkeypatch):
+@pytest.mark.parametrize("views", [1, 4])
+def test_reduced_precision_that_overflows_runs_again_in_float32(random_model, monkeypatch, views):
     from napari_spine_tracker.core import infer
 
     series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
-    expected = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    expected = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(views=views))
     forward = random_model.net.forward_sessions
     calls = []
 
@@ -135,7 +136,7 @@ def test_reduced_precision_that_overflows_runs_again_in_float32(random_model, mo
     # the check runs only where reduced precision does (CUDA); here it stands in for it
     monkeypatch.setattr(infer, "_reduced_precision", lambda device, options: options.precision != "float32")
     monkeypatch.setattr(random_model.net, "forward_sessions", overflowing_forward)
-    got = predict_series(series, (0.5, 0.1, 0.1), random_model)
+    got = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(views=views))
     assert len(calls) > 1 and len(got) > 0
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)
 

@@ -254,21 +254,22 @@ def _forward_views(net, x, previous, states: list):
     if len(states) == 1:
         outputs, state = net.forward_sessions(x, previous, states[0], point_heads=True)
         return outputs, [state]
-    probability, after = None, []
+    probability, finite, after = None, True, []
     for flip, state in zip(VIEW_FLIPS, states):
         view = x.flip(flip) if flip else x
         before = previous.flip(flip) if flip and previous is not None else previous
         out, state = net.forward_sessions(view, before, state, point_heads=True)
         after.append(state)
-        if not torch.isfinite(out["heatmap"]).all():  # reduced precision overflowed: let the caller see it
-            return out, after
+        finite = torch.isfinite(out["heatmap"]).all() & finite  # a tensor: no wait for the device
         heat = torch.sigmoid(out["heatmap"].float())
         heat = heat.flip(flip) if flip else heat
         probability = heat if probability is None else probability.add_(heat)
         if not flip:
             outputs = out
         del out, heat  # a mirrored view's trunk is not needed while the next view runs
-    outputs["heatmap"] = torch.logit(probability.div_(len(states)), eps=1e-6)
+    # the mean of sigmoids would hide an overflow (+inf -> 1): keep it visible to the caller's check
+    heatmap = torch.logit(probability.div_(len(states)), eps=1e-6)
+    outputs["heatmap"] = torch.where(finite, heatmap, float("nan"))
     return outputs, after
 
 
