@@ -298,3 +298,30 @@ def test_config_is_frozen_and_replace_validates():
     assert cfg.replace(seed=3).seed == 3
     with pytest.raises(InputError):
         cfg.replace(voxel_size_um=(0.5, 0.0, 0.1))
+
+
+def test_rotation_turns_each_session_about_the_field_centre():
+    cfg = SynthConfig.preset("default", seed=2, sessions=3, shape=(12, 128, 128), deformation_um=0.0,
+                             rotation_deg=2.0, transient_miss_probability=0.0, head_radius_change_fraction=0.0)
+    series = synthesize_series(cfg)
+    angles = np.radians(series.rotation_deg)
+    assert angles[0] == 0 and np.all(np.abs(angles) <= np.radians(2.0)) and np.any(angles != 0)
+    assert series.metadata()["rotation_deg"] == list(np.round(series.rotation_deg, 4))
+    voxel = np.array(series.voxel_size_um)
+    centre = 0.5 * (np.array(cfg.shape) - 1) * voxel
+    truth = series.truth.set_index("spine_id")
+    checked = 0
+    for t in (1, 2):
+        a, b = truth[truth.t == 0], truth[truth.t == t]
+        common = a.index.intersection(b.index)
+        p = a.loc[common, ["z", "y", "x"]].to_numpy() * voxel - centre
+        c, s = np.cos(angles[t]), np.sin(angles[t])
+        expected = np.column_stack([p[:, 0], c * p[:, 1] - s * p[:, 2], s * p[:, 1] + c * p[:, 2]])
+        expected += centre + series.drift_um[t]
+        np.testing.assert_allclose(b.loc[common, ["z", "y", "x"]].to_numpy() * voxel, expected, atol=1e-6)
+        checked += len(common)
+    assert checked > 10
+    # without rotation the series is what it was before rotation existed (the angles are drawn last)
+    plain = synthesize_series(cfg.replace(rotation_deg=0.0))
+    assert not plain.rotation_deg.any()
+    np.testing.assert_array_equal(plain.drift_um, series.drift_um)

@@ -95,6 +95,7 @@ class SynthConfig:
     drift_z_um: float = 0.5                   # z part of that translation, at most
     deformation_um: float = 0.2               # RMS of a smooth non-rigid displacement per session
     deformation_scale_um: float = 20.0        # its wavelength
+    rotation_deg: float = 0.0                 # in-plane (y, x) rotation of a session, at most (re-mounting)
     brightness_change_fraction: float = 0.2   # between sessions: brightness (and so SNR)
     background_change_fraction: float = 0.3
     psf_change_fraction: float = 0.05
@@ -169,6 +170,8 @@ def _validate(cfg: SynthConfig) -> None:
 PRESETS: dict[str, dict] = {
     "default": {},
     "large_drift": dict(drift_um=3.0, drift_z_um=1.0, deformation_um=0.4),
+    # a wide field (100 µm) whose sessions are also turned by up to 2 degrees about its centre
+    "rotated": dict(shape=(32, 512, 512), voxel_size_um=(0.5, 0.2, 0.2), rotation_deg=2.0),
     "low_snr": dict(brightness_photons=10.0, background_photons=0.4, brightness_change_fraction=0.3),
     "crowded": dict(dendrites=2, spine_density_per_um=2.0, axons=4, axons_near_dendrites=True,
                     bouton_density_per_um=0.35, varicosity_density_per_um=0.08),
@@ -318,6 +321,7 @@ class SynthSeries:
     distractors: pd.DataFrame         # t, z, y, x (voxels of each session), kind, distractor_id
     drift_um: np.ndarray              # (T, 3) rigid translation of each session's content, z y x, µm
     session_dendrite_length_um: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rotation_deg: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (T,) in-plane turn of each session
 
     def metadata(self) -> dict:
         """JSON-able summary: config, counts, per-session gained / lost / present, shaft length."""
@@ -337,6 +341,7 @@ class SynthSeries:
             "dendrite_length_um": float(self.dendrite_length_um),
             "session_dendrite_length_um": [float(v) for v in self.session_dendrite_length_um],
             "drift_um": np.asarray(self.drift_um, float).round(4).tolist(),
+            "rotation_deg": np.asarray(self.rotation_deg, float).round(4).tolist(),
         }
 
 
@@ -377,6 +382,7 @@ def synthesize_series(config: SynthConfig | None = None, **overrides) -> SynthSe
         image=image, truth=truth, voxel_size_um=tuple(float(v) for v in voxel), config=cfg,
         dendrite_length_um=float(lengths.mean()), distractors=_distractor_table(world, warps, voxel, shape),
         drift_um=np.stack([w.drift_um for w in warps]), session_dendrite_length_um=lengths,
+        rotation_deg=np.degrees([w.rotation_rad for w in warps]),
     )
 
 

@@ -3,8 +3,9 @@
 The world is a box a little larger than the imaged field (so that drift brings content in and out),
 holding dendritic shafts (smooth 3D tubes), their spines (neck + head), shaft varicosities, and thin
 axons with boutons. Each spine has a lifetime (gain and loss), a head radius per session and a
-direction that may point sideways or up/down in z. Sessions see this world through a rigid drift
-plus a small smooth deformation (:class:`SessionWarp`).
+direction that may point sideways or up/down in z. Sessions see this world through a rigid drift,
+an optional small rotation in the imaging plane (re-mounting the animal) and a small smooth
+deformation (:class:`SessionWarp`).
 
 Coordinates are always ``z, y, x`` in µm; the voxel ``(0, 0, 0)`` of a session's image sits at
 ``(0, 0, 0)`` µm of that session's frame.
@@ -246,7 +247,7 @@ def build_world(cfg, rng: np.random.Generator) -> World:
     """Draw the whole tissue for a series from ``cfg`` (a SynthConfig). Depends only on the field in µm."""
     extent = np.asarray(cfg.shape, float) * np.asarray(cfg.voxel_size_um, float)
     max_drift = 3.0 * cfg.drift_um   # session_warps keeps the walk within ~1.5 steps of the start
-    margin = 3.0 + max_drift + 2 * cfg.deformation_um
+    margin = 3.0 + max_drift + 2 * cfg.deformation_um + _rotation_reach_um(cfg)
     kind_p = np.asarray(cfg.spine_kind_fractions, float)
     kind_p = kind_p / kind_p.sum()
 
@@ -313,31 +314,55 @@ def build_world(cfg, rng: np.random.Generator) -> World:
 
 
 # ----------------------------------------------------------------------------------------------------
-# sessions: rigid drift plus a small smooth deformation
+# sessions: rigid drift, a small rotation in y, x and a small smooth deformation
+
+
+def _field_centre_um(cfg) -> np.ndarray:
+    return 0.5 * (np.asarray(cfg.shape, float) - 1) * np.asarray(cfg.voxel_size_um, float)
+
+
+def _rotation_reach_um(cfg) -> float:
+    """How far the largest rotation moves the corners of the field (0 without rotation)."""
+    if cfg.rotation_deg <= 0:
+        return 0.0
+    half = _field_centre_um(cfg)[1:]
+    return float(np.hypot(*half) * 2 * np.sin(np.radians(cfg.rotation_deg) / 2))
 
 
 @dataclass
 class SessionWarp:
-    """Maps world µm to a session's frame: ``p + deformation(p) + drift``."""
+    """Maps world µm to a session's frame: ``R (p + deformation(p) - c) + c + drift``, where ``R``
+    turns y, x by ``rotation_rad`` about the field centre ``c`` (z is untouched)."""
 
     drift_um: np.ndarray        # (3,)
     wavevectors: np.ndarray     # (K, 3) cycles per µm
     phases: np.ndarray          # (K,)
     amplitudes: np.ndarray      # (K, 3) µm
+    rotation_rad: float = 0.0
+    centre_um: np.ndarray | None = None   # (3,); the rotation's centre
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, float)
-        if not len(self.phases):
-            return points + self.drift_um
-        arg = 2 * np.pi * points @ self.wavevectors.T + self.phases
-        return points + np.sin(arg) @ self.amplitudes + self.drift_um
+        if len(self.phases):
+            arg = 2 * np.pi * points @ self.wavevectors.T + self.phases
+            points = points + np.sin(arg) @ self.amplitudes
+        if self.rotation_rad:
+            centre = np.zeros(3) if self.centre_um is None else np.asarray(self.centre_um, float)
+            c, s = np.cos(self.rotation_rad), np.sin(self.rotation_rad)
+            rel = points - centre
+            points = centre + np.stack([rel[..., 0], c * rel[..., 1] - s * rel[..., 2],
+                                        s * rel[..., 1] + c * rel[..., 2]], axis=-1)
+        return points + self.drift_um
 
 
 def session_warps(cfg, rng: np.random.Generator) -> list[SessionWarp]:
     """One warp per session. Drift starts at zero; each step's xy length is ``drift_um`` x U(0.5, 1.5)
     in a random direction, its z part ``drift_z_um`` x U(-1, 1). Each session is re-centred on the same
     dendrite, so the walk is kept within ~1.5 steps of the start: a step that would leave that range
-    is taken backwards instead."""
+    is taken backwards instead. With ``rotation_deg`` > 0, each session after the first is also turned
+    about the field centre by an angle drawn from U(-1, 1) x ``rotation_deg`` (each session is
+    mounted anew, so the angles do not add up); these angles are drawn after everything else, so a
+    series without rotation is the same as before rotation existed."""
     warps, drift = [], np.zeros(3)
     for t in range(cfg.sessions):
         if t:
@@ -355,4 +380,8 @@ def session_warps(cfg, rng: np.random.Generator) -> list[SessionWarp]:
         amplitudes = rng.normal(0, cfg.deformation_um / np.sqrt(k / 2), (k, 3)) * [0.5, 1, 1] if k else np.zeros((0, 3))
         warps.append(SessionWarp(drift.copy(), directions / wavelength[:, None] if k else directions,
                                  rng.uniform(0, 2 * np.pi, k), amplitudes))
+    if cfg.rotation_deg > 0:
+        angles = np.radians(cfg.rotation_deg) * rng.uniform(-1, 1, cfg.sessions)
+        for t, warp in enumerate(warps[1:], start=1):
+            warp.rotation_rad, warp.centre_um = float(angles[t]), _field_centre_um(cfg)
     return warps
