@@ -114,3 +114,69 @@ def test_binning_is_a_block_mean():
     binned = _bin_yx(volume, 3)
     assert binned.dtype == np.float32
     np.testing.assert_allclose(binned, expected, rtol=1e-6)
+
+
+def test_rigid_motion_maps_there_and_back():
+    from napari_spine_tracker.core.register import RigidMotion
+
+    voxel = np.array([0.5, 0.2, 0.1])  # unequal y, x voxels: the turn is made in µm
+    motion = RigidMotion(np.array([[0, 0, 0], [1.0, -3.0, 7.5], [0.5, 2.0, 1.0]]), np.radians([0.0, 2.0, -1.5]),
+                         np.array([7.5, 60.0, 120.0]), voxel)
+    points = np.random.default_rng(1).uniform(0, 200, (20, 3))
+    for t in range(3):
+        np.testing.assert_allclose(motion.to_reference(motion.to_session(points, t), t), points, atol=1e-9)
+    np.testing.assert_allclose(motion.between(motion.to_session(points, 1), 1, 2), motion.to_session(points, 2),
+                               atol=1e-9)
+    # a turn keeps distances in µm and leaves z alone
+    turned = motion.to_session(points, 1)
+    np.testing.assert_allclose(np.linalg.norm(np.diff(turned, axis=0) * voxel, axis=1),
+                               np.linalg.norm(np.diff(points, axis=0) * voxel, axis=1), atol=1e-9)
+    np.testing.assert_allclose(turned[:, 0], points[:, 0] + 1.0)
+    plain = RigidMotion.translation(motion.drift_vox, voxel)
+    assert not plain.rotated and motion.rotated
+    np.testing.assert_allclose(plain.between(points, 2, 1), points - motion.drift_vox[2] + motion.drift_vox[1])
+
+
+@pytest.fixture(scope="module")
+def turned_series():
+    synth = pytest.importorskip("napari_spine_tracker.core.synth")
+    # a 77 µm field, rigid motion only, so that the engine's drift and turn are the true answer
+    config = synth.SynthConfig.preset("default", seed=3, sessions=3, shape=(12, 256, 256),
+                                      voxel_size_um=(1.0, 0.3, 0.3), psf_fwhm_z_um=2.5, deformation_um=0.0,
+                                      rotation_deg=2.5, dendrites=3, transient_miss_probability=0.0)
+    return synth.synthesize_series(config)
+
+
+def test_estimate_motion_finds_a_turn(turned_series):
+    from napari_spine_tracker.core.register import estimate_motion
+
+    series = turned_series
+    assert np.abs(series.rotation_deg[1:]).max() > 1.0
+    voxel = np.asarray(series.voxel_size_um)
+    motion = estimate_motion(series.image, voxel)
+    assert motion.rotated
+    np.testing.assert_allclose(np.degrees(motion.angle_rad), series.rotation_deg, atol=0.25)
+    # every spine seen in session 0 is mapped onto itself in the later sessions
+    truth = series.truth.set_index("spine_id")
+    first = truth[truth.t == 0]
+    for t in (1, 2):
+        later = truth[truth.t == t]
+        common = first.index.intersection(later.index)
+        predicted = motion.to_session(first.loc[common, ["z", "y", "x"]].to_numpy(), t)
+        error_um = np.linalg.norm((predicted - later.loc[common, ["z", "y", "x"]].to_numpy()) * voxel, axis=1)
+        assert len(common) > 20 and np.median(error_um) < 0.3 and error_um.max() < 0.8, error_um
+    # translation only: the same answer as estimate_drift
+    plain = estimate_motion(series.image, voxel, max_rotation_deg=0)
+    assert not plain.rotated
+    np.testing.assert_allclose(plain.drift_vox, estimate_drift(series.image, voxel))
+
+
+def test_small_fields_are_not_searched_for_turns(series):
+    from napari_spine_tracker.core.register import estimate_motion
+
+    # 9.6 µm across: no turn up to 3 degrees moves a corner by the 1 µm that would matter
+    motion = estimate_motion(series, VOXEL)
+    assert not motion.rotated
+    np.testing.assert_allclose(motion.drift_vox, estimate_drift(series, VOXEL))
+    with pytest.raises(InputError, match="max_rotation_deg"):
+        estimate_motion(series, VOXEL, max_rotation_deg=-1)
