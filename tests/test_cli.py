@@ -114,6 +114,22 @@ def test_detect_with_mirror_views(synth_dir, tmp_path, tiny_checkpoint, capsys, 
         main(["detect", str(synth_dir / "series.tif"), "--views", "3"])
     assert exc.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
 
+
+def test_detect_passes_the_rotation_search_limit(synth_dir, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from napari_spine_tracker.core import register
+
+    seen = []
+    estimate = register.estimate_motion
+    monkeypatch.setattr(register, "estimate_motion", lambda *a, **k: seen.append(k["max_rotation_deg"])
+                        or estimate(*a, **k))
+    out = tmp_path / "turns.csv"
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--max-rotation", "0", "-q"]) == 0
+    assert seen == [0.0] and len(read_spine_table(out)) > 0
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--max-rotation", "-2", "-q"]) == 2
+    assert "max_rotation_deg must be an angle" in capsys.readouterr().err
+
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
     import tifffile
 

@@ -151,6 +151,8 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, tiny_checkpoin
         detect_many([tmp_path / "a.tif", tmp_path / "b.tif"], model=str(tmp_path / "missing.pt"))
     with pytest.raises(InputError, match="views must be 1, 2 or 4"):
         detect_many([tmp_path / "a.tif"], views=3, model=str(tiny_checkpoint))
+    with pytest.raises(InputError, match="max_rotation_deg must be an angle"):
+        detect_many([tmp_path / "a.tif"], max_rotation_deg=90, model=str(tiny_checkpoint))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 

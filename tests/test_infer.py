@@ -317,3 +317,45 @@ def test_views_run_on_odd_sizes_and_are_checked(random_model):
             InferenceOptions(views=bad)
     with pytest.raises(InputError, match="views must be"):
         detect_series(series, (0.5, 0.1, 0.1), model=random_model, views=8)
+
+
+def test_a_turned_session_is_read_and_mapped_back_through_its_motion():
+    from scipy import ndimage
+
+    from napari_spine_tracker.core.infer import _Frames, read_turned
+    from napari_spine_tracker.core.intensity import read_resampled
+    from napari_spine_tracker.core.register import RigidMotion
+
+    rng = np.random.default_rng(0)
+    volume = ndimage.gaussian_filter(rng.random((14, 80, 100)).astype(np.float32), 1.5)
+    voxel, scale = np.array([0.5, 0.2, 0.2]), np.array([1.0, 2.0, 2.0])
+    centre = np.array([6.5, 39.5, 49.5])
+    # no turn: the same block as the plain reader at the rounded shift
+    still = RigidMotion(np.array([[0, 0, 0], [1.0, 2.0, -3.0]]), np.zeros(2), centre, voxel)
+    np.testing.assert_allclose(read_turned(volume, still, 1, (2, 10, -6), (8, 60, 70), scale, fill=-1),
+                               read_resampled(volume, (3, 14, -12), (8, 60, 70), (1.0, 2.0, 2.0), fill=-1),
+                               atol=1e-6)
+    # a turn: the same values as scipy's affine map, where both are inside the volume
+    motion = RigidMotion(np.array([[0, 0, 0], [0.3, 2.2, -3.1]]), np.radians([0.0, 2.0]), centre, voxel)
+    origin, shape = np.array([2, 10, -6]), (8, 60, 70)
+    linear = motion.linear_vox(1)
+    matrix = linear / scale[None]
+    offset = linear @ ((origin + 0.5) / scale - 0.5 - centre) + centre + motion.drift_vox[1]
+    expected = ndimage.affine_transform(volume, matrix, offset=offset, output_shape=shape, order=1, cval=-1)
+    turned = read_turned(volume, motion, 1, origin, shape, scale, fill=-1)
+    both = ndimage.binary_erosion((turned != -1) & (expected > -0.01), iterations=2)
+    assert both.mean() > 0.3
+    np.testing.assert_allclose(turned[both], expected[both], atol=1e-5)
+    # a bright point read through the motion and mapped back lands where it is in the session
+    point = np.zeros((14, 80, 100), np.float32)
+    at = np.array([7.0, 31.0, 62.0])
+    point[tuple(at.astype(int))] = 1.0
+    frames = _Frames(motion, scale, [point.shape] * 2)
+    low, high = frames.box(1)
+    block = frames.read(ndimage.gaussian_filter(point, 1.0), 1, low, tuple(high - low), 0.0)
+    peak = np.array(np.unravel_index(np.argmax(block), block.shape), float)
+    window = tuple(slice(int(p) - 2, int(p) + 3) for p in peak)
+    weights = block[window]
+    centroid = np.array([(weights * g).sum() / weights.sum() for g in np.meshgrid(
+        *[np.arange(s.start, s.stop) for s in window], indexing="ij")])
+    np.testing.assert_allclose(frames.to_native(centroid + low, 1), at, atol=0.3)

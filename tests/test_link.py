@@ -189,3 +189,24 @@ def test_a_missed_spine_is_carried_with_its_neighbours():
     assert same_partition(linked, truth)
     rigid = link_detections(detections_from(truth), VOXEL, max_gap=1, local_scale_um=None)
     assert rigid["track_id"].nunique() > 20
+
+
+def test_linking_follows_a_rotation_given_as_motion():
+    from napari_spine_tracker.core.register import RigidMotion
+
+    # spines 3 µm apart over a 100 µm field; session 1 is turned by 3 degrees about the centre
+    # (up to 3.7 µm at the corners, three gates) and shifted
+    voxel = np.array([0.5, 0.2, 0.2])
+    yy, xx = np.meshgrid(np.arange(25, 500, 15.0), np.arange(25, 500, 15.0), indexing="ij")
+    first = np.column_stack([np.full(yy.size, 8.0), yy.ravel(), xx.ravel()])
+    motion = RigidMotion(np.array([[0, 0, 0], [1.0, 6.0, -4.0]]), np.radians([0.0, 3.0]),
+                         np.array([15.5, 255.5, 255.5]), voxel)
+    truth = pd.DataFrame({"track_id": np.tile(np.arange(1, len(first) + 1), 2), "t": np.repeat([0, 1], len(first))})
+    truth[["z", "y", "x"]] = np.vstack([first, motion.to_session(first, 1)])
+    linked = link_detections(detections_from(truth), voxel, motion=motion)
+    assert same_partition(linked, truth)
+    # the same translation without the turn loses the far spines
+    translated = link_detections(detections_from(truth), voxel, drift_vox=motion.drift_vox)
+    assert not same_partition(translated, truth)
+    with pytest.raises(InputError, match="motion covers 2 sessions"):
+        link_detections(detections_from(truth).assign(t=lambda d: d.t * 2), voxel, motion=motion)

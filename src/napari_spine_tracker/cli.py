@@ -71,7 +71,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         report = detect_many(args.inputs, out_dir, outputs=outputs, scheduler=args.scheduler,
                              workers=args.workers, model=args.model, device=args.device,
                              voxel_size_um=args.voxel_size, channel=args.channel, threshold=args.threshold,
-                             views=args.views, skip_done=skip_done, progress=progress)
+                             views=args.views, max_rotation_deg=args.max_rotation, skip_done=skip_done,
+                             progress=progress)
     print(report.format())
     if report.failed:
         for result in report.failed:
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average over this many mirror images of each tile (default 1); "
                         "4 finds more spines on data like the training series, at about 3.5x the network's time "
                         "(most of a CPU run, little of a GPU's)")
+    p.add_argument("--max-rotation", type=float, default=3.0, metavar="DEG",
+                   help="largest turn in the imaging plane registration looks for between consecutive sessions "
+                        "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
+                        "by 1 µm are not searched")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

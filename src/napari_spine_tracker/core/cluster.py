@@ -121,6 +121,7 @@ class _Job:
     note: str = ""  # said in the result message (e.g. that an invalid table was replaced)
     torch_threads: int | None = None
     views: int | None = None
+    max_rotation_deg: float | None = None
 
 
 _MODEL_CACHE: dict[tuple[str, str], tuple[int, Any]] = {}
@@ -186,7 +187,8 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
         series = load_series(job.input, voxel_size_um=job.voxel_size_um, channel=job.channel)
         try:
             model, result.model_loaded = get_model()
-            table = detect_series(series, model=model, threshold=job.threshold, views=job.views,
+            turn = {} if job.max_rotation_deg is None else {"max_rotation_deg": job.max_rotation_deg}
+            table = detect_series(series, model=model, threshold=job.threshold, views=job.views, **turn,
                                   progress=progress, should_stop=should_stop)
         finally:
             series.close()
@@ -301,7 +303,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 scheduler: Any = "local", workers: int | None = None,
                 model: Any = DEFAULT_MODEL, device: str = "auto",
                 voxel_size_um: Sequence[float] | None = None, channel: int | None = None,
-                threshold: float | None = None, views: int | None = None, skip_done: bool = True,
+                threshold: float | None = None, views: int | None = None,
+                max_rotation_deg: float | None = None, skip_done: bool = True,
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Detect and track spines in many series, one task per series; returns a :class:`BatchReport`.
@@ -318,7 +321,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         processes (one thread each; default one per GPU, or one per two CPU cores), or this process
         when only one series needs running. Otherwise a scheduler address (``tcp://host:8786``), a
         scheduler file (``.json``), or a ``distributed.Client`` or cluster object.
-    model, device, voxel_size_um, channel, threshold, views
+    model, device, voxel_size_um, channel, threshold, views, max_rotation_deg
         As for ``detect_series`` and ``load_series``; ``device="auto"`` is resolved on each worker.
         ``voxel_size_um`` (z, y, x µm) overrides every file's metadata.
     skip_done
@@ -334,6 +337,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     """
     from ..io.series import validate_voxel_size
     from .infer import check_views
+    from .register import check_max_rotation
 
     if not inputs:
         raise InputError("no inputs: give one or more TIFF files or session folders.")
@@ -343,6 +347,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     voxel = validate_voxel_size(voxel_size_um) if voxel_size_um is not None else None
     if views is not None:
         check_views(views)
+    if max_rotation_deg is not None:
+        check_max_rotation(max_rotation_deg)
     started = time.perf_counter()
     pairs = _plan_outputs(inputs, out_dir, outputs)
     results: dict[int, SeriesResult] = {}
@@ -361,7 +367,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         if state == "invalid":
             log.warning("%s is not a valid spine table; it will be replaced (%s)", out, detail)
             note = f"replaced an invalid table ({detail})"
-        jobs[i] = _Job(str(inp), str(out), "", device, voxel, channel, threshold, note, views=views)
+        jobs[i] = _Job(str(inp), str(out), "", device, voxel, channel, threshold, note, views=views,
+                       max_rotation_deg=max_rotation_deg)
 
     where, n_workers = "this process", 1
     if jobs:

@@ -49,7 +49,8 @@ def _as_series(series, voxel_size_um):
 def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   model: str | LoadedModel = DEFAULT_MODEL, device: str = "auto",
                   threshold: float | None = None, register: bool = True, gate_um: float = 1.2,
-                  max_gap: int = 2, views: int | None = None, options: InferenceOptions | None = None,
+                  max_gap: int = 2, max_rotation_deg: float = 3.0, views: int | None = None,
+                  options: InferenceOptions | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Detect and track spines in a series; returns a spine table (DESIGN §3).
@@ -70,6 +71,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     register, gate_um, max_gap
         Rigid registration between sessions; linking gate in µm; sessions a spine may be missed
         and keep its id.
+    max_rotation_deg
+        The largest turn in the imaging plane that registration looks for between consecutive
+        sessions (0: translation only).
     views
         Test-time augmentation: average the heatmap over 1, 2 or 4 mirror images of each tile
         (default 1), at about 3.5 times the network's time with 4: most of a CPU run, a few per
@@ -88,7 +92,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     """
     from .devices import free_memory
     from .link import link_detections
-    from .register import estimate_drift
+    from .register import estimate_motion
 
     data, voxel, shapes = _as_series(series, voxel_size_um)
     loaded = load_model(model, device=device)
@@ -103,19 +107,20 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         return report
 
     try:
-        drift = None
+        motion = None
         if register_units:
-            drift = estimate_drift(data, voxel, progress=stage(0, register_units), should_stop=should_stop)
+            motion = estimate_motion(data, voxel, max_rotation_deg=max_rotation_deg,
+                                     progress=stage(0, register_units), should_stop=should_stop)
         opts = options or InferenceOptions()
         if threshold is not None:
             opts = dataclasses.replace(opts, threshold=threshold)
         if views is not None:
             opts = dataclasses.replace(opts, views=views)
-        detections = predict_series(data, voxel, loaded, drift_vox=drift, session_shapes=shapes, options=opts,
+        detections = predict_series(data, voxel, loaded, motion=motion, session_shapes=shapes, options=opts,
                                     progress=stage(register_units, 100), should_stop=should_stop)
         if not loaded.decode.get("use_displacement", True):  # validation found registration links better
             detections = detections.drop(columns=["dz", "dy", "dx"])
-        table = link_detections(detections, voxel, drift_vox=drift, gate_um=gate_um, max_gap=max_gap,
+        table = link_detections(detections, voxel, motion=motion, gate_um=gate_um, max_gap=max_gap,
                                 should_stop=should_stop)
     finally:
         free_memory(loaded.device)

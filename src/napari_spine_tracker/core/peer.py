@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import Cancelled, InputError
 from ..io.tables import REQUIRED_COLUMNS, empty_spine_table, validate_spine_table
-from .register import estimate_drift, session_array
+from .register import estimate_motion, session_array
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,13 @@ def locate_spots(series, voxel_size_um: Sequence[float] | None = None, *,
 
 
 def link_spots(spots: pd.DataFrame, voxel_size_um: Sequence[float], *, drift_vox: np.ndarray | None = None,
-               search_range_um: float = DEFAULT_SEARCH_RANGE_UM, memory: int = DEFAULT_MEMORY) -> pd.DataFrame:
+               motion=None, search_range_um: float = DEFAULT_SEARCH_RANGE_UM,
+               memory: int = DEFAULT_MEMORY) -> pd.DataFrame:
     """``trackpy.link`` in registered µm coordinates; returns a spine table.
 
-    Positions minus the drift, times the voxel size, make one isotropic ``search_range_um`` fit
-    every axis; the table keeps each session's own coordinates. ``score`` is the spot's mass
+    Positions minus the drift (or moved back through ``motion``, a ``RigidMotion`` with rotation),
+    times the voxel size, make one isotropic ``search_range_um`` fit every axis; the table keeps
+    each session's own coordinates. ``score`` is the spot's mass
     relative to the brightest spot; ``mass`` is kept as an extra column.
     """
     import trackpy
@@ -103,8 +105,15 @@ def link_spots(spots: pd.DataFrame, voxel_size_um: Sequence[float], *, drift_vox
     voxel_um = np.broadcast_to(np.asarray(voxel_size_um, float), (3,))
     spots = spots.reset_index(drop=True)
     t = spots["t"].to_numpy(int)
-    drift = np.zeros((int(t.max()) + 1, 3)) if drift_vox is None else np.asarray(drift_vox, float)
-    registered = (spots[["z", "y", "x"]].to_numpy(float) - drift[t]) * voxel_um
+    positions = spots[["z", "y", "x"]].to_numpy(float)
+    if motion is not None:
+        registered = np.empty_like(positions)
+        for frame in np.unique(t):
+            registered[t == frame] = motion.to_reference(positions[t == frame], frame)
+        registered *= voxel_um
+    else:
+        drift = np.zeros((int(t.max()) + 1, 3)) if drift_vox is None else np.asarray(drift_vox, float)
+        registered = (positions - drift[t]) * voxel_um
     to_link = pd.DataFrame(registered, columns=["rz", "ry", "rx"]).assign(frame=t)
     trackpy.quiet()
     linked = trackpy.link(to_link, search_range_um, pos_columns=["rz", "ry", "rx"], t_column="frame",
@@ -132,7 +141,7 @@ def trackpy_detect_track(series, voxel_size_um: Sequence[float] | None = None, *
                          minmass: float | None = None, min_relative_mass: float = DEFAULT_MIN_RELATIVE_MASS,
                          percentile: float = DEFAULT_PERCENTILE,
                          search_range_um: float = DEFAULT_SEARCH_RANGE_UM, memory: int = DEFAULT_MEMORY,
-                         register: bool = True,
+                         register: bool = True, max_rotation_deg: float = 3.0,
                          progress: Callable[[int, int], None] | None = None,
                          should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Detect spines with ``trackpy.locate`` (3D) per session and link them with ``trackpy.link``.
@@ -155,8 +164,9 @@ def trackpy_detect_track(series, voxel_size_um: Sequence[float] | None = None, *
         Largest movement in µm between sessions after drift removal.
     memory
         Sessions a spot may vanish and keep its id.
-    register
-        Remove the drift (:func:`.register.estimate_drift`) before linking.
+    register, max_rotation_deg
+        Remove the rigid motion (:func:`.register.estimate_motion`, the same registration as ours)
+        before linking.
 
     Returns
     -------
@@ -171,13 +181,13 @@ def trackpy_detect_track(series, voxel_size_um: Sequence[float] | None = None, *
     register = register and n_sessions > 1
     total = 2 * n_sessions if register else n_sessions
 
-    drift = None
+    motion = None
     if register:
-        drift = estimate_drift(data, voxel_um, should_stop=should_stop,
-                               progress=None if progress is None else lambda done, _: progress(done, total))
+        motion = estimate_motion(data, voxel_um, max_rotation_deg=max_rotation_deg, should_stop=should_stop,
+                                 progress=None if progress is None else lambda done, _: progress(done, total))
     offset = n_sessions if register else 0
     spots = locate_spots(data, voxel_um, diameter_um=diameter_um, separation_um=separation_um,
                          percentile=percentile, minmass=minmass, min_relative_mass=min_relative_mass,
                          should_stop=should_stop,
                          progress=None if progress is None else lambda done, _: progress(offset + done, total))
-    return link_spots(spots, voxel_um, drift_vox=drift, search_range_um=search_range_um, memory=memory)
+    return link_spots(spots, voxel_um, motion=motion, search_range_um=search_range_um, memory=memory)
