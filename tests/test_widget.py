@@ -40,9 +40,10 @@ class FakeDetect:
         self.calls = []
         self.started = threading.Event()
 
-    def __call__(self, image, voxel_size_um, *, model, device, threshold, views, progress, should_stop):
+    def __call__(self, image, voxel_size_um, *, model, device, threshold, views, max_rotation_deg, progress,
+                 should_stop):
         self.calls.append(dict(shape=image.shape, voxel_size_um=voxel_size_um, model=model, device=device,
-                               threshold=threshold, views=views))
+                               threshold=threshold, views=views, max_rotation_deg=max_rotation_deg))
         self.started.set()
         deadline = time.monotonic() + 10
         for t in range(image.shape[0]):
@@ -103,8 +104,9 @@ def _table(viewer, sort=False):
 def test_mirror_views_reach_detection(viewer_widget, qtbot, fake_detect):
     _viewer, widget = viewer_widget
     widget.detect.views.setCurrentText("4")
+    widget.detect.max_rotation.setValue(0.0)
     _detect(qtbot, widget)
-    assert fake_detect.calls[0]["views"] == 4
+    assert fake_detect.calls[0]["views"] == 4 and fake_detect.calls[0]["max_rotation_deg"] == 0.0
 
 def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     viewer, widget = viewer_widget
@@ -114,6 +116,7 @@ def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     assert fake_detect.calls[0]["shape"] == (3, 6, 32, 32)
     assert fake_detect.calls[0]["voxel_size_um"] == pytest.approx(VOXEL)
     assert fake_detect.calls[0]["threshold"] is None and fake_detect.calls[0]["views"] == 1
+    assert fake_detect.calls[0]["max_rotation_deg"] == 3.0
     spines = viewer.layers["spines"]
     assert spines.ndim == 4 and len(spines.data) == 8
     assert spines.features["track_id"].dtype == np.int64 and spines.features["score"].dtype == np.float64

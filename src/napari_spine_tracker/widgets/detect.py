@@ -37,7 +37,8 @@ DETECT_LABEL = "Detect spines"
 
 
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None, views: int = 1,
-                  progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> pd.DataFrame:
+                  max_rotation_deg: float = 3.0, progress: Callable[[int, int], None],
+                  should_stop: Callable[[], bool]) -> pd.DataFrame:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
 
     Module-level so that tests can replace it with a fake.
@@ -45,7 +46,7 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
     from ..core.detect import detect_series
 
     return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold, views=views,
-                         progress=progress, should_stop=should_stop)
+                         max_rotation_deg=max_rotation_deg, progress=progress, should_stop=should_stop)
 
 
 def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
@@ -135,6 +136,16 @@ class DetectPanel(CancellableRun, QWidget):
         self.views.setToolTip("Mirror views: average the model over this many mirror images of the image. "
                               "4 finds more spines; it takes about 3.5x as long on a CPU, little more on a GPU")
         form.addRow("Mirror views", self.views)
+        self.max_rotation = QDoubleSpinBox()
+        self.max_rotation.setRange(0.0, 45.0)
+        self.max_rotation.setSingleStep(0.5)
+        self.max_rotation.setValue(3.0)
+        self.max_rotation.setSuffix(" °")
+        self.max_rotation.setSpecialValueText("none (translation only)")
+        self.max_rotation.setToolTip("Largest turn in the image plane between two sessions that registration "
+                                     "looks for (the animal mounted anew). Fields too small for it to move "
+                                     "their corners by 1 µm are not searched")
+        form.addRow("Max rotation", self.max_rotation)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
         self.run_button.clicked.connect(self._on_run_clicked)
@@ -142,7 +153,8 @@ class DetectPanel(CancellableRun, QWidget):
         self.bar = QProgressBar()
         self.bar.setVisible(False)
         form.addRow(self.bar)
-        self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold, self.views]
+        self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold, self.views,
+                          self.max_rotation]
 
         viewer.layers.events.inserted.connect(self.refresh_images)
         viewer.layers.events.removed.connect(self.refresh_images)
@@ -217,6 +229,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.worker = create_worker(
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
             threshold=self.threshold.value() or None, views=int(self.views.currentText()),
+            max_rotation_deg=self.max_rotation.value(),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
             _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
