@@ -165,11 +165,7 @@ def _content_shift(previous: np.ndarray, current: np.ndarray, shape: tuple[int, 
     which slides along itself; 1 is phase correlation, dominated by noise), refined to a fraction of
     a voxel by a parabola through the peak and its neighbours along each axis.
     """
-    cross = current * np.conj(previous)
-    if whitening > 0:
-        magnitude = np.abs(cross)
-        cross = cross / np.maximum(magnitude, 1e-12 * float(magnitude.max())) ** whitening
-    corr = sfft.irfftn(cross, s=shape, workers=-1)
+    corr = _correlation(previous, current, shape, whitening)
     peak = np.array(np.unravel_index(int(np.argmax(corr)), shape))
     shift = peak.astype(float)
     for axis, n in enumerate(shape):
@@ -186,6 +182,15 @@ def _content_shift(previous: np.ndarray, current: np.ndarray, shape: tuple[int, 
     # circular correlation: shifts beyond half the size are negative
     size = np.array(shape)
     return (shift + size / 2) % size - size / 2
+
+
+def _correlation(previous: np.ndarray, current: np.ndarray, shape, whitening: float) -> np.ndarray:
+    """The partly whitened cross-correlation of two real spectra (see :func:`_content_shift`)."""
+    cross = current * np.conj(previous)
+    if whitening > 0:
+        magnitude = np.abs(cross)
+        cross = cross / np.maximum(magnitude, 1e-12 * float(magnitude.max())) ** whitening
+    return sfft.irfftn(cross, s=shape, workers=-1)
 
 
 def _two_pass_shift(previous: tuple[np.ndarray, np.ndarray], current: tuple[np.ndarray, np.ndarray],
@@ -261,11 +266,11 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
     """Translation and y, x rotation of every session relative to ``reference``.
 
     As :func:`estimate_drift` (same parameters), and ``max_rotation_deg``: the largest turn looked
-    for between consecutive sessions (0: translation only); ``min_turn_um``: a turn that moves the
-    corners of the field by less counts as none, and a field too small for any turn up to
-    ``max_rotation_deg`` to move its corners that far is not searched. Linking follows such small
-    motion on its own (its gate is 1.2 µm) and the network tolerates it; on the 26 µm test fields
-    the search found turns that fitted the non-rigid deformation and changed nothing but the time.
+    for between consecutive sessions (0: translation only); ``min_turn_um``: a field too small for
+    any turn up to ``max_rotation_deg`` to move its corners that far is not searched. Linking
+    follows such small motion on its own (its gate is 1.2 µm) and the network tolerates it; on the
+    26 µm test fields the search found turns that fitted the non-rigid deformation and changed
+    nothing but the time (benchmarks/README.md).
     """
     data, voxel_um = session_array(series, voxel_size_um)
     if voxel_um is None:
@@ -357,17 +362,14 @@ def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max
     if factor > 1:
         a, b = (_bin_yx(p[None], factor)[0] for p in (a, b))
     voxel_yx = work_voxel[1:] * factor
-    window = _tukey(a.shape[0])[:, None] * _tukey(a.shape[1])[None, :]
+    # a round window: turning the projection about its centre keeps the disc it sees, so no angle
+    # loses content at the corners (a square window favoured no turn at all: -0.8 degrees read as 0)
+    window = _disc_window(a.shape, voxel_yx)
     reference = sfft.rfftn(a * window, workers=-1)
 
     def score(angle: float) -> float:
-        turned = _turned_projection(b, angle, voxel_yx)
-        spectrum = sfft.rfftn(turned * window, workers=-1)
-        cross = spectrum * np.conj(reference)
-        if whitening > 0:
-            magnitude = np.abs(cross)
-            cross = cross / np.maximum(magnitude, 1e-12 * float(magnitude.max())) ** whitening
-        return float(sfft.irfftn(cross, s=a.shape, workers=-1).max())
+        spectrum = sfft.rfftn(_turned_projection(b, angle, voxel_yx) * window, workers=-1)
+        return float(_correlation(reference, spectrum, a.shape, whitening).max())
 
     # coarse, then fine steps; the fine one turns the corners by one search pixel
     fine = float(voxel_yx.min()) / radius_um
@@ -383,6 +385,18 @@ def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max
         if denom < 0:
             angle += step * 0.5 * (values[i - 1] - values[i + 1]) / denom
     return angle if abs(angle) / fine >= 0.25 else 0.0
+
+
+def _disc_window(shape, voxel_yx: np.ndarray) -> np.ndarray:
+    """1 inside the disc of 3/4 of the inscribed radius (in µm), a cosine ramp to 0 at that radius."""
+    centre = 0.5 * (np.asarray(shape, float) - 1)
+    y = (np.arange(shape[0]) - centre[0]) * voxel_yx[0]
+    x = (np.arange(shape[1]) - centre[1]) * voxel_yx[1]
+    r = np.hypot(y[:, None], x[None, :])
+    outer = float(min(centre * voxel_yx))
+    inner = 0.75 * outer
+    ramp = np.clip((r - inner) / max(outer - inner, 1e-9), 0.0, 1.0)
+    return (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32)
 
 
 def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray,
