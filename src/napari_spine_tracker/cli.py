@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rotation", type=float, default=3.0, metavar="DEG",
                    help="largest turn in the imaging plane registration looks for between consecutive sessions "
                         "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
-                        "by 1 µm are not searched")
+                        "by 2 µm (up to about 54 µm across at 3 degrees) are not searched")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

@@ -259,7 +259,7 @@ def estimate_drift(series, voxel_size_um: Sequence[float] | None = None, *, refe
 
 
 def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, reference: int = 0,
-                    max_rotation_deg: float = 3.0, min_turn_um: float = 1.0, work_voxel_um: float = 0.3,
+                    max_rotation_deg: float = 3.0, min_turn_um: float = 2.0, work_voxel_um: float = 0.3,
                     smooth_um: float = 0.15, background_um: float = 2.0, whitening: float = 0.5,
                     progress: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> RigidMotion:
@@ -268,9 +268,10 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
     As :func:`estimate_drift` (same parameters), and ``max_rotation_deg``: the largest turn looked
     for between consecutive sessions (0: translation only); ``min_turn_um``: a field too small for
     any turn up to ``max_rotation_deg`` to move its corners that far is not searched. Linking
-    follows such small motion on its own (its gate is 1.2 µm) and the network tolerates it; on the
-    26 µm test fields the search found turns that fitted the non-rigid deformation and changed
-    nothing but the time (benchmarks/README.md).
+    follows such small motion on its own (its gate is 1.2 µm, and its local motion correction took
+    up registration errors of ~1.5 µm), and on fields that small the non-rigid motion of the
+    tissue mimics turns as large as the true ones: on 26 µm fields the search changed nothing but
+    the time, on 38 µm fields it found turns off by up to 1.9 degrees (benchmarks/README.md).
     """
     data, voxel_um = session_array(series, voxel_size_um)
     if voxel_um is None:

@@ -144,7 +144,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.max_rotation.setSpecialValueText("none (translation only)")
         self.max_rotation.setToolTip("Largest turn in the image plane between two sessions that registration "
                                      "looks for (the animal mounted anew). Fields too small for it to move "
-                                     "their corners by 1 µm are not searched")
+                                     "their corners by 2 µm (up to about 54 µm across at 3°) are not searched")
         form.addRow("Max rotation", self.max_rotation)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
