@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,10 @@ class PreparedSeries:
     drift_vox: np.ndarray  # (T, 3) model-grid voxels; content of session 0 at p is at p + drift[t]
     labelled: np.ndarray  # (T,) bool: sessions whose labels are complete
     name: str = ""
+    # a RigidMotion with turns (native voxels) and the native -> model grid scale: each session's
+    # patch is then placed where the motion puts the patch centre (None: drift_vox alone)
+    motion: Any = None
+    scale: np.ndarray | None = None
     by_session: list[pd.DataFrame] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -43,12 +48,15 @@ class PreparedSeries:
 
 def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, model_voxel_um: Sequence[float],
                    normalization: dict = DEFAULT_NORMALIZATION, labelled_sessions: Sequence[int] | None = None,
-                   drift_vox: np.ndarray | None = None, name: str = "") -> PreparedSeries:
+                   drift_vox: np.ndarray | None = None, name: str = "", motion=None) -> PreparedSeries:
     """Resample ``image`` (T, Z, Y, X) to the model grid, normalise it, and map the labels.
 
     ``labels`` is a spine table in native voxels (``head_radius_um`` used when present);
-    ``drift_vox`` is in native voxels (see core/register.py); ``labelled_sessions`` defaults to all.
+    ``drift_vox`` is in native voxels (see core/register.py), or ``motion`` (a ``RigidMotion``,
+    which replaces it); ``labelled_sessions`` defaults to all.
     """
+    if motion is not None:
+        drift_vox = motion.drift_vox
     scale = grid_scale(voxel_size_um, model_voxel_um)
     t_count = image.shape[0]
     native_shape = image.shape[1:]
@@ -67,7 +75,9 @@ def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, 
     drift = np.zeros((t_count, 3)) if drift_vox is None else np.asarray(drift_vox, float) * np.asarray(scale)
     labelled = np.zeros(t_count, bool)
     labelled[list(range(t_count)) if labelled_sessions is None else list(labelled_sessions)] = True
-    return PreparedSeries(out, table, drift, labelled, name)
+    turned = motion is not None and motion.rotated
+    return PreparedSeries(out, table, drift, labelled, name, motion=motion if turned else None,
+                          scale=np.asarray(scale, float) if turned else None)
 
 
 @dataclass
@@ -112,7 +122,12 @@ def sample_patch(series: PreparedSeries, rng: np.random.Generator, options: Patc
     images, points, labelled = [], [], []
     previous = None  # (track ids, positions in patch voxels) of the previous session in the window
     for t in window:
-        origin = origin0 + np.round(series.drift_vox[t] - series.drift_vox[t0]).astype(int)
+        if series.motion is None:
+            origin = origin0 + np.round(series.drift_vox[t] - series.drift_vox[t0]).astype(int)
+        else:  # a turn: the patch centre, through the motion (a patch is too small for the turn to matter within it)
+            native = (origin0 + shape / 2 + 0.5) / series.scale - 0.5
+            there = (series.motion.between(native, t0, t) + 0.5) * series.scale - 0.5
+            origin = np.round(there - shape / 2).astype(int)
         if t != t0:
             origin = origin + np.round(rng.uniform(-1, 1, 3) * jitter_vox).astype(int)
         images.append(crop(series.image[t], origin, shape))

@@ -245,7 +245,7 @@ def _user_series(datasets: Sequence[Path], model_voxel_um, normalization, rng: n
     are not labels for training.
     """
     from ..io.trainset import read_training_set
-    from .register import estimate_drift
+    from .register import estimate_motion
 
     train, val = [], []
     for folder in datasets:
@@ -261,9 +261,9 @@ def _user_series(datasets: Sequence[Path], model_voxel_um, normalization, rng: n
                 n_held = max(1, len(reviewed) // 4)
                 held = sorted(rng.choice(reviewed, n_held, replace=False).tolist())
             kept = [s for s in reviewed if s not in held]
-            drift = estimate_drift(image, item.voxel_size_um) if image.shape[0] > 1 else None
+            motion = estimate_motion(image, item.voxel_size_um) if image.shape[0] > 1 else None
             train.append(prepare_series(image, item.voxel_size_um, spines, model_voxel_um, normalization,
-                                        labelled_sessions=kept, drift_vox=drift, name=item.name))
+                                        labelled_sessions=kept, motion=motion, name=item.name))
             if held:
                 val.append((item.name, image, item.voxel_size_um, spines, held))
     if not train:
@@ -329,13 +329,13 @@ def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS, views: int 
     from .infer import InferenceOptions, predict_series
     from .link import link_detections
     from .metrics import evaluate_tracks
-    from .register import estimate_drift
+    from .register import estimate_motion
 
     choices = [(thr, use) for thr in thresholds for use in linking]
     results: dict[tuple[float, bool], list[dict]] = {choice: [] for choice in choices}
     for name, image, voxel, truth, sessions in cases:
-        drift = estimate_drift(image, voxel) if image.shape[0] > 1 else None
-        detections = predict_series(image, voxel, model, drift_vox=drift,
+        motion = estimate_motion(image, voxel) if image.shape[0] > 1 else None
+        detections = predict_series(image, voxel, model, motion=motion,
                                     options=InferenceOptions(threshold=min(thresholds), views=views))
         if sessions is not None:
             truth = truth[truth["t"].isin(sessions)]
@@ -343,7 +343,7 @@ def validate(model, cases, thresholds: Sequence[float] = THRESHOLDS, views: int 
             kept = detections[detections["score"] >= thr]
             if not use_displacement:
                 kept = kept.drop(columns=["dz", "dy", "dx"])
-            table = link_detections(kept, voxel, drift_vox=drift)
+            table = link_detections(kept, voxel, motion=motion)
             if sessions is not None:
                 table = table[table["t"].isin(sessions)]
             scores = evaluate_tracks(table, truth, voxel)
