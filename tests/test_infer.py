@@ -204,6 +204,9 @@ def test_bad_inputs_are_explained(random_model):
         detect_series(np.zeros((32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model)
     with pytest.raises(InputError, match="positive"):
         detect_series(np.zeros((1, 8, 32, 32), np.uint16), (0.5, 0, 0.1), model=random_model)
+    with pytest.raises(InputError, match="max_rotation_deg must be an angle"):
+        detect_series(np.zeros((1, 8, 32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model,
+                      max_rotation_deg=float("nan"))
 
 
 def test_device_choice():

@@ -92,8 +92,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     """
     from .devices import free_memory
     from .link import link_detections
-    from .register import estimate_motion
+    from .register import check_max_rotation, estimate_motion
 
+    check_max_rotation(max_rotation_deg)
     data, voxel, shapes = _as_series(series, voxel_size_um)
     loaded = load_model(model, device=device)
     # progress units: one per session registered, then 100 for inference (linking is quick)
