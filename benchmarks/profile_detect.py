@@ -19,9 +19,11 @@ import time
 
 #: (label, module file suffix, function name)
 STAGES = [
-    ("registration (estimate_drift)", "core/register.py", "estimate_drift"),
+    ("registration (estimate_motion)", "core/register.py", "estimate_motion"),
+    ("  of which the rotation search", "core/register.py", "_turn"),
     ("intensity range per session", "core/intensity.py", "session_range"),
     ("reading + resampling tiles", "core/intensity.py", "read_resampled"),
+    ("reading turned tiles (read_turned)", "core/infer.py", "read_turned"),
     ("network (forward_sessions)", "core/model.py", "forward_sessions"),
     ("peak decoding (decode_peaks)", "core/decode.py", "decode_peaks"),
     ("linking (link_detections)", "core/link.py", "link_detections"),

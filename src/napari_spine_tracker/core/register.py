@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import ndimage
 
 from ..errors import Cancelled, InputError
+from .intensity import sample_planes_yx
 from .metrics import parse_voxel_size
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def _turned_projection(projection: np.ndarray, angle: float, voxel_yx: np.ndarra
         return projection
     matrix = _turn_matrix(angle, voxel_yx)
     centre = 0.5 * (np.asarray(projection.shape, float) - 1)
-    return ndimage.affine_transform(projection, matrix, offset=centre - matrix @ centre, order=1, cval=0.0)
+    return sample_planes_yx(projection[None], matrix, centre - matrix @ centre, projection.shape)[0]
 
 
 def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max_angle: float,
@@ -404,8 +404,7 @@ def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray,
                  centre_work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A working volume turned back by ``angle`` about ``centre_work`` (working voxels), with its
     windowed spectrum: (volume, spectrum) as :func:`_prepare` returns."""
-    matrix = np.eye(3)
-    matrix[1:, 1:] = _turn_matrix(angle, work_voxel[1:])
-    offset = centre_work - matrix @ centre_work
-    turned = ndimage.affine_transform(volume, matrix, offset=offset, order=1, cval=0.0).astype(np.float32)
+    matrix = _turn_matrix(angle, work_voxel[1:])
+    offset = centre_work[1:] - matrix @ centre_work[1:]
+    turned = sample_planes_yx(volume, matrix, offset, volume.shape[1:])
     return turned, _windowed_spectrum(turned)
