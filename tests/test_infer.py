@@ -230,6 +230,19 @@ def test_cuda_matches_cpu(random_model):
     assert abs(len(gpu) - len(cpu)) <= max(2, 0.1 * len(cpu))  # bf16 autocast moves a few borderline peaks
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_turned_planes_are_sampled_alike_on_cuda():
+    from napari_spine_tracker.core.intensity import sample_planes_yx
+
+    planes = np.random.default_rng(7).random((5, 40, 50)).astype(np.float32)
+    angle = np.radians(2.0)
+    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * 0.5
+    cpu = sample_planes_yx(planes, matrix, np.array([3.0, -2.0]), (70, 90), padding="border")
+    gpu = sample_planes_yx(planes, matrix, np.array([3.0, -2.0]), (70, 90), padding="border", device="cuda")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
 def test_percentiles_by_counting_equal_numpy(dtype):
     from napari_spine_tracker.core.intensity import percentiles

@@ -202,8 +202,8 @@ class _Frames:
     Unturned sessions move by their rounded drift (``shift``, whole model voxels); a turned one
     through its whole motion (see the module docstring)."""
 
-    def __init__(self, motion, scale: np.ndarray, shapes):
-        self.motion, self.scale = motion, scale
+    def __init__(self, motion, scale: np.ndarray, shapes, device=None):
+        self.motion, self.scale, self.device = motion, scale, device
         self.shift = np.round(motion.drift_vox * scale).astype(int)  # model-grid voxels
         self.turned = [bool(a) for a in motion.angle_rad]
         self.shapes = shapes
@@ -228,15 +228,16 @@ class _Frames:
         if not self.turned[t]:
             return read_resampled(volume, tuple(np.asarray(origin) + self.shift[t]), shape,
                                   tuple(self.scale), fill=fill)
-        return read_turned(volume, self.motion, t, origin, shape, self.scale, fill)
+        return read_turned(volume, self.motion, t, origin, shape, self.scale, fill, device=self.device)
 
 
-def read_turned(volume, motion, t: int, origin, shape, scale, fill: float) -> np.ndarray:
+def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, device=None) -> np.ndarray:
     """A block of the reference frame's model grid read from session ``t`` through its rigid
     ``motion``, trilinearly (z is resampled on its own: a turn in y, x leaves it alone, and so
     does ``scale``); only the native region it needs is read, voxels outside get ``fill``.
 
-    The y, x planes are sampled together (``intensity.sample_planes_yx``).
+    The y, x planes are sampled together (``intensity.sample_planes_yx``), on ``device`` (the
+    model's: on a GPU the sampling runs there; not yet measured on one).
     """
     linear = motion.linear_vox(t)
     matrix = linear / np.asarray(scale, float)[None, :]
@@ -259,7 +260,8 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float) -> np
     wz = (pz - z0).astype(np.float32)[:, None, None]
     planes = block[z0] * (1 - wz) + block[z1] * wz
     # y, x: bilinear, the same points in every plane
-    result = sample_planes_yx(planes, matrix[1:, 1:], offset[1:] - lo[1:], shape[1:], padding="border")
+    result = sample_planes_yx(planes, matrix[1:, 1:], offset[1:] - lo[1:], shape[1:], padding="border",
+                              device=device)
     u_y, u_x = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
     qy = matrix[1, 1] * u_y + matrix[1, 2] * u_x + offset[1]
     qx = matrix[2, 1] * u_y + matrix[2, 2] * u_x + offset[2]
@@ -276,8 +278,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     t_count = data.shape[0]
     shapes = [tuple(s) for s in session_shapes] if session_shapes is not None else [tuple(data.shape[1:])] * t_count
     scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
-    frames = _Frames(motion, scale, [tuple(data.shape[1:])] * t_count)
     net, device = model.net, model.device
+    frames = _Frames(motion, scale, [tuple(data.shape[1:])] * t_count, device=device)
     max_tile = options.max_tile or _default_max_tile(device)
     # tile the union of the sessions' fields in the reference frame, so that what drifted into one
     # session's field is analysed too
