@@ -233,13 +233,14 @@ def test_cuda_matches_cpu(random_model):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_turned_planes_are_sampled_alike_on_cuda():
-    from napari_spine_tracker.core.intensity import sample_planes_yx
+    from napari_spine_tracker.core.intensity import affine_points_yx, sample_planes_yx
 
     planes = np.random.default_rng(7).random((5, 40, 50)).astype(np.float32)
     angle = np.radians(2.0)
     matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * 0.5
-    cpu = sample_planes_yx(planes, matrix, np.array([3.0, -2.0]), (70, 90), padding="border")
-    gpu = sample_planes_yx(planes, matrix, np.array([3.0, -2.0]), (70, 90), padding="border", device="cuda")
+    points = affine_points_yx(matrix, np.array([3.0, -2.0]), (70, 90))
+    cpu = sample_planes_yx(planes, *points, padding="border")
+    gpu = sample_planes_yx(planes, *points, padding="border", device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
 
 
@@ -366,7 +367,7 @@ def test_a_turned_session_is_read_and_mapped_back_through_its_motion():
     point = np.zeros((14, 80, 100), np.float32)
     at = np.array([7.0, 31.0, 62.0])
     point[tuple(at.astype(int))] = 1.0
-    frames = _Frames(motion, scale, [point.shape] * 2)
+    frames = _Frames(motion, scale, point.shape)
     low, high = frames.box(1)
     block = frames.read(ndimage.gaussian_filter(point, 1.0), 1, low, tuple(high - low), 0.0)
     peak = np.array(np.unravel_index(np.argmax(block), block.shape), float)

@@ -36,7 +36,8 @@ import pandas as pd
 from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
 from .devices import give_back_free_memory, inference_autocast, reuse_freed_memory
-from .intensity import grid_scale, normalize, read_resampled, sample_planes_yx, session_range
+from .intensity import affine_points_yx, grid_scale, normalize, read_resampled, sample_planes_yx, session_range
+from .register import as_motion
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,11 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     import torch
 
     options = options or InferenceOptions()
+    motion = as_motion(motion, drift_vox, data.shape[0], voxel_size_um)
     while True:
         try:
             with reuse_freed_memory():
-                return _predict(data, voxel_size_um, model, _as_motion(motion, drift_vox, data.shape[0], voxel_size_um),
-                                session_shapes, options, progress, should_stop)
+                return _predict(data, voxel_size_um, model, motion, session_shapes, options, progress, should_stop)
         except _NotFinite:  # raised in reduced precision only
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
@@ -185,35 +186,24 @@ def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
     return dataclasses.replace(options, max_tile=halved, batch_size=1)
 
 
-def _as_motion(motion, drift_vox, t_count: int, voxel_size_um):
-    from .register import RigidMotion
-
-    if motion is not None:
-        if len(motion.angle_rad) < t_count:
-            raise InputError(f"the motion covers {len(motion.angle_rad)} sessions, the series {t_count}.")
-        return motion
-    drift = np.zeros((t_count, 3)) if drift_vox is None else np.asarray(drift_vox, float)
-    return RigidMotion.translation(drift, voxel_size_um)
-
-
 class _Frames:
     """Where session ``t``'s model-grid voxels lie in the reference frame's model grid, and back.
 
     Unturned sessions move by their rounded drift (``shift``, whole model voxels); a turned one
     through its whole motion (see the module docstring)."""
 
-    def __init__(self, motion, scale: np.ndarray, shapes, device=None):
+    def __init__(self, motion, scale: np.ndarray, shape, device=None):
         self.motion, self.scale, self.device = motion, scale, device
         self.shift = np.round(motion.drift_vox * scale).astype(int)  # model-grid voxels
         self.turned = [bool(a) for a in motion.angle_rad]
-        self.shapes = shapes
+        self.shape = tuple(shape)  # every session's (Z, Y, X), padded to the series'
 
     def box(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """[low, high) model voxels of the reference frame that session ``t``'s field covers."""
-        model_shape = np.ceil(np.asarray(self.shapes[t]) * self.scale).astype(int)
+        model_shape = np.ceil(np.asarray(self.shape) * self.scale).astype(int)
         if not self.turned[t]:
             return -self.shift[t], model_shape - self.shift[t]
-        corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in self.shapes[t]])))
+        corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in self.shape])))
         model = (self.motion.to_reference(corners, t) + 0.5) * self.scale - 0.5
         return np.floor(model.min(axis=0)).astype(int), np.ceil(model.max(axis=0)).astype(int) + 1
 
@@ -260,11 +250,8 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
     wz = (pz - z0).astype(np.float32)[:, None, None]
     planes = block[z0] * (1 - wz) + block[z1] * wz
     # y, x: bilinear, the same points in every plane
-    result = sample_planes_yx(planes, matrix[1:, 1:], offset[1:] - lo[1:], shape[1:], padding="border",
-                              device=device)
-    u_y, u_x = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
-    qy = matrix[1, 1] * u_y + matrix[1, 2] * u_x + offset[1]
-    qx = matrix[2, 1] * u_y + matrix[2, 2] * u_x + offset[2]
+    qy, qx = affine_points_yx(matrix[1:, 1:], offset[1:], shape[1:])
+    result = sample_planes_yx(planes, qy - lo[1], qx - lo[2], padding="border", device=device)
     yx_inside = (qy >= -0.5) & (qy <= bounds[1] - 0.5) & (qx >= -0.5) & (qx <= bounds[2] - 0.5)
     inside = z_inside[:, None, None] & yx_inside[None]
     out[inside] = result[inside]
@@ -279,7 +266,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     shapes = [tuple(s) for s in session_shapes] if session_shapes is not None else [tuple(data.shape[1:])] * t_count
     scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
     net, device = model.net, model.device
-    frames = _Frames(motion, scale, [tuple(data.shape[1:])] * t_count, device=device)
+    frames = _Frames(motion, scale, data.shape[1:], device=device)
     max_tile = options.max_tile or _default_max_tile(device)
     # tile the union of the sessions' fields in the reference frame, so that what drifted into one
     # session's field is analysed too

@@ -37,6 +37,7 @@ from scipy.spatial import cKDTree
 from ..errors import Cancelled, InputError
 from ..io.tables import REQUIRED_COLUMNS, validate_spine_table
 from .metrics import parse_voxel_size, sparse_assignment
+from .register import as_motion
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +147,6 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     return _mean_shift(heard_votes, heard_weights, np.repeat(common[None], n, axis=0), (1.0, 0.5))
 
 
-def _check_drift(drift_vox, n_sessions: int) -> np.ndarray:
-    if drift_vox is None:
-        return np.zeros((n_sessions, 3))
-    drift = np.asarray(drift_vox, dtype=float)
-    if drift.ndim != 2 or drift.shape[1] != 3 or drift.shape[0] < n_sessions or not np.isfinite(drift).all():
-        raise InputError(f"drift_vox must be a finite (T, 3) array (z, y, x voxels) covering sessions "
-                         f"0..{n_sessions - 1}; got shape {drift.shape}.")
-    return drift
-
-
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
                     drift_vox: np.ndarray | None = None, motion=None, gate_um: float = 1.2, max_gap: int = 2,
                     gap_gate_growth_um: float = 0.25, local_scale_um: float | None = 4.0,
@@ -219,16 +210,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         raise InputError("detections: column 't' must hold whole session indices >= 0.")
     t_all = t_all.astype(int)
     n_sessions = int(t_all.max()) + 1
-    if motion is not None:
-        if len(motion.angle_rad) < n_sessions:
-            raise InputError(f"the motion covers {len(motion.angle_rad)} sessions; the detections reach "
-                             f"session {n_sessions - 1}.")
-        between = motion.between
-    else:
-        drift = _check_drift(drift_vox, n_sessions)
-
-        def between(points, source, target):
-            return points - (drift[source] - drift[target])
+    between = as_motion(motion, drift_vox, n_sessions, scale).between
     pos = table[["z", "y", "x"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     if not np.isfinite(pos).all():
         raise InputError("detections: z, y, x must be finite numbers (voxels); "

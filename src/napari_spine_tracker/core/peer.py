@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import Cancelled, InputError
 from ..io.tables import REQUIRED_COLUMNS, empty_spine_table, validate_spine_table
-from .register import estimate_motion, session_array
+from .register import as_motion, estimate_motion, session_array
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,12 @@ def link_spots(spots: pd.DataFrame, voxel_size_um: Sequence[float], *, drift_vox
     voxel_um = np.broadcast_to(np.asarray(voxel_size_um, float), (3,))
     spots = spots.reset_index(drop=True)
     t = spots["t"].to_numpy(int)
+    motion = as_motion(motion, drift_vox, int(t.max()) + 1, voxel_um)
     positions = spots[["z", "y", "x"]].to_numpy(float)
-    if motion is not None:
-        registered = np.empty_like(positions)
-        for frame in np.unique(t):
-            registered[t == frame] = motion.to_reference(positions[t == frame], frame)
-        registered *= voxel_um
-    else:
-        drift = np.zeros((int(t.max()) + 1, 3)) if drift_vox is None else np.asarray(drift_vox, float)
-        registered = (positions - drift[t]) * voxel_um
+    registered = np.empty_like(positions)
+    for frame in np.unique(t):
+        registered[t == frame] = motion.to_reference(positions[t == frame], frame)
+    registered *= voxel_um
     to_link = pd.DataFrame(registered, columns=["rz", "ry", "rx"]).assign(frame=t)
     trackpy.quiet()
     linked = trackpy.link(to_link, search_range_um, pos_columns=["rz", "ry", "rx"], t_column="frame",

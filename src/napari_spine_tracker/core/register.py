@@ -31,12 +31,12 @@ import numpy as np
 from scipy import fft as sfft
 
 from ..errors import Cancelled, InputError
-from .intensity import sample_planes_yx
+from .intensity import affine_points_yx, sample_planes_yx
 from .metrics import parse_voxel_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RigidMotion", "estimate_drift", "estimate_motion", "session_array"]
+__all__ = ["RigidMotion", "as_motion", "estimate_drift", "estimate_motion", "session_array"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class RigidMotion:
 
     def linear_vox(self, t: int) -> np.ndarray:
         """(3, 3): the turn of session ``t`` acting on voxel offsets (z untouched)."""
-        c, s = np.cos(self.angle_rad[t]), np.sin(self.angle_rad[t])
-        turn = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-        return turn * (self.voxel_um[None, :] / self.voxel_um[:, None])
+        linear = np.eye(3)
+        linear[1:, 1:] = _turn_matrix(self.angle_rad[t], self.voxel_um[1:])
+        return linear
 
     def to_session(self, points_vox, t: int) -> np.ndarray:
         """Reference-session voxels -> session ``t`` voxels, for (..., 3) points."""
@@ -85,6 +85,23 @@ class RigidMotion:
         if not (self.angle_rad[source] or self.angle_rad[target]):
             return np.asarray(points_vox, float) - (self.drift_vox[source] - self.drift_vox[target])
         return self.to_session(self.to_reference(points_vox, source), target)
+
+
+def as_motion(motion: RigidMotion | None, drift_vox, n_sessions: int, voxel_um) -> RigidMotion:
+    """``motion`` if given (it must cover ``n_sessions``), else a translation by ``drift_vox``
+    ((T, 3) voxels, None: no drift): what detection, linking and the peer accept."""
+    if motion is not None:
+        if len(motion.angle_rad) < n_sessions:
+            raise InputError(f"the motion covers {len(motion.angle_rad)} sessions; the data reach "
+                             f"session {n_sessions - 1}.")
+        return motion
+    if drift_vox is None:
+        return RigidMotion.translation(np.zeros((n_sessions, 3)), voxel_um)
+    drift = np.asarray(drift_vox, dtype=float)
+    if drift.ndim != 2 or drift.shape[1] != 3 or drift.shape[0] < n_sessions or not np.isfinite(drift).all():
+        raise InputError(f"drift_vox must be a finite (T, 3) array (z, y, x voxels) covering sessions "
+                         f"0..{n_sessions - 1}; got shape {drift.shape}.")
+    return RigidMotion.translation(drift, voxel_um)
 
 
 def session_array(series, voxel_size_um=None) -> tuple[object, np.ndarray | None]:
@@ -344,7 +361,7 @@ def _turned_projection(projection: np.ndarray, angle: float, voxel_yx: np.ndarra
         return projection
     matrix = _turn_matrix(angle, voxel_yx)
     centre = 0.5 * (np.asarray(projection.shape, float) - 1)
-    return sample_planes_yx(projection[None], matrix, centre - matrix @ centre, projection.shape)[0]
+    return sample_planes_yx(projection[None], *affine_points_yx(matrix, centre - matrix @ centre, projection.shape))[0]
 
 
 def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max_angle: float,
@@ -406,5 +423,5 @@ def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray,
     windowed spectrum: (volume, spectrum) as :func:`_prepare` returns."""
     matrix = _turn_matrix(angle, work_voxel[1:])
     offset = centre_work[1:] - matrix @ centre_work[1:]
-    turned = sample_planes_yx(volume, matrix, offset, volume.shape[1:])
+    turned = sample_planes_yx(volume, *affine_points_yx(matrix, offset, volume.shape[1:]))
     return turned, _windowed_spectrum(turned)
