@@ -6,7 +6,9 @@
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py)
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
-#             batch workers (train.log, spinenet-synth.pt and .json)
+#             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
+#             synthetic presets (`train --presets`); CONTROL=1 trains a second model beside it with
+#             the default mix and the same seed (control.log, control.pt), the workers shared
 #   finetune  the fine-tuning benchmark with the GPU's default budget (finetune.txt); beside the
 #             training when both are asked for, alone otherwise
 #   compare   the new model on the benchmark's test series (compare.txt)
@@ -24,6 +26,9 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5.5}
 TRAIN_WORKERS=${TRAIN_WORKERS:-11}
 TRAIN_SIZE=${TRAIN_SIZE:-}  # e.g. deep: grow the shipped model into that preset
 TRAIN_SEED=${TRAIN_SEED:-3}
+VAL_EVERY=${VAL_EVERY:-600}
+TRAIN_PRESETS=${TRAIN_PRESETS:-}  # e.g. "default large_drift low_snr:2 crowded:2 faint:2"
+CONTROL=${CONTROL:-}
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
 REPEAT_XY=${REPEAT_XY:-4}
@@ -58,6 +63,8 @@ if wants speed; then
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
     stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
+    stamp "speed: end to end on turned sessions (rotated preset)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --case rotated
 fi
 
 finetune() {
@@ -65,19 +72,32 @@ finetune() {
         ${FT_MINUTES:+--minutes "$FT_MINUTES"} > "$OUT/finetune.txt" 2>&1
 }
 if wants train; then
-    stamp "training for $TRAIN_MINUTES min with $TRAIN_WORKERS batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}"
+    workers=$TRAIN_WORKERS
+    [ -n "$CONTROL" ] && workers=$(( TRAIN_WORKERS / 2 ))
+    stamp "training for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${CONTROL:+; a control with the default mix beside it}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
-    $PY -m napari_spine_tracker -v train --init spinenet-synth --out "$OUT/spinenet-synth.pt" --device "$DEVICE" \
-        --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every 600 --workers "$TRAIN_WORKERS" --seed "$TRAIN_SEED" \
-        ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} -q \
-        > "$OUT/train.log" 2>&1 &
+    train() {  # train OUT_NAME EXTRA_ARGS...
+        local name=$1; shift
+        $PY -m napari_spine_tracker -v train --init spinenet-synth --out "$OUT/$name.pt" --device "$DEVICE" \
+            --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every "$VAL_EVERY" --workers "$workers" --seed "$TRAIN_SEED" \
+            ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} -q "$@"
+    }
+    # shellcheck disable=SC2086
+    train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} > "$OUT/train.log" 2>&1 &
     train_pid=$!
+    if [ -n "$CONTROL" ]; then
+        train control > "$OUT/control.log" 2>&1 &
+        control_pid=$!
+    fi
     if wants finetune; then
         stamp "fine-tuning benchmark beside the training, $FT_WORKERS batch workers"
         finetune "$FT_WORKERS" &
         ft_pid=$!
     fi
     wait "$train_pid"; echo "training exit status $?"; grep -v "loss" "$OUT/train.log" | tail -n 25
+    if [ -n "$CONTROL" ]; then
+        wait "$control_pid"; echo "control exit status $?"; grep -v "loss" "$OUT/control.log" | tail -n 25
+    fi
     stamp "training done"
     pkill -f "nvidia-smi dmon" 2>/dev/null
     if wants finetune; then

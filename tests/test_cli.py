@@ -130,6 +130,21 @@ def test_detect_passes_the_rotation_search_limit(synth_dir, tmp_path, tiny_check
                  "--max-rotation", "-2", "-q"]) == 2
     assert "max_rotation_deg must be an angle" in capsys.readouterr().err
 
+
+def test_train_passes_the_preset_mix_and_refuses_unknown_presets(tmp_path, capsys, monkeypatch):
+    from napari_spine_tracker.core import train
+
+    seen = []
+    monkeypatch.setattr(train, "train_model", lambda options, progress=None: seen.append(options) or options.out)
+    out = str(tmp_path / "m.pt")
+    assert main(["train", "--out", out, "--presets", "low_snr:2", "faint:2", "crowded", "-q"]) == 0
+    assert seen[0].presets == (("low_snr", 2.0), ("faint", 2.0), ("crowded", 1.0))
+    assert main(["train", "--out", out, "-q"]) == 0
+    assert seen[1].presets == train.DEFAULT_PRESETS
+    assert main(["train", "--out", out, "--presets", "lowsnr", "-q"]) == 2
+    assert "unknown synthetic preset 'lowsnr'" in capsys.readouterr().err
+
+
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
     import tifffile
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_spine_tracker.core.batches import PatchOptions
-from napari_spine_tracker.core.train import TrainOptions, train_model
+from napari_spine_tracker.core.train import DEFAULT_PRESETS, TrainOptions, train_model
 from napari_spine_tracker.errors import Cancelled, InputError
 from napari_spine_tracker.io.checkpoint import load_checkpoint
 
@@ -132,10 +132,63 @@ def _source_spec(**changes):
 
     values = dict(pool_size=2, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
                   normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(shape=(8, 32, 32), sessions=2),
-                  realistic_fraction=0.5, user_series=[], synthetic_fraction=1.0, batch_size=2, out_shape=(8, 16, 16),
+                  realistic_fraction=0.5, presets=DEFAULT_PRESETS, user_series=[], synthetic_fraction=1.0,
+                  batch_size=2, out_shape=(8, 16, 16),
                   stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=2)
     values.update(changes)
     return _SourceSpec(**values)
+
+
+def test_presets_parse_with_weights_and_refuse_what_is_not_a_preset():
+    from napari_spine_tracker.core.train import parse_presets
+
+    assert parse_presets(["default", "faint:2.5"]) == (("default", 1.0), ("faint", 2.5))
+    with pytest.raises(InputError, match="unknown synthetic preset 'dim'"):
+        parse_presets(["dim"])
+    for bad in ("low_snr:0", "low_snr:-1", "low_snr:two", "low_snr:nan"):
+        with pytest.raises(InputError, match="must be a positive number, as in low_snr:2"):
+            parse_presets([bad])
+
+
+def _drawn_presets(monkeypatch, presets, count=400):
+    """Which preset each draw of a pool (all from the presets) picks, in order."""
+    from napari_spine_tracker.core import synth, train
+
+    picked = []
+
+    class Picked(Exception):
+        pass
+
+    def preset(name, seed=0, **overrides):
+        picked.append(name)
+        raise Picked  # the choice is made; no need to render the series
+
+    monkeypatch.setattr(synth.SynthConfig, "preset", staticmethod(preset))
+    pool = train.SyntheticPool(1, train.MODEL_VOXEL_UM, None, 0, PatchOptions(), realistic_fraction=1.0,
+                               presets=presets)
+    for _ in range(count):
+        with pytest.raises(Picked):
+            pool._make()
+    return picked
+
+
+def test_the_preset_mix_follows_its_weights(monkeypatch):
+    picked = _drawn_presets(monkeypatch, (("default", 1.0), ("faint", 3.0)))
+    assert set(picked) == {"default", "faint"}
+    assert 0.68 < picked.count("faint") / len(picked) < 0.82  # 0.75 expected; sd 0.022 for 400 draws
+
+
+def test_equal_weights_draw_the_presets_as_before_weights_existed(monkeypatch):
+    """The default mix picks what the pools that trained the shipped model picked."""
+    from napari_spine_tracker.core.train import REALISTIC_PRESETS, pool_first_seed
+
+    picked = _drawn_presets(monkeypatch, DEFAULT_PRESETS, count=50)
+    old = []  # the draw before weights: random() for the realistic share, then integers(4)
+    for seed in range(pool_first_seed(0), pool_first_seed(0) + 50):
+        draw = np.random.default_rng(seed)
+        draw.random()
+        old.append(REALISTIC_PRESETS[draw.integers(4)])
+    assert picked == old
 
 
 def test_batch_workers_draw_distinct_seeds_and_repeat_exactly():

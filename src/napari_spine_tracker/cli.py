@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3 from scratch, 3e-4 fine-tuning)")
     p.add_argument("--realistic-fraction", type=float,
                    help="share of synthetic series from the realistic presets rather than fully randomised (0.5)")
+    p.add_argument("--presets", nargs="+", metavar="NAME[:WEIGHT]",
+                   help="synthetic presets the realistic share is drawn from, with relative weights "
+                   "(default: default large_drift low_snr crowded, equally), e.g. low_snr:2 faint:2")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")

@@ -173,6 +173,9 @@ PRESETS: dict[str, dict] = {
     # a wide field (100 µm) whose sessions are also turned by up to 2 degrees about its centre
     "rotated": dict(shape=(32, 512, 512), voxel_size_um=(0.5, 0.2, 0.2), rotation_deg=2.0),
     "low_snr": dict(brightness_photons=10.0, background_photons=0.4, brightness_change_fraction=0.3),
+    # the hardest spines of low_snr on their own: as dim, with small heads only (where its misses are)
+    "faint": dict(brightness_photons=10.0, background_photons=0.4, brightness_change_fraction=0.3,
+                  head_radius_um_range=(0.15, 0.32)),
     "crowded": dict(dendrites=2, spine_density_per_um=2.0, axons=4, axons_near_dendrites=True,
                     bouton_density_per_um=0.35, varicosity_density_per_um=0.08),
     "tiny": dict(sessions=3, shape=(12, 64, 64)),

@@ -42,6 +42,11 @@ TRAINING_SEED_BASE = 100_000
 SYNTHETIC_VALIDATION = (("default", 1500), ("large_drift", 1501), ("low_snr", 1502), ("crowded", 1503),
                         ("default", 1504), ("crowded", 1505))
 VALIDATION_SHAPE = {"sessions": 4, "shape": (24, 128, 128)}
+#: presets (tuned on a real stack, see benchmarks/realism.py) that part of the pool is drawn from,
+#: with fresh seeds; the rest comes from SynthConfig.random (domain randomisation)
+REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
+#: (preset, relative weight): the default mix, the realistic presets equally
+DEFAULT_PRESETS = tuple((name, 1.0) for name in REALISTIC_PRESETS)
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 
 
@@ -64,6 +69,8 @@ class TrainOptions:
     workers: int | None = None  # batch-preparing processes; None: 0 on a CPU, up to 8 beside a GPU
     synthetic_fraction: float | None = None  # None: 1.0 from scratch, 0.5 when fine-tuning (replay)
     realistic_fraction: float = 0.5  # of the synthetic series: from the realistic presets
+    #: the presets the realistic share is drawn from, with their relative weights
+    presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -83,6 +90,8 @@ class TrainOptions:
         given = {name: getattr(args, name, None) for name in
                  ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
                   "realistic_fraction", "workers")}
+        if getattr(args, "presets", None):
+            given["presets"] = parse_presets(args.presets)
         options = cls(out=Path(args.out), datasets=[Path(d) for d in args.datasets], device=args.device,
                       size=args.size, seed=args.seed, resume=args.resume,
                       command_line=" ".join(["napari-spine-tracker", *sys.argv[1:]]),
@@ -99,12 +108,32 @@ class TrainOptions:
 # data sources
 
 
-#: presets (tuned on a real stack, see benchmarks/realism.py) that part of the pool is drawn from,
-#: with fresh seeds; the rest comes from SynthConfig.random (domain randomisation)
-REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
 #: synthetic seeds per batch-preparing worker (a pool uses one per ``pool_refresh_every`` batches)
 WORKER_SEED_STRIDE = 4_000
 MAX_WORKERS = 24
+
+
+def parse_presets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``["default", "low_snr:2"]`` -> ``(("default", 1.0), ("low_snr", 2.0))``: synthetic presets
+    with relative weights (1 when left out), checked."""
+    from .synth import PRESETS
+
+    out = []
+    for item in items:
+        name, _, weight = str(item).partition(":")
+        if name not in PRESETS:
+            raise InputError(f"--presets: unknown synthetic preset {name!r}; choose from {', '.join(PRESETS)}.")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and value > 0):
+            raise InputError(f"--presets: the weight of {name!r} must be a positive number, as in {name}:2 "
+                             f"(got {weight!r}).")
+        out.append((name, value))
+    if not out:
+        raise InputError("--presets: name at least one synthetic preset.")
+    return tuple(out)
 
 
 def pool_first_seed(pool_seed: int, worker: int = 0) -> int:
@@ -121,9 +150,13 @@ class SyntheticPool:
     """
 
     def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions,
-                 realistic_fraction: float = 0.0, worker: int = 0):
+                 realistic_fraction: float = 0.0, worker: int = 0,
+                 presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
         self.realistic_fraction = realistic_fraction
+        self.presets = [name for name, _ in presets]
+        weights = np.asarray([w for _, w in presets], float)
+        self.preset_p = None if np.all(weights == weights[0]) else weights / weights.sum()
         self.first_seed = self.next_seed = pool_first_seed(seed, worker)
         self.series: list[PreparedSeries] = []
         self.size = size
@@ -147,7 +180,10 @@ class SyntheticPool:
         self.next_seed += 1
         draw = np.random.default_rng(seed)
         if draw.random() < self.realistic_fraction:
-            config = SynthConfig.preset(REALISTIC_PRESETS[draw.integers(len(REALISTIC_PRESETS))], seed=seed)
+            # equal weights draw as before weights existed, so earlier pools stay reproducible
+            pick = (draw.integers(len(self.presets)) if self.preset_p is None
+                    else draw.choice(len(self.presets), p=self.preset_p))
+            config = SynthConfig.preset(self.presets[pick], seed=seed)
         else:
             config = SynthConfig.random(seed)
         # enough native voxels for a patch plus room to move it around, at this draw's voxel size
@@ -172,6 +208,7 @@ class _SourceSpec:
     normalization: dict
     patch: PatchOptions
     realistic_fraction: float
+    presets: tuple
     user_series: list
     synthetic_fraction: float
     batch_size: int
@@ -193,7 +230,8 @@ class BatchSource:
         in_process = worker is None
         self.spec = spec
         self.pool = SyntheticPool(spec.pool_size, spec.model_voxel_um, spec.normalization, spec.pool_seed,
-                                  spec.patch, spec.realistic_fraction, worker=0 if in_process else worker)
+                                  spec.patch, spec.realistic_fraction, worker=0 if in_process else worker,
+                                  presets=spec.presets)
         key = [spec.seed, spec.rank] if in_process else [spec.seed, spec.rank, worker + 1]
         self.rng = np.random.default_rng(key)
         self.count = 0
@@ -497,7 +535,8 @@ class _Run:
             pool_seed=options.seed * 16 + self.dist.rank, seed=options.seed, rank=self.dist.rank,
             model_voxel_um=tuple(self.model_voxel),
             normalization=self.normalization, patch=options.patch, realistic_fraction=options.realistic_fraction,
-            user_series=user_train, synthetic_fraction=self.synthetic_fraction, batch_size=self.batch_size,
+            presets=tuple(options.presets), user_series=user_train, synthetic_fraction=self.synthetic_fraction,
+            batch_size=self.batch_size,
             out_shape=tuple(int(n // s) for n, s in zip(options.patch.shape, stride)), stride=tuple(stride),
             out_voxel_um=tuple(v * s for v, s in zip(self.model_voxel, stride)),
             refresh_every=options.pool_refresh_every)
@@ -717,8 +756,13 @@ class _Run:
         first = pool_first_seed(self.spec.pool_seed)
         where = (f"n from {first}" if self.workers == 0 else
                  f"n from {first} + {WORKER_SEED_STRIDE} w for worker w of {self.workers}")
+        presets = self.options.presets
+        if len({w for _, w in presets}) == 1:
+            which = f"one of {tuple(name for name, _ in presets)}"
+        else:
+            which = "one of " + ", ".join(f"{name} (weight {w:g})" for name, w in presets)
         return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
-                f"SynthConfig.preset(one of {REALISTIC_PRESETS}, n)")
+                f"SynthConfig.preset({which}, n)")
 
     def close(self) -> None:
         from .devices import free_memory
