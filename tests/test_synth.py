@@ -232,6 +232,17 @@ def test_presets_render(name):
     assert series.image.max() > series.image.min()
 
 
+def test_faint_is_low_snr_light_with_small_heads_only():
+    faint, low = SynthConfig.preset("faint", seed=3), SynthConfig.preset("low_snr", seed=3)
+    assert (faint.brightness_photons, faint.background_photons) == (low.brightness_photons, low.background_photons)
+    series = synthesize_series(faint.replace(sessions=2, shape=(12, 96, 96)))
+    radius = series.truth["head_radius_um"]
+    assert len(radius) > 5
+    # drawn from 0.15-0.32 µm, then changed by at most head_radius_change_fraction between sessions
+    assert radius.max() <= 0.32 * (1 + 3 * faint.head_radius_change_fraction)
+    assert radius.median() < SynthConfig().head_radius_um_range[0] + 0.05
+
+
 def test_random_is_deterministic_and_covers_its_ranges():
     assert SynthConfig.random(7) == SynthConfig.random(7)
     assert SynthConfig.random(7) != SynthConfig.random(8)
