@@ -169,7 +169,11 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         A ``RigidMotion`` (translation and rotation); replaces ``drift_vox``.
     gate_um
         Largest distance in µm for a frame-to-frame link, after registration and the local motion
-        correction (1.2 µm: best mean IDF1 on the tuning seeds 2000-2002 among 1.0-1.8).
+        correction. 1.2 µm was chosen on the tuning seeds 2000-2002 with an earlier model (best
+        among 1.0-1.8); with the shipped one, narrower gates score a little higher on synthetic
+        series (0.8 µm: mean IDF1 0.902 -> 0.910 there, ``benchmarks/linking_gate.py``), and 1.2
+        is kept as margin for real tissue, whose deformation and localisation error the synthetic
+        engine may understate.
     max_gap
         Largest number of consecutive sessions a spine may be missing and keep its id.
     gap_gate_growth_um
