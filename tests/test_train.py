@@ -191,6 +191,18 @@ def test_equal_weights_draw_the_presets_as_before_weights_existed(monkeypatch):
     assert picked == old
 
 
+def test_pool_series_of_a_turning_preset_carry_their_true_turns():
+    from napari_spine_tracker.core import train
+
+    patch = PatchOptions(shape=(8, 32, 32), sessions=2)
+    turned = train.SyntheticPool(1, train.MODEL_VOXEL_UM, train.DEFAULT_NORMALIZATION, 0, patch,
+                                 realistic_fraction=1.0, presets=(("rotated", 1.0),))._make()
+    assert turned.motion is not None and np.abs(turned.motion.angle_rad).max() > 0
+    plain = train.SyntheticPool(1, train.MODEL_VOXEL_UM, train.DEFAULT_NORMALIZATION, 0, patch,
+                                realistic_fraction=1.0, presets=(("default", 1.0),))._make()
+    assert plain.motion is None  # no turns: patches follow the drift alone, as before
+
+
 def test_batch_workers_draw_distinct_seeds_and_repeat_exactly():
     from napari_spine_tracker.core.train import WORKER_SEED_STRIDE, _worker_source
 

@@ -31,6 +31,7 @@ from ..errors import Cancelled, InputError
 from .batches import PatchOptions, PreparedSeries, make_batch, prepare_series, sample_patch
 from .decode import DEFAULT_DECODE
 from .intensity import DEFAULT_NORMALIZATION
+from .register import RigidMotion
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,13 @@ class SyntheticPool:
         native = np.ceil(room * np.asarray(self.model_voxel_um) / np.asarray(config.voxel_size_um))
         config = config.replace(sessions=max(self.patch.sessions + 1, 4), shape=tuple(int(n) for n in native))
         synth = synthesize_series(config)
+        # the true motion, turns included (a preset such as `rotated` turns its sessions about the
+        # field centre), so that each session's patch is cut where the spines went
+        voxel = np.asarray(synth.voxel_size_um, float)
+        motion = RigidMotion(synth.drift_um / voxel, np.radians(synth.rotation_deg),
+                             0.5 * (np.asarray(synth.image.shape[1:], float) - 1), voxel)
         return prepare_series(synth.image, synth.voxel_size_um, synth.truth, self.model_voxel_um,
-                              self.normalization, drift_vox=synth.drift_um / np.asarray(synth.voxel_size_um),
-                              name=f"synth-{seed}")
+                              self.normalization, motion=motion, name=f"synth-{seed}")
 
 
 @dataclass
