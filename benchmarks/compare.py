@@ -4,6 +4,7 @@
     python benchmarks/compare.py --methods trackpy --seeds 1000 1001 --cases default crowded
     python benchmarks/compare.py --quick                           # small series, one seed
     python benchmarks/compare.py --tune-peer                       # the trackpy parameter search
+    python benchmarks/compare.py --paired new.json old.json        # two --json runs, series by series
 
 Methods come from ``napari_spine_tracker.core.bench.METHODS`` (the same registry as the ``bench``
 command). See benchmarks/README.md for what is measured and the latest figures.
@@ -17,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,6 +145,28 @@ def measure_registration(cases, seeds, quick: bool) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_differences(new: list[dict], old: list[dict], metrics=("f1", "idf1")) -> str:
+    """Two runs (``--json`` records) compared series by series, per method present in both: the
+    mean difference of each metric, its standard error, and on how many series the new run scored
+    higher. Differences within about two standard errors are noise these series cannot resolve."""
+    def keyed(rows):
+        return {(r["method"], r["case"], r["seed"]): r for r in rows}
+
+    a, b = keyed(new), keyed(old)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "no series in common (match on method, case and seed)"
+    lines = []
+    for method in sorted({k[0] for k in common}):
+        keys = [k for k in common if k[0] == method]
+        for metric in metrics:
+            d = np.array([a[k][metric] - b[k][metric] for k in keys])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            lines.append(f"{method:9s} {metric:5s} new - old: mean {d.mean():+.4f}, standard error {se:.4f}, "
+                         f"higher on {int((d > 0).sum())} and lower on {int((d < 0).sum())} of {len(d)} series")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -162,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"grid-search trackpy's parameters on tuning seeds {TUNING_SEEDS} instead")
     parser.add_argument("--registration", action="store_true",
                         help="instead: registration error (µm) and linking of perfect detections")
+    parser.add_argument("--paired", nargs=2, metavar=("NEW.json", "OLD.json"),
+                        help="instead: compare two --json runs series by series (mean difference, standard error)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.paired:
+        new, old = (json.loads(Path(path).read_text()) for path in args.paired)
+        print(paired_differences(new, old))
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
