@@ -210,3 +210,24 @@ def test_linking_follows_a_rotation_given_as_motion():
     assert not same_partition(translated, truth)
     with pytest.raises(InputError, match="motion covers 2 sessions"):
         link_detections(detections_from(truth).assign(t=lambda d: d.t * 2), voxel, motion=motion)
+
+
+def test_votes_of_zero_weight_change_no_mode():
+    from napari_spine_tracker.core.link import _mean_shift
+
+    rng = np.random.default_rng(3)
+    n, m = 40, 12
+    votes = rng.normal(0, 1.0, (n, m, 3))
+    weights = rng.random((n, m)) * (rng.random((n, m)) > 0.3)
+    start = rng.normal(0, 0.5, (n, 3))
+    modes = _mean_shift(votes, weights, start, (1.0, 0.5))
+    # the same votes among many silent ones, in shuffled columns
+    junk = rng.normal(0, 5.0, (n, 3 * m, 3))
+    padded_votes = np.concatenate([junk, votes], axis=1)
+    padded_weights = np.concatenate([np.zeros((n, 3 * m)), weights], axis=1)
+    order = rng.permutation(4 * m)
+    padded = _mean_shift(padded_votes[:, order], padded_weights[:, order], start, (1.0, 0.5))
+    np.testing.assert_allclose(padded, modes, atol=1e-9)
+    assert np.abs(modes - start).max() > 0.1  # the climb did move the points
+    silent = _mean_shift(votes, np.zeros((n, m)), start, (1.0,))
+    np.testing.assert_array_equal(silent, start)  # nothing heard: each point keeps its start

@@ -87,6 +87,10 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
     out_r: list[np.ndarray] = []
     out_c: list[np.ndarray] = []
     for edges in _components(rows, cols, n_rows, n_cols):
+        if len(edges) == 1:  # a lone pair (most components): it is the matching
+            out_r.append(rows[edges])
+            out_c.append(cols[edges])
+            continue
         r_ids, r_local = np.unique(rows[edges], return_inverse=True)
         c_ids, c_local = np.unique(cols[edges], return_inverse=True)
         w = weights[edges]
