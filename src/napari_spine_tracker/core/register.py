@@ -145,13 +145,16 @@ def _prepare(volume: np.ndarray, voxel_um: np.ndarray, bin_yx: int, smooth_um: f
 
 def _bin_yx(volume: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped), summed
-    slice by slice: a mean over two axes of a reshaped view took 9x longer."""
+    slice by slice, rows first (whole rows are read once) and then columns on the third as large
+    sum: a mean over two axes of a reshaped view took 9x longer, nine strided sums 1.6x."""
     z, y, x = volume.shape
     y2, x2 = y - y % factor, x - x % factor
-    out = np.zeros((z, y2 // factor, x2 // factor), np.float32)
+    rows = np.zeros((z, y2 // factor, x2), np.float32)
     for i in range(factor):
-        for j in range(factor):
-            out += volume[:, i:y2:factor, j:x2:factor]
+        rows += volume[:, i:y2:factor, :x2]
+    out = np.zeros((z, y2 // factor, x2 // factor), np.float32)
+    for j in range(factor):
+        out += rows[:, :, j:x2:factor]
     out *= np.float32(1 / factor**2)
     return out
 
