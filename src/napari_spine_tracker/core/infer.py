@@ -295,8 +295,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
             if should_stop is not None and should_stop():
                 raise Cancelled("detection cancelled")
             times = range(t0, min(t0 + chunk, t_count))
-            blocks = [[normalize(frames.read(sessions[t], t, tile.origin, plan.input_shape, ranges[t][0]), ranges[t])
-                       for t in times] for tile in tiles]
+            blocks = [[normalize(frames.read(sessions[t], t, tile.origin, plan.input_shape, ranges[t][0]), ranges[t],
+                                 in_place=True) for t in times] for tile in tiles]
             x = torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
             with torch.inference_mode(), inference_autocast(device, options.precision):
                 outputs, states = _forward_views(net, x, previous, states)

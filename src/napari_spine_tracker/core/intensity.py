@@ -57,10 +57,16 @@ def percentiles(values: np.ndarray, q) -> np.ndarray:
     return lower + (rank - np.floor(rank)) * (upper - lower)
 
 
-def normalize(block: np.ndarray, intensity_range: tuple[float, float]) -> np.ndarray:
-    """Map raw intensities to float32 with background 0 and bright structures near 1."""
+def normalize(block: np.ndarray, intensity_range: tuple[float, float], *, in_place: bool = False) -> np.ndarray:
+    """Map raw intensities to float32 with background 0 and bright structures near 1.
+
+    ``in_place``: overwrite ``block`` (float32, one's own) instead of allocating the result."""
     low, high = intensity_range
-    out = np.asarray(block, dtype=np.float32) - np.float32(low)
+    if in_place:
+        out = block
+        out -= np.float32(low)
+    else:
+        out = np.asarray(block, dtype=np.float32) - np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return out
 
@@ -91,13 +97,12 @@ def read_resampled(volume, origin: tuple[int, int, int], shape: tuple[int, int, 
     out = np.full(shape, fill, dtype=np.float32)
     if any(a >= b for a, b in zip(clo, chi)):
         return out
-    native = np.asarray(volume[clo[0]:chi[0], clo[1]:chi[1], clo[2]:chi[2]], dtype=np.float32)
-    exact = all(abs(s - 1.0) < 1e-9 for s in scale)
-    if exact:  # plain copy: model grid == native grid
-        src = [slice(max(0, o) - c, min(n, o + k) - c) for o, k, n, c in zip(origin, shape, bounds, clo)]
-        dst = [slice(max(0, o) - o, min(n, o + k) - o) for o, k, n in zip(origin, shape, bounds)]
-        out[tuple(dst)] = native[tuple(src)]
+    if all(abs(s - 1.0) < 1e-9 for s in scale):  # model grid == native grid: one converting copy
+        src = tuple(slice(max(0, o), min(n, o + k)) for o, k, n in zip(origin, shape, bounds))
+        dst = tuple(slice(max(0, o) - o, min(n, o + k) - o) for o, k, n in zip(origin, shape, bounds))
+        out[dst] = volume[src]
         return out
+    native = np.asarray(volume[clo[0]:chi[0], clo[1]:chi[1], clo[2]:chi[2]], dtype=np.float32)
     # separable linear interpolation; positions outside the native volume are filled
     valid = []
     for axis, (p, a, n) in enumerate(zip(positions, clo, bounds)):
