@@ -131,6 +131,29 @@ def test_detect_passes_the_rotation_search_limit(synth_dir, tmp_path, tiny_check
     assert "max_rotation_deg must be an angle" in capsys.readouterr().err
 
 
+def test_detect_passes_the_linking_gate_and_gap(synth_dir, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from napari_spine_tracker.core import detect, link
+
+    seen = []
+    linker = link.link_detections
+    monkeypatch.setattr(link, "link_detections", lambda *a, **k: seen.append((k["gate_um"], k["max_gap"]))
+                        or linker(*a, **k))
+    out = tmp_path / "gated.csv"
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--gate-um", "0.9", "--max-gap", "1", "-q"]) == 0
+    assert seen == [(0.9, 1)] and len(read_spine_table(out)) > 0
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "-q"]) == 0
+    assert seen[1] == (1.2, 2)  # the defaults
+    # refused before any detection runs
+    monkeypatch.setattr(detect, "predict_series", lambda *a, **k: pytest.fail("detection ran"))
+    for flag, value, message in (("--gate-um", "0", "gate_um must be a positive distance"),
+                                 ("--max-gap", "-1", "max_gap must be a whole number")):
+        assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                     flag, value, "-q"]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_train_passes_the_preset_mix_and_refuses_unknown_presets(tmp_path, capsys, monkeypatch):
     from napari_spine_tracker.core import train
 

@@ -207,6 +207,11 @@ def test_bad_inputs_are_explained(random_model):
     with pytest.raises(InputError, match="max_rotation_deg must be an angle"):
         detect_series(np.zeros((1, 8, 32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model,
                       max_rotation_deg=float("nan"))
+    # linking choices are refused before the network runs, not after
+    for bad in (dict(gate_um=0.0), dict(gate_um="far"), dict(max_gap=-1), dict(max_gap=1.5)):
+        with pytest.raises(InputError, match=r"gate_um must be a positive|max_gap must be a whole"):
+            detect_series(np.zeros((2, 8, 32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model,
+                          should_stop=lambda: pytest.fail("detection started"), **bad)
 
 
 def test_device_choice():

@@ -71,7 +71,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         report = detect_many(args.inputs, out_dir, outputs=outputs, scheduler=args.scheduler,
                              workers=args.workers, model=args.model, device=args.device,
                              voxel_size_um=args.voxel_size, channel=args.channel, threshold=args.threshold,
-                             views=args.views, max_rotation_deg=args.max_rotation, skip_done=skip_done,
+                             views=args.views, max_rotation_deg=args.max_rotation, gate_um=args.gate_um,
+                             max_gap=args.max_gap, skip_done=skip_done,
                              progress=progress)
     print(report.format())
     if report.failed:
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest turn in the imaging plane registration looks for between consecutive sessions "
                         "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
                         "by 2 µm (up to about 54 µm across at 3 degrees) are not searched")
+    p.add_argument("--gate-um", type=float, metavar="UM",
+                   help="linking gate: the farthest a spine is followed from one session to the next, after "
+                        "registration and the local motion of its neighbours (default 1.2 µm)")
+    p.add_argument("--max-gap", type=int, metavar="N",
+                   help="sessions a spine may be missed and keep its id (default 2)")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

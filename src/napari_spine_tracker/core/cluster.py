@@ -122,6 +122,8 @@ class _Job:
     torch_threads: int | None = None
     views: int | None = None
     max_rotation_deg: float | None = None
+    gate_um: float | None = None
+    max_gap: int | None = None
 
 
 _MODEL_CACHE: dict[tuple[str, str], tuple[int, Any]] = {}
@@ -187,8 +189,9 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
         series = load_series(job.input, voxel_size_um=job.voxel_size_um, channel=job.channel)
         try:
             model, result.model_loaded = get_model()
-            turn = {} if job.max_rotation_deg is None else {"max_rotation_deg": job.max_rotation_deg}
-            table = detect_series(series, model=model, threshold=job.threshold, views=job.views, **turn,
+            chosen = {name: getattr(job, name) for name in ("max_rotation_deg", "gate_um", "max_gap")
+                      if getattr(job, name) is not None}  # the others: detect_series's defaults
+            table = detect_series(series, model=model, threshold=job.threshold, views=job.views, **chosen,
                                   progress=progress, should_stop=should_stop)
         finally:
             series.close()
@@ -304,7 +307,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 model: Any = DEFAULT_MODEL, device: str = "auto",
                 voxel_size_um: Sequence[float] | None = None, channel: int | None = None,
                 threshold: float | None = None, views: int | None = None,
-                max_rotation_deg: float | None = None, skip_done: bool = True,
+                max_rotation_deg: float | None = None, gate_um: float | None = None,
+                max_gap: int | None = None, skip_done: bool = True,
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Detect and track spines in many series, one task per series; returns a :class:`BatchReport`.
@@ -321,8 +325,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         processes (one thread each; default one per GPU, or one per two CPU cores), or this process
         when only one series needs running. Otherwise a scheduler address (``tcp://host:8786``), a
         scheduler file (``.json``), or a ``distributed.Client`` or cluster object.
-    model, device, voxel_size_um, channel, threshold, views, max_rotation_deg
-        As for ``detect_series`` and ``load_series``; ``device="auto"`` is resolved on each worker.
+    model, device, voxel_size_um, channel, threshold, views, max_rotation_deg, gate_um, max_gap
+        As for ``detect_series`` (None: its default) and ``load_series``; ``device="auto"`` is resolved on each worker.
         ``voxel_size_um`` (z, y, x µm) overrides every file's metadata.
     skip_done
         Leave an output that already holds a valid spine table alone (a rerun resumes a batch).
@@ -337,6 +341,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     """
     from ..io.series import validate_voxel_size
     from .infer import check_views
+    from .link import check_linking
     from .register import check_max_rotation
 
     if not inputs:
@@ -349,6 +354,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         check_views(views)
     if max_rotation_deg is not None:
         check_max_rotation(max_rotation_deg)
+    check_linking(gate_um, max_gap)
     started = time.perf_counter()
     pairs = _plan_outputs(inputs, out_dir, outputs)
     results: dict[int, SeriesResult] = {}
@@ -368,7 +374,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
             log.warning("%s is not a valid spine table; it will be replaced (%s)", out, detail)
             note = f"replaced an invalid table ({detail})"
         jobs[i] = _Job(str(inp), str(out), "", device, voxel, channel, threshold, note, views=views,
-                       max_rotation_deg=max_rotation_deg)
+                       max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap)
 
     where, n_workers = "this process", 1
     if jobs:

@@ -91,10 +91,11 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         coordinates in voxels of each session's own image.
     """
     from .devices import free_memory
-    from .link import link_detections
+    from .link import check_linking, link_detections
     from .register import check_max_rotation, estimate_motion
 
     check_max_rotation(max_rotation_deg)
+    check_linking(gate_um, max_gap)  # before the work, not after it
     data, voxel, shapes = _as_series(series, voxel_size_um)
     loaded = load_model(model, device=device)
     # progress units: one per session registered, then 100 for inference (linking is quick)

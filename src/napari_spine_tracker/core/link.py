@@ -41,12 +41,28 @@ from .register import as_motion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["link_detections"]
+__all__ = ["check_linking", "link_detections"]
 
 DISPLACEMENT_COLUMNS = ("dz", "dy", "dx")
 #: µm: pairs of detections this close (after registration) vote on the local motion; registration
 #: errs by up to ~1.5 µm on large drift (benchmarks: tuning seeds 2000-2002)
 MOTION_SEARCH_UM = 3.0
+
+
+def check_linking(gate_um=None, max_gap=None) -> None:
+    """An InputError unless the gate (if given) is a positive distance in µm and the gap (if
+    given) a whole number of sessions >= 0."""
+    def number(value) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    if gate_um is not None and not (np.isfinite(number(gate_um)) and number(gate_um) > 0):
+        raise InputError(f"gate_um must be a positive distance in µm, got {gate_um!r}.")
+    gap = number(max_gap)
+    if max_gap is not None and not (np.isfinite(gap) and gap >= 0 and gap == int(gap)):
+        raise InputError(f"max_gap must be a whole number of sessions >= 0, got {max_gap!r}.")
 
 
 def _assign(sources_um: np.ndarray, targets_um: np.ndarray,
@@ -200,10 +216,8 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         ``status`` is ``predicted`` unless the input carries one.
     """
     scale = parse_voxel_size(voxel_size_um)
-    if not (np.isfinite(gate_um) and gate_um > 0):
-        raise InputError(f"gate_um must be a positive distance in µm, got {gate_um!r}.")
-    if max_gap < 0 or int(max_gap) != max_gap:
-        raise InputError(f"max_gap must be a whole number of sessions >= 0, got {max_gap!r}.")
+    check_linking(gate_um, max_gap)
+    gate_um, max_gap = float(gate_um), int(max_gap)
     missing = [c for c in ("t", "z", "y", "x") if c not in detections.columns]
     if missing:
         raise InputError(f"detections lack the column(s) {', '.join(missing)}; they need t, z, y, x "
