@@ -109,9 +109,9 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
     # votes of zero weight add nothing: move each point's weighted votes to the front and drop the
     # columns no point needs (most of them where neighbours hear few votes)
     heard = weights > 0
-    width = int(heard.sum(axis=1).max()) if heard.size else 0
-    if width < weights.shape[1]:
-        front = np.argsort(~heard, axis=1, kind="stable")[:, :width]
+    columns = int(heard.sum(axis=1).max()) if heard.size else 0
+    if columns < weights.shape[1]:
+        front = np.argsort(~heard, axis=1, kind="stable")[:, :columns]
         votes = np.take_along_axis(votes, front[:, :, None], axis=1)
         weights = np.take_along_axis(weights, front, axis=1)
     # one (n, m) array per axis: reductions over a last axis of 3 were half the linking time
