@@ -65,6 +65,12 @@ def main(argv=None) -> int:
             bins = pd.qcut(group[column], 4, duplicates="drop")
             recall = group.groupby(bins, observed=True)["hit"].mean()
             print(f"  {column:15s}", "  ".join(f"{b.left:.2f}-{b.right:.2f}: {r:.2f}" for b, r in recall.items()))
+        # the same on fixed contrast steps: how many spines are faint in absolute terms, and found
+        steps = pd.cut(group["contrast/noise"], [0, 3, 5, 8, np.inf], right=False)
+        counts = group.groupby(steps, observed=False)["hit"].agg(["size", "mean"])
+        print("  contrast/noise  " + "  ".join(
+            f"{b.left:g}-{b.right:g}: {int(n)} ({n / len(group):.0%}) found {r:.2f}" for b, (n, r) in
+            zip(counts.index, counts.itertuples(index=False)) if n))
     return 0
 
 
