@@ -12,3 +12,12 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """A long run was stopped by its ``should_stop()`` callback; nothing was half-written."""
+
+
+def number_or_nan(value) -> float:
+    """``float(value)``, or NaN where ``value`` is not a number: for argument checks, which then
+    refuse NaN with a message that says what the argument must be."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, number_or_nan
 from ..io.tables import REQUIRED_COLUMNS, validate_spine_table
 from .metrics import parse_voxel_size, sparse_assignment
 from .register import as_motion
@@ -52,15 +52,9 @@ MOTION_SEARCH_UM = 3.0
 def check_linking(gate_um=None, max_gap=None) -> None:
     """An InputError unless the gate (if given) is a positive distance in µm and the gap (if
     given) a whole number of sessions >= 0."""
-    def number(value) -> float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return float("nan")
-
-    if gate_um is not None and not (np.isfinite(number(gate_um)) and number(gate_um) > 0):
+    gate, gap = number_or_nan(gate_um), number_or_nan(max_gap)
+    if gate_um is not None and not (np.isfinite(gate) and gate > 0):
         raise InputError(f"gate_um must be a positive distance in µm, got {gate_um!r}.")
-    gap = number(max_gap)
     if max_gap is not None and not (np.isfinite(gap) and gap >= 0 and gap == int(gap)):
         raise InputError(f"max_gap must be a whole number of sessions >= 0, got {max_gap!r}.")
 

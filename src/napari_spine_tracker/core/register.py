@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft as sfft
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, number_or_nan
 from .intensity import affine_points_yx, sample_planes_yx
 from .metrics import parse_voxel_size
 
@@ -236,10 +236,7 @@ def _two_pass_shift(previous: tuple[np.ndarray, np.ndarray], current: tuple[np.n
 
 def check_max_rotation(max_rotation_deg) -> float:
     """``max_rotation_deg`` if it is an angle from 0 to 45 degrees, else an InputError."""
-    try:
-        value = float(max_rotation_deg)
-    except (TypeError, ValueError):
-        value = float("nan")
+    value = number_or_nan(max_rotation_deg)
     if not (np.isfinite(value) and 0 <= value <= 45):
         raise InputError(f"max_rotation_deg must be an angle from 0 to 45 degrees (0: translation only), "
                          f"got {max_rotation_deg!r}.")

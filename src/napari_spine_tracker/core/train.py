@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, number_or_nan
 from .batches import PatchOptions, PreparedSeries, make_batch, prepare_series, sample_patch
 from .decode import DEFAULT_DECODE
 from .intensity import DEFAULT_NORMALIZATION
@@ -124,10 +124,7 @@ def parse_presets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
         name, _, weight = str(item).partition(":")
         if name not in PRESETS:
             raise InputError(f"--presets: unknown synthetic preset {name!r}; choose from {', '.join(PRESETS)}.")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            value = float("nan")
+        value = number_or_nan(weight) if weight else 1.0
         if not (np.isfinite(value) and value > 0):
             raise InputError(f"--presets: the weight of {name!r} must be a positive number, as in {name}:2 "
                              f"(got {weight!r}).")
