@@ -132,11 +132,11 @@ def test_detect_passes_the_rotation_search_limit(synth_dir, tmp_path, tiny_check
 
 
 def test_detect_passes_the_linking_gate_and_gap(synth_dir, tmp_path, tiny_checkpoint, capsys, monkeypatch):
-    from napari_spine_tracker.core import detect, link
+    from napari_spine_tracker.core import detect
 
     seen = []
-    linker = link.link_detections
-    monkeypatch.setattr(link, "link_detections", lambda *a, **k: seen.append((k["gate_um"], k["max_gap"]))
+    linker = detect.link_detections
+    monkeypatch.setattr(detect, "link_detections", lambda *a, **k: seen.append((k["gate_um"], k["max_gap"]))
                         or linker(*a, **k))
     out = tmp_path / "gated.csv"
     assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),

@@ -40,10 +40,11 @@ class FakeDetect:
         self.calls = []
         self.started = threading.Event()
 
-    def __call__(self, image, voxel_size_um, *, model, device, threshold, views, max_rotation_deg, progress,
-                 should_stop):
+    def __call__(self, image, voxel_size_um, *, model, device, threshold, views, max_rotation_deg, gate_um,
+                 max_gap, progress, should_stop):
         self.calls.append(dict(shape=image.shape, voxel_size_um=voxel_size_um, model=model, device=device,
-                               threshold=threshold, views=views, max_rotation_deg=max_rotation_deg))
+                               threshold=threshold, views=views, max_rotation_deg=max_rotation_deg,
+                               gate_um=gate_um, max_gap=max_gap))
         self.started.set()
         deadline = time.monotonic() + 10
         for t in range(image.shape[0]):
@@ -108,6 +109,14 @@ def test_mirror_views_reach_detection(viewer_widget, qtbot, fake_detect):
     _detect(qtbot, widget)
     assert fake_detect.calls[0]["views"] == 4 and fake_detect.calls[0]["max_rotation_deg"] == 0.0
 
+
+def test_linking_choices_reach_detection(viewer_widget, qtbot, fake_detect):
+    _viewer, widget = viewer_widget
+    widget.detect.gate.setValue(0.8)
+    widget.detect.max_gap.setValue(0)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[0]["gate_um"] == pytest.approx(0.8) and fake_detect.calls[0]["max_gap"] == 0
+
 def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     viewer, widget = viewer_widget
     assert widget.detect.run_button.text() == "Detect spines"
@@ -117,6 +126,7 @@ def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     assert fake_detect.calls[0]["voxel_size_um"] == pytest.approx(VOXEL)
     assert fake_detect.calls[0]["threshold"] is None and fake_detect.calls[0]["views"] == 1
     assert fake_detect.calls[0]["max_rotation_deg"] == 3.0
+    assert fake_detect.calls[0]["gate_um"] == pytest.approx(1.2) and fake_detect.calls[0]["max_gap"] == 2
     spines = viewer.layers["spines"]
     assert spines.ndim == 4 and len(spines.data) == 8
     assert spines.features["track_id"].dtype == np.int64 and spines.features["score"].dtype == np.float64

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .infer import InferenceOptions, predict_series
+from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ def _as_series(series, voxel_size_um):
 
 def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   model: str | LoadedModel = DEFAULT_MODEL, device: str = "auto",
-                  threshold: float | None = None, register: bool = True, gate_um: float = 1.2,
-                  max_gap: int = 2, max_rotation_deg: float = 3.0, views: int | None = None,
+                  threshold: float | None = None, register: bool = True, gate_um: float = DEFAULT_GATE_UM,
+                  max_gap: int = DEFAULT_MAX_GAP, max_rotation_deg: float = 3.0, views: int | None = None,
                   options: InferenceOptions | None = None,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
@@ -91,7 +92,6 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         coordinates in voxels of each session's own image.
     """
     from .devices import free_memory
-    from .link import check_linking, link_detections
     from .register import check_max_rotation, estimate_motion
 
     check_max_rotation(max_rotation_deg)

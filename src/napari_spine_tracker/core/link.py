@@ -41,12 +41,16 @@ from .register import as_motion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_linking", "link_detections"]
+__all__ = ["DEFAULT_GATE_UM", "DEFAULT_MAX_GAP", "check_linking", "link_detections"]
 
 DISPLACEMENT_COLUMNS = ("dz", "dy", "dx")
 #: µm: pairs of detections this close (after registration) vote on the local motion; registration
 #: errs by up to ~1.5 µm on large drift (benchmarks: tuning seeds 2000-2002)
 MOTION_SEARCH_UM = 3.0
+#: µm: the farthest a spine is followed from one session to the next (``benchmarks/linking_gate.py``)
+DEFAULT_GATE_UM = 1.2
+#: sessions a spine may be missed and keep its id
+DEFAULT_MAX_GAP = 2
 
 
 def check_linking(gate_um=None, max_gap=None) -> None:
@@ -166,7 +170,8 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
 
 
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
-                    drift_vox: np.ndarray | None = None, motion=None, gate_um: float = 1.2, max_gap: int = 2,
+                    drift_vox: np.ndarray | None = None, motion=None, gate_um: float = DEFAULT_GATE_UM,
+                    max_gap: int = DEFAULT_MAX_GAP,
                     gap_gate_growth_um: float = 0.25, local_scale_um: float | None = 4.0,
                     progress: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:

@@ -23,9 +23,11 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QWidget,
 )
 
+from ..core.link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP
 from ..errors import Cancelled, InputError
 from . import _dialogs
 from ._models import BROWSE, refresh_model_choice
@@ -37,7 +39,8 @@ DETECT_LABEL = "Detect spines"
 
 
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None, views: int = 1,
-                  max_rotation_deg: float = 3.0, progress: Callable[[int, int], None],
+                  max_rotation_deg: float = 3.0, gate_um: float = DEFAULT_GATE_UM,
+                  max_gap: int = DEFAULT_MAX_GAP, progress: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> pd.DataFrame:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
 
@@ -46,7 +49,8 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
     from ..core.detect import detect_series
 
     return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold, views=views,
-                         max_rotation_deg=max_rotation_deg, progress=progress, should_stop=should_stop)
+                         max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap, progress=progress,
+                         should_stop=should_stop)
 
 
 def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
@@ -146,6 +150,22 @@ class DetectPanel(CancellableRun, QWidget):
                                      "looks for (the animal mounted anew). Fields too small for it to move "
                                      "their corners by 2 µm (up to about 54 µm across at 3°) are not searched")
         form.addRow("Max rotation", self.max_rotation)
+        self.gate = QDoubleSpinBox()
+        self.gate.setRange(0.1, 20.0)
+        self.gate.setSingleStep(0.1)
+        self.gate.setValue(DEFAULT_GATE_UM)
+        self.gate.setSuffix(" µm")
+        self.gate.setToolTip("Linking gate: the farthest a spine is followed from one session to the next, after "
+                             "registration and the local motion of its neighbours. Raise it for tissue that "
+                             "deforms more than the registration follows; lower it where spines are crowded")
+        form.addRow("Linking gate", self.gate)
+        self.max_gap = QSpinBox()
+        self.max_gap.setRange(0, 20)
+        self.max_gap.setValue(DEFAULT_MAX_GAP)
+        self.max_gap.setSuffix(" sessions")
+        self.max_gap.setToolTip("Sessions a spine may be missed and keep its id (0: a spine missed once gets "
+                                "a new id when it is found again)")
+        form.addRow("Max gap", self.max_gap)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
         self.run_button.clicked.connect(self._on_run_clicked)
@@ -154,7 +174,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.bar.setVisible(False)
         form.addRow(self.bar)
         self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold, self.views,
-                          self.max_rotation]
+                          self.max_rotation, self.gate, self.max_gap]
 
         viewer.layers.events.inserted.connect(self.refresh_images)
         viewer.layers.events.removed.connect(self.refresh_images)
@@ -229,7 +249,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.worker = create_worker(
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
             threshold=self.threshold.value() or None, views=int(self.views.currentText()),
-            max_rotation_deg=self.max_rotation.value(),
+            max_rotation_deg=self.max_rotation.value(), gate_um=self.gate.value(), max_gap=self.max_gap.value(),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
             _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
