@@ -173,7 +173,11 @@ def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, ca
 
     tifffile.imwrite(tmp_path / "plain.tif", np.zeros((6, 32, 32), np.uint16))
     assert main(["detect", str(tmp_path / "plain.tif"), "--model", str(tiny_checkpoint)]) == 2
-    assert "--voxel-size" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--voxel-size" in captured.err
+    # the file is named once per line, not twice ("plain.tif: plain.tif: ...")
+    assert f"{tmp_path / 'plain.tif'}: the voxel size is not in the file's metadata" in captured.out
+    assert f"{tmp_path / 'plain.tif'}: {tmp_path / 'plain.tif'}" not in captured.out + captured.err
 
 
 def test_unknown_model_and_device_are_input_errors(synth_dir, capsys):

@@ -199,7 +199,8 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
     except Cancelled:
         raise
     except InputError as exc:
-        result.message = str(exc)
+        # the report names the input already: "a.tif: a.tif: ..." reads as a stutter
+        result.message = str(exc).removeprefix(f"{job.input}: ")
     except Exception as exc:  # a corrupt file can fail anywhere in a reader; report it, go on
         log.exception("detection failed on %s", job.input)
         result.message = f"{type(exc).__name__}: {exc}"
