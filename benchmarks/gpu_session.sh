@@ -8,7 +8,8 @@
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`); CONTROL=1 trains a second model beside it with
-#             the default mix and the same seed (control.log, control.pt), the workers shared
+#             the default mix and the same seed (control.log, control.pt), the workers shared;
+#             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`)
 #   finetune  the fine-tuning benchmark with the GPU's default budget (finetune.txt); beside the
 #             training when both are asked for, alone otherwise
 #   compare   the new model on the benchmark's test series (compare.txt)
@@ -28,6 +29,7 @@ TRAIN_SIZE=${TRAIN_SIZE:-}  # e.g. deep: grow the shipped model into that preset
 TRAIN_SEED=${TRAIN_SEED:-3}
 VAL_EVERY=${VAL_EVERY:-600}
 TRAIN_PRESETS=${TRAIN_PRESETS:-}  # e.g. "default large_drift low_snr:2 crowded:2 faint:2"
+VAL_SERIES=${VAL_SERIES:-}  # e.g. 24: ranks checkpoints finer than the six by default
 CONTROL=${CONTROL:-}
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
@@ -80,7 +82,7 @@ if wants train; then
         local name=$1; shift
         $PY -m napari_spine_tracker -v train --init spinenet-synth --out "$OUT/$name.pt" --device "$DEVICE" \
             --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every "$VAL_EVERY" --workers "$workers" --seed "$TRAIN_SEED" \
-            ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} -q "$@"
+            ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${VAL_SERIES:+--val-series "$VAL_SERIES"} -q "$@"
     }
     # shellcheck disable=SC2086
     train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} > "$OUT/train.log" 2>&1 &

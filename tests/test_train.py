@@ -139,6 +139,23 @@ def _source_spec(**changes):
     return _SourceSpec(**values)
 
 
+def test_validation_cases_extend_the_fixed_six():
+    from napari_spine_tracker.core.synth import PRESETS
+    from napari_spine_tracker.core.train import SYNTHETIC_VALIDATION, validation_cases
+
+    assert validation_cases(6) == SYNTHETIC_VALIDATION
+    assert validation_cases(3) == SYNTHETIC_VALIDATION[:3]
+    cases = validation_cases(26)
+    assert cases[:6] == SYNTHETIC_VALIDATION and len(cases) == 26
+    seeds = [seed for _, seed in cases]
+    assert len(set(seeds)) == 26 and min(seeds) == 1500 and max(seeds) < 2000  # clear of tuning seeds
+    assert all(name in PRESETS for name, _ in cases)
+    assert {name for name, _ in cases[6:]} == {"default", "large_drift", "low_snr", "crowded"}
+    for bad in (0, -1, 2.5, 501, "many"):
+        with pytest.raises(InputError, match="--val-series"):
+            validation_cases(bad)
+
+
 def test_presets_parse_with_weights_and_refuse_what_is_not_a_preset():
     from napari_spine_tracker.core.train import parse_presets
 
