@@ -171,6 +171,8 @@ def test_train_passes_the_preset_mix_and_refuses_unknown_presets(tmp_path, capsy
     assert seen[2].validation == train.validation_cases(12) and len(seen[2].validation) == 12
     assert main(["train", "--out", out, "--val-series", "0", "-q"]) == 2
     assert "--val-series must be a whole number" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--coarse-fraction", "0.3", "-q"]) == 0
+    assert seen[-1].coarse_fraction == 0.3 and seen[1].coarse_fraction == 0.0
 
 
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):

@@ -132,7 +132,8 @@ def _source_spec(**changes):
 
     values = dict(pool_size=2, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
                   normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(shape=(8, 32, 32), sessions=2),
-                  realistic_fraction=0.5, presets=DEFAULT_PRESETS, user_series=[], synthetic_fraction=1.0,
+                  realistic_fraction=0.5, presets=DEFAULT_PRESETS, coarse_fraction=0.0, user_series=[],
+                  synthetic_fraction=1.0,
                   batch_size=2, out_shape=(8, 16, 16),
                   stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=2)
     values.update(changes)
@@ -218,6 +219,52 @@ def test_pool_series_of_a_turning_preset_carry_their_true_turns():
     plain = train.SyntheticPool(1, train.MODEL_VOXEL_UM, train.DEFAULT_NORMALIZATION, 0, patch,
                                 realistic_fraction=1.0, presets=(("default", 1.0),))._make()
     assert plain.motion is None  # no turns: patches follow the drift alone, as before
+
+
+def test_coarse_fraction_renders_preset_series_at_coarser_voxels_and_changes_nothing_else():
+    from napari_spine_tracker.core import train
+
+    def pool(coarse, realistic=1.0):
+        return train.SyntheticPool(1, train.MODEL_VOXEL_UM, train.DEFAULT_NORMALIZATION, 0, PatchOptions(),
+                                   realistic_fraction=realistic, coarse_fraction=coarse)
+
+    seeds = range(train.pool_first_seed(0), train.pool_first_seed(0) + 60)
+    plain = [pool(0.0).config(n) for n in seeds]
+    all_coarse = [pool(1.0).config(n) for n in seeds]
+    half = [pool(0.5).config(n) for n in seeds]
+    assert {c.voxel_size_um for c in plain} == {(0.5, 0.1, 0.1)}
+    z_lo, z_hi = train.COARSE_VOXEL_UM["z"]
+    yx_lo, yx_hi = train.COARSE_VOXEL_UM["yx"]
+    for c in all_coarse:
+        z, y, x = c.voxel_size_um
+        assert z_lo <= z <= z_hi and yx_lo <= y <= yx_hi and y == x
+    assert max(c.voxel_size_um[0] for c in all_coarse) > 1.2 and max(c.voxel_size_um[1] for c in all_coarse) > 0.2
+    assert 15 < sum(c.voxel_size_um != (0.5, 0.1, 0.1) for c in half) < 45  # 30 expected
+    # apart from the voxels, the same series: the preset draw and everything else are untouched
+    for a, b in zip(plain, all_coarse, strict=True):
+        assert a.replace(voxel_size_um=b.voxel_size_um) == b
+    # the randomised share is left alone
+    assert [pool(1.0, realistic=0.0).config(n) for n in seeds] == [pool(0.0, realistic=0.0).config(n)
+                                                                     for n in seeds]
+
+
+def test_a_coarse_preset_series_is_resampled_to_the_model_grid():
+    from napari_spine_tracker.core import train
+
+    patch = PatchOptions(shape=(8, 32, 32), sessions=2)
+    series = train.SyntheticPool(1, train.MODEL_VOXEL_UM, train.DEFAULT_NORMALIZATION, 0, patch,
+                                 realistic_fraction=1.0, coarse_fraction=1.0)._make()
+    # room for the patch and its moves (8 + 8, 32 + 48) in model voxels, within rounding of the coarse grid
+    assert series.image.shape[0] == 4
+    assert 16 <= series.image.shape[1] <= 19 and 80 <= series.image.shape[2] <= 84
+    assert len(series.labels) > 0 and series.labels["z"].between(-0.5, series.image.shape[1] - 0.5).all()
+
+
+def test_fractions_outside_zero_to_one_are_refused(tmp_path):
+    for name, value in (("coarse_fraction", 1.5), ("realistic_fraction", -0.1), ("synthetic_fraction", 2.0)):
+        options = TrainOptions(out=tmp_path / "m.pt", **{name: value})
+        with pytest.raises(InputError, match=f"--{name.replace('_', '-')} must be a share between 0 and 1"):
+            train_model(options)
 
 
 def test_batch_workers_draw_distinct_seeds_and_repeat_exactly():

@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", nargs="+", metavar="NAME[:WEIGHT]",
                    help="synthetic presets the realistic share is drawn from, with relative weights "
                    "(default: default large_drift low_snr crowded, equally), e.g. low_snr:2 faint:2")
+    p.add_argument("--coarse-fraction", type=float,
+                   help="share of the realistic presets' series rendered at coarser voxels (z 0.5-1.5 µm, y x "
+                        "0.1-0.25 µm) than their 0.5 x 0.1 x 0.1 µm (default 0)")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")

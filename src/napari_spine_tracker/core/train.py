@@ -74,6 +74,8 @@ class TrainOptions:
     realistic_fraction: float = 0.5  # of the synthetic series: from the realistic presets
     #: the presets the realistic share is drawn from, with their relative weights
     presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS
+    #: of the realistic presets' series: rendered at coarser voxels (COARSE_VOXEL_UM) than their own
+    coarse_fraction: float = 0.0
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -92,7 +94,7 @@ class TrainOptions:
         """Options from the ``train`` command line; flags left out keep the defaults."""
         given = {name: getattr(args, name, None) for name in
                  ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
-                  "realistic_fraction", "workers")}
+                  "realistic_fraction", "coarse_fraction", "workers")}
         if getattr(args, "presets", None):
             given["presets"] = parse_presets(args.presets)
         if getattr(args, "val_series", None) is not None:
@@ -155,6 +157,20 @@ def parse_presets(items: Sequence[str]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+#: µm, (low, high) of z and of y, x: the voxels a realistic preset is rendered at under
+#: ``coarse_fraction``. In-vivo spine imaging often steps 1 µm or more in z and samples 0.15-0.25 µm
+#: per pixel, while the presets (and the model grid) are 0.5 x 0.1 x 0.1 µm.
+COARSE_VOXEL_UM = {"z": (0.5, 1.5), "yx": (0.1, 0.25)}
+
+
+def check_fraction(value, name: str) -> float:
+    """``value`` as a share in [0, 1], or an InputError naming the option."""
+    number = number_or_nan(value)
+    if not (np.isfinite(number) and 0 <= number <= 1):
+        raise InputError(f"--{name.replace('_', '-')} must be a share between 0 and 1, got {value!r}.")
+    return number
+
+
 def pool_first_seed(pool_seed: int, worker: int = 0) -> int:
     """The first synthetic seed of a pool. Validation (1500+) and benchmark (1000+) seeds are far
     below, so training never sees them; each batch-preparing worker draws from its own range."""
@@ -165,14 +181,16 @@ class SyntheticPool:
     """A pool of synthetic series on the model grid; one is replaced every few steps.
 
     A share ``realistic_fraction`` of the series come from the presets tuned to look like a real
-    two-photon stack (fresh seeds), the rest from the widely randomised engine.
+    two-photon stack (fresh seeds), the rest from the widely randomised engine. A share
+    ``coarse_fraction`` of the preset series is rendered at voxels drawn from
+    :data:`COARSE_VOXEL_UM` (with its own random stream, so 0 draws exactly as before).
     """
 
     def __init__(self, size: int, model_voxel_um, normalization, seed: int, patch: PatchOptions,
                  realistic_fraction: float = 0.0, worker: int = 0,
-                 presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS):
+                 presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS, coarse_fraction: float = 0.0):
         self.model_voxel_um, self.normalization, self.patch = model_voxel_um, normalization, patch
-        self.realistic_fraction = realistic_fraction
+        self.realistic_fraction, self.coarse_fraction = realistic_fraction, coarse_fraction
         self.presets = [name for name, _ in presets]
         weights = np.asarray([w for _, w in presets], float)
         self.preset_p = None if np.all(weights == weights[0]) else weights / weights.sum()
@@ -192,19 +210,30 @@ class SyntheticPool:
         self.series.pop(0)
         self.series.append(self._make())
 
-    def _make(self) -> PreparedSeries:
-        from .synth import SynthConfig, synthesize_series
+    def config(self, seed: int):
+        """The ``SynthConfig`` of the pool's series number ``seed`` (before it is sized for patches)."""
+        from .synth import SynthConfig
 
-        seed = self.next_seed
-        self.next_seed += 1
         draw = np.random.default_rng(seed)
         if draw.random() < self.realistic_fraction:
             # equal weights draw as before weights existed, so earlier pools stay reproducible
             pick = (draw.integers(len(self.presets)) if self.preset_p is None
                     else draw.choice(len(self.presets), p=self.preset_p))
             config = SynthConfig.preset(self.presets[pick], seed=seed)
+            coarse = np.random.default_rng([seed, 0xC0A25E])
+            if self.coarse_fraction and coarse.random() < self.coarse_fraction:
+                yx = coarse.uniform(*COARSE_VOXEL_UM["yx"])
+                config = config.replace(voxel_size_um=(coarse.uniform(*COARSE_VOXEL_UM["z"]), yx, yx))
         else:
             config = SynthConfig.random(seed)
+        return config
+
+    def _make(self) -> PreparedSeries:
+        from .synth import synthesize_series
+
+        seed = self.next_seed
+        self.next_seed += 1
+        config = self.config(seed)
         # enough native voxels for a patch plus room to move it around, at this draw's voxel size
         room = np.asarray(self.patch.shape) + np.asarray([8, 48, 48])
         native = np.ceil(room * np.asarray(self.model_voxel_um) / np.asarray(config.voxel_size_um))
@@ -232,6 +261,7 @@ class _SourceSpec:
     patch: PatchOptions
     realistic_fraction: float
     presets: tuple
+    coarse_fraction: float
     user_series: list
     synthetic_fraction: float
     batch_size: int
@@ -254,7 +284,7 @@ class BatchSource:
         self.spec = spec
         self.pool = SyntheticPool(spec.pool_size, spec.model_voxel_um, spec.normalization, spec.pool_seed,
                                   spec.patch, spec.realistic_fraction, worker=0 if in_process else worker,
-                                  presets=spec.presets)
+                                  presets=spec.presets, coarse_fraction=spec.coarse_fraction)
         key = [spec.seed, spec.rank] if in_process else [spec.seed, spec.rank, worker + 1]
         self.rng = np.random.default_rng(key)
         self.count = 0
@@ -518,6 +548,9 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
     out = Path(options.out)
     if out.suffix != ".pt":
         raise InputError(f"--out must name a .pt checkpoint file, got {out}.")
+    for name in ("realistic_fraction", "coarse_fraction", "synthetic_fraction"):
+        if getattr(options, name) is not None:
+            check_fraction(getattr(options, name), name)
     run = _Run(options, progress, should_stop, on_log)
     try:
         run.loop()
@@ -558,7 +591,8 @@ class _Run:
             pool_seed=options.seed * 16 + self.dist.rank, seed=options.seed, rank=self.dist.rank,
             model_voxel_um=tuple(self.model_voxel),
             normalization=self.normalization, patch=options.patch, realistic_fraction=options.realistic_fraction,
-            presets=tuple(options.presets), user_series=user_train, synthetic_fraction=self.synthetic_fraction,
+            presets=tuple(options.presets), coarse_fraction=options.coarse_fraction, user_series=user_train,
+            synthetic_fraction=self.synthetic_fraction,
             batch_size=self.batch_size,
             out_shape=tuple(int(n // s) for n, s in zip(options.patch.shape, stride)), stride=tuple(stride),
             out_voxel_um=tuple(v * s for v, s in zip(self.model_voxel, stride)),
@@ -784,8 +818,10 @@ class _Run:
             which = f"one of {tuple(name for name, _ in presets)}"
         else:
             which = "one of " + ", ".join(f"{name} (weight {w:g})" for name, w in presets)
+        coarse = (f" (a share {self.options.coarse_fraction} of them at voxels z {COARSE_VOXEL_UM['z']}, "
+                  f"y x {COARSE_VOXEL_UM['yx']} µm)" if self.options.coarse_fraction else "")
         return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
-                f"SynthConfig.preset({which}, n)")
+                f"SynthConfig.preset({which}, n){coarse}")
 
     def close(self) -> None:
         from .devices import free_memory
