@@ -8,6 +8,7 @@ each model's stored threshold and linking.
 
     python benchmarks/sampling.py                                      # the shipped model
     python benchmarks/sampling.py --models spinenet-synth runs/coarse1.pt --json results/sampling.json
+    python benchmarks/sampling.py --models trackpy       # the classical peer (parameters in µm)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ FIELD_UM = (16.0, 25.6, 25.6)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["spinenet-synth"])
+    parser.add_argument("--models", nargs="+", default=["spinenet-synth"],
+                        help="model names or checkpoints; 'trackpy' for the classical peer")
     parser.add_argument("--cases", nargs="+", default=["default", "large_drift", "low_snr", "crowded"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1000, 1001, 1002])
     parser.add_argument("--json", help="also write every series' figures to this JSON file")
@@ -34,9 +36,16 @@ def main(argv=None) -> int:
     from napari_spine_tracker.core.detect import detect_series
     from napari_spine_tracker.core.metrics import evaluate_tracks
     from napari_spine_tracker.core.models import load_model
+    from napari_spine_tracker.core.peer import trackpy_detect_track
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
-    models = {name: load_model(name, device="cpu") for name in args.models}
+    def detector(name):
+        if name == "trackpy":
+            return trackpy_detect_track
+        model = load_model(name, device="cpu")
+        return lambda image, voxel: detect_series(image, voxel, model=model)
+
+    models = {name: detector(name) for name in args.models}
     rows = []
     print(f"cases {args.cases}, seeds {args.seeds}, field {FIELD_UM} µm; mean over cases and seeds, F1 / IDF1")
     print(f"{'voxel z, y, x µm':20s} " + " ".join(f"{name[-24:]:>24s}" for name in args.models))
@@ -47,8 +56,8 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 series = synthesize_series(SynthConfig.preset(case, seed=seed).replace(voxel_size_um=voxel,
                                                                                         shape=shape))
-                for name, model in models.items():
-                    table = detect_series(series.image, series.voxel_size_um, model=model)
+                for name, detect in models.items():
+                    table = detect(series.image, series.voxel_size_um)
                     s = evaluate_tracks(table, series.truth, series.voxel_size_um)
                     scores[name].append((s["f1"], s["idf1"]))
                     rows.append({"model": name, "voxel_um": list(voxel), "case": case, "seed": seed,

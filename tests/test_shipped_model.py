@@ -29,6 +29,22 @@ def test_shipped_model_is_listed_with_its_training(model):
     assert model.voxel_size_um == (0.5, 0.1, 0.1)
 
 
+def test_the_coarse_voxel_model_is_shipped_after_the_default_and_finds_spines_at_coarse_voxels():
+    infos = list_models()
+    assert infos[0].name == DEFAULT_MODEL  # the widget's first (default) choice
+    coarse = {m.name: m for m in infos}["spinenet-synth-coarse"]
+    assert coarse.shipped and "validation F1" in coarse.description
+    model = load_model("spinenet-synth-coarse", device="cpu")
+    assert "--coarse-fraction 0.5" in model.training["command_line"]
+    assert model.voxel_size_um == (0.5, 0.1, 0.1) and model.training["validation"]["f1"] > 0.85
+    # 1 µm z steps and 0.2 µm pixels: the sampling it was trained for
+    series = synthesize_series(SynthConfig.preset("default", seed=4242, sessions=3, shape=(16, 72, 72),
+                                                  voxel_size_um=(1.0, 0.2, 0.2)))
+    table = detect_series(series.image, series.voxel_size_um, model=model)
+    scores = evaluate_tracks(table, series.truth, series.voxel_size_um)
+    assert scores["f1"] > 0.85 and scores["idf1"] > 0.8, scores
+
+
 def test_detects_spines_on_a_tiny_series(model, series):
     table = detect_series(series.image, series.voxel_size_um, model=model)
     scores = evaluate_tracks(table, series.truth, series.voxel_size_um)

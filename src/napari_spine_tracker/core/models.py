@@ -56,11 +56,12 @@ def _describe(path: Path) -> str:
 
 
 def list_models() -> list[ModelInfo]:
-    """Shipped models first, then the user's, each with a one-line description."""
+    """Shipped models first (the default model leading, as the widget's first choice), then the
+    user's, each with a one-line description."""
     found = []
     for folder, shipped in ((SHIPPED_DIR, True), (user_models_dir(), False)):
         if folder.is_dir():
-            for path in sorted(folder.glob("*.pt")):
+            for path in sorted(folder.glob("*.pt"), key=lambda p: (not shipped or p.stem != DEFAULT_MODEL, p.name)):
                 if path.name.endswith(".resume.pt"):
                     continue
                 found.append(ModelInfo(path.stem, path, _describe(path), shipped))
