@@ -45,6 +45,20 @@ def test_the_coarse_voxel_model_is_shipped_after_the_default_and_finds_spines_at
     assert scores["f1"] > 0.85 and scores["idf1"] > 0.8, scores
 
 
+def test_the_default_model_on_coarse_voxels_suggests_the_coarse_one(caplog):
+    from napari_spine_tracker.core.models import COARSE_MODEL, coarse_model_hint
+
+    assert COARSE_MODEL in coarse_model_hint((1.0, 0.2, 0.2), DEFAULT_MODEL)
+    for voxel in ((0.5, 0.1, 0.1), (1.0, 0.1, 0.1), (0.5, 0.2, 0.2)):  # where both models do alike
+        assert coarse_model_hint(voxel, DEFAULT_MODEL) is None
+    assert coarse_model_hint((1.0, 0.2, 0.2), COARSE_MODEL) is None  # a user's choice is left alone
+    tiny = synthesize_series(SynthConfig.preset("default", seed=1, sessions=2, shape=(8, 40, 40),
+                                                voxel_size_um=(1.0, 0.2, 0.2)))
+    with caplog.at_level("WARNING", logger="napari_spine_tracker"):
+        detect_series(tiny.image, tiny.voxel_size_um, model=DEFAULT_MODEL, device="cpu")
+    assert any(f"--model {COARSE_MODEL}" in r.getMessage() for r in caplog.records)
+
+
 def test_detects_spines_on_a_tiny_series(model, series):
     table = detect_series(series.image, series.voxel_size_um, model=model)
     scores = evaluate_tracks(table, series.truth, series.voxel_size_um)

@@ -16,7 +16,7 @@ import pandas as pd
 from ..errors import InputError
 from .infer import InferenceOptions, predict_series
 from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     check_linking(gate_um, max_gap)  # before the work, not after it
     data, voxel, shapes = _as_series(series, voxel_size_um)
     loaded = load_model(model, device=device)
+    hint = coarse_model_hint(voxel, model)
+    if hint:
+        log.warning(hint)
     # progress units: one per session registered, then 100 for inference (linking is quick)
     register_units = data.shape[0] if (register and data.shape[0] > 1) else 0
     total_units = register_units + 100
