@@ -110,6 +110,20 @@ def test_mirror_views_reach_detection(viewer_widget, qtbot, fake_detect):
     assert fake_detect.calls[0]["views"] == 4 and fake_detect.calls[0]["max_rotation_deg"] == 0.0
 
 
+def test_coarse_voxels_with_the_default_model_suggest_the_coarse_one(viewer_widget, qtbot, fake_detect,
+                                                                      monkeypatch):
+    shown = []
+    monkeypatch.setattr(detect, "show_info", shown.append)
+    _viewer, widget = viewer_widget
+    _detect(qtbot, widget)
+    assert not any("spinenet-synth-coarse" in str(m) for m in shown)  # fine voxels: no hint
+    for box, value in zip(widget.detect.voxel, (1.0, 0.2, 0.2), strict=True):
+        box.setValue(value)
+    _detect(qtbot, widget)
+    assert any("spinenet-synth-coarse" in str(m) for m in shown)
+    assert fake_detect.calls[-1]["model"] == "spinenet-synth"  # a hint, not a change of model
+
+
 def test_linking_choices_reach_detection(viewer_widget, qtbot, fake_detect):
     _viewer, widget = viewer_widget
     widget.detect.gate.setValue(0.8)

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP
+from ..core.models import coarse_model_hint
 from ..errors import Cancelled, InputError
 from . import _dialogs
 from ._models import BROWSE, refresh_model_choice
@@ -244,6 +245,9 @@ class DetectPanel(CancellableRun, QWidget):
         voxel = self.voxel_size_um()
         # points and image must agree on the voxel size the user settled on
         layer.scale = (*layer.scale[:-3], *voxel)
+        hint = coarse_model_hint(voxel, self.model_choice())
+        if hint:
+            show_info(hint)
         self._show_running("Detecting spines")
         relay = self._relay
         self.worker = create_worker(
