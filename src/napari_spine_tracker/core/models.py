@@ -20,6 +20,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "spinenet-synth"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
 #: the shipped model trained for coarse sampling (README, "Coarser voxels"), and where it pays:
 #: z steps and pixels at least this coarse (µm)
 COARSE_MODEL = "spinenet-synth-coarse"
@@ -37,7 +38,6 @@ def coarse_model_hint(voxel_size_um, model) -> str | None:
                 f"0.1 µm): {COARSE_MODEL} finds more spines at such sampling (F1 0.81 against 0.72 at 1 x 0.2 x "
                 f"0.2 µm on synthetic tissue); choose it with --model {COARSE_MODEL} or in the widget's Model.")
     return None
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 def user_data_dir() -> Path:

@@ -220,10 +220,11 @@ class SyntheticPool:
             pick = (draw.integers(len(self.presets)) if self.preset_p is None
                     else draw.choice(len(self.presets), p=self.preset_p))
             config = SynthConfig.preset(self.presets[pick], seed=seed)
-            coarse = np.random.default_rng([seed, 0xC0A25E])
-            if self.coarse_fraction and coarse.random() < self.coarse_fraction:
-                yx = coarse.uniform(*COARSE_VOXEL_UM["yx"])
-                config = config.replace(voxel_size_um=(coarse.uniform(*COARSE_VOXEL_UM["z"]), yx, yx))
+            if self.coarse_fraction:
+                coarse = np.random.default_rng([seed, 0xC0A25E])
+                if coarse.random() < self.coarse_fraction:
+                    yx = coarse.uniform(*COARSE_VOXEL_UM["yx"])
+                    config = config.replace(voxel_size_um=(coarse.uniform(*COARSE_VOXEL_UM["z"]), yx, yx))
         else:
             config = SynthConfig.random(seed)
         return config

@@ -81,6 +81,20 @@ def series_input(layer: Image):
     return layer.data if layer.ndim == 4 else np.asarray(layer.data)[None]
 
 
+def _number_box(box, low, high, *, tip: str, step=None, value=None, suffix: str = "", special: str = ""):
+    """``box`` (a QSpinBox or QDoubleSpinBox) set up: range, step, value, suffix, the text shown at
+    its minimum (``special``), tooltip."""
+    box.setRange(low, high)
+    if step is not None:
+        box.setSingleStep(step)
+    if value is not None:
+        box.setValue(value)
+    box.setSuffix(suffix)
+    box.setSpecialValueText(special)
+    box.setToolTip(tip)
+    return box
+
+
 class _ProgressRelay(QObject):
     """Carries ``progress(done, total)`` from the worker thread to the GUI thread (queued signal)."""
 
@@ -130,42 +144,31 @@ class DetectPanel(CancellableRun, QWidget):
         self.device.addItems(["auto", "cpu", "cuda"])
         self.device.setToolTip("auto: the GPU when there is one, else the CPU")
         form.addRow("Device", self.device)
-        self.threshold = QDoubleSpinBox()
-        self.threshold.setRange(0.0, 1.0)
-        self.threshold.setSingleStep(0.05)
-        self.threshold.setSpecialValueText("model default")
-        self.threshold.setToolTip("Detection score threshold: lower finds more spines (and more false ones)")
+        self.threshold = _number_box(
+            QDoubleSpinBox(), 0.0, 1.0, step=0.05, special="model default",
+            tip="Detection score threshold: lower finds more spines (and more false ones)")
         form.addRow("Threshold", self.threshold)
         self.views = QComboBox()
         self.views.addItems(["1", "2", "4"])
         self.views.setToolTip("Mirror views: average the model over this many mirror images of the image. "
                               "4 finds more spines; it takes about 3.5x as long on a CPU, little more on a GPU")
         form.addRow("Mirror views", self.views)
-        self.max_rotation = QDoubleSpinBox()
-        self.max_rotation.setRange(0.0, 45.0)
-        self.max_rotation.setSingleStep(0.5)
-        self.max_rotation.setValue(3.0)
-        self.max_rotation.setSuffix(" °")
-        self.max_rotation.setSpecialValueText("none (translation only)")
-        self.max_rotation.setToolTip("Largest turn in the image plane between two sessions that registration "
-                                     "looks for (the animal mounted anew). Fields too small for it to move "
-                                     "their corners by 2 µm (up to about 54 µm across at 3°) are not searched")
+        self.max_rotation = _number_box(
+            QDoubleSpinBox(), 0.0, 45.0, step=0.5, value=3.0, suffix=" °", special="none (translation only)",
+            tip="Largest turn in the image plane between two sessions that registration looks for (the animal "
+                "mounted anew). Fields too small for it to move their corners by 2 µm (up to about 54 µm across "
+                "at 3°) are not searched")
         form.addRow("Max rotation", self.max_rotation)
-        self.gate = QDoubleSpinBox()
-        self.gate.setRange(0.1, 20.0)
-        self.gate.setSingleStep(0.1)
-        self.gate.setValue(DEFAULT_GATE_UM)
-        self.gate.setSuffix(" µm")
-        self.gate.setToolTip("Linking gate: the farthest a spine is followed from one session to the next, after "
-                             "registration and the local motion of its neighbours. Raise it for tissue that "
-                             "deforms more than the registration follows; lower it where spines are crowded")
+        self.gate = _number_box(
+            QDoubleSpinBox(), 0.1, 20.0, step=0.1, value=DEFAULT_GATE_UM, suffix=" µm",
+            tip="Linking gate: the farthest a spine is followed from one session to the next, after registration "
+                "and the local motion of its neighbours. Raise it for tissue that deforms more than the "
+                "registration follows; lower it where spines are crowded")
         form.addRow("Linking gate", self.gate)
-        self.max_gap = QSpinBox()
-        self.max_gap.setRange(0, 20)
-        self.max_gap.setValue(DEFAULT_MAX_GAP)
-        self.max_gap.setSuffix(" sessions")
-        self.max_gap.setToolTip("Sessions a spine may be missed and keep its id (0: a spine missed once gets "
-                                "a new id when it is found again)")
+        self.max_gap = _number_box(
+            QSpinBox(), 0, 20, value=DEFAULT_MAX_GAP, suffix=" sessions",
+            tip="Sessions a spine may be missed and keep its id (0: a spine missed once gets a new id when it is "
+                "found again)")
         form.addRow("Max gap", self.max_gap)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
