@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--coarse-fraction", type=float, default=0.0,
+                        help="share of the realistic series rendered at coarser voxels (train --coarse-fraction)")
     args = parser.parse_args(argv)
 
     from functools import partial
@@ -27,11 +29,18 @@ def main(argv=None) -> int:
     from napari_spine_tracker.core.batches import PatchOptions
     from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION
     from napari_spine_tracker.core.loader import worker_batches
-    from napari_spine_tracker.core.train import MODEL_VOXEL_UM, BatchSource, _SourceSpec, _worker_source
+    from napari_spine_tracker.core.train import (
+        DEFAULT_PRESETS,
+        MODEL_VOXEL_UM,
+        BatchSource,
+        _SourceSpec,
+        _worker_source,
+    )
 
     spec = _SourceSpec(pool_size=8, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
                        normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(), realistic_fraction=0.5,
-                       user_series=[], synthetic_fraction=1.0, batch_size=args.batch_size, out_shape=(16, 48, 48),
+                       presets=DEFAULT_PRESETS, coarse_fraction=args.coarse_fraction, user_series=[],
+                       synthetic_fraction=1.0, batch_size=args.batch_size, out_shape=(16, 48, 48),
                        stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=8)
     for workers in args.workers:
         if workers == 0:

@@ -27,25 +27,25 @@ class SessionPoints:
         return cls(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0))
 
 
+#: the target arrays and their channels
+TARGET_CHANNELS = {"heatmap": 1, "offset": 3, "displacement": 3, "size": 1, "centre": 1, "has_previous": 1,
+                   "has_size": 1}
+
+
 def make_targets(sessions: list[SessionPoints], out_shape: tuple[int, int, int], stride: tuple[int, int, int],
                  output_voxel_um: tuple[float, float, float],
-                 sigma_um: tuple[float, float, float] = HEATMAP_SIGMA_UM) -> dict[str, np.ndarray]:
+                 sigma_um: tuple[float, float, float] = HEATMAP_SIGMA_UM,
+                 out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Targets for T sessions, each array (T, C, Z', Y', X') float32:
 
     ``heatmap`` (C=1, Gaussian bumps, exactly 1 at each centre voxel), ``offset`` (C=3),
     ``displacement`` (C=3), ``size`` (C=1), and masks ``centre`` (C=1: where the offset is
     supervised), ``has_size`` and ``has_previous`` (C=1: where size and displacement are).
+    ``out``: arrays of these shapes, all zeros, to fill instead of new ones (a batch's rows).
     """
     t_count = len(sessions)
-    out = {
-        "heatmap": np.zeros((t_count, 1, *out_shape), np.float32),
-        "offset": np.zeros((t_count, 3, *out_shape), np.float32),
-        "displacement": np.zeros((t_count, 3, *out_shape), np.float32),
-        "size": np.zeros((t_count, 1, *out_shape), np.float32),
-        "centre": np.zeros((t_count, 1, *out_shape), np.float32),
-        "has_previous": np.zeros((t_count, 1, *out_shape), np.float32),
-        "has_size": np.zeros((t_count, 1, *out_shape), np.float32),
-    }
+    if out is None:
+        out = {name: np.zeros((t_count, c, *out_shape), np.float32) for name, c in TARGET_CHANNELS.items()}
     stride_a = np.asarray(stride, np.float64)
     vox = np.asarray(output_voxel_um, np.float64)
     sigma_vox = np.asarray(sigma_um, np.float64) / vox

@@ -1,0 +1,96 @@
+"""Training patches and batches (core/batches.py): crops, labels carried into patches, batch arrays."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.core.batches import (
+    PatchOptions,
+    PreparedSeries,
+    _positions_in,
+    crop,
+    make_batch,
+    sample_patch,
+)
+from napari_spine_tracker.core.targets import SessionPoints, make_targets
+
+VOXEL = (0.5, 0.1, 0.1)
+
+
+def test_crop_fills_what_lies_outside_the_volume():
+    volume = np.arange(4 * 5 * 6, dtype=np.float16).reshape(4, 5, 6)
+    inside = crop(volume, (1, 1, 2), (2, 3, 3))
+    np.testing.assert_array_equal(inside, volume[1:3, 1:4, 2:5].astype(np.float32))
+    assert inside.dtype == np.float32
+    edge = crop(volume, (-1, 3, 4), (3, 4, 4), fill=-7.0)
+    assert np.all(edge[0] == -7) and np.all(edge[:, 2:] == -7) and np.all(edge[:, :, 2:] == -7)
+    np.testing.assert_array_equal(edge[1:, :2, :2], volume[:2, 3:5, 4:6])
+    out = np.full((2, 2, 2), 99, np.float32)  # a reused buffer: every voxel is written
+    assert crop(volume, (10, 0, 0), (2, 2, 2), fill=0.5, out=out) is out
+    assert np.all(out == 0.5)
+    crop(volume, (3, 4, 5), (2, 2, 2), fill=0.0, out=out)
+    assert out[0, 0, 0] == volume[3, 4, 5] and np.count_nonzero(out) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_positions_in_agrees_with_a_dictionary_lookup(seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 30, size=rng.integers(0, 25))  # repeats on purpose
+    wanted = rng.integers(1, 40, size=20)
+    found, where = _positions_in(ids, wanted)
+    lookup = {track: i for i, track in enumerate(ids)}  # the last occurrence wins
+    assert found.tolist() == [w in lookup for w in wanted]
+    assert where.tolist() == [lookup[w] for w in wanted if w in lookup]
+
+
+def _series(labels: pd.DataFrame, sessions: int = 3, shape=(16, 48, 48)) -> PreparedSeries:
+    image = np.zeros((sessions, *shape), np.float16)
+    return PreparedSeries(image, labels, np.zeros((sessions, 3)), np.ones(sessions, bool))
+
+
+def test_patch_labels_carry_their_displacement_to_the_previous_session():
+    labels = pd.DataFrame({
+        "track_id": [1, 1, 2, 1, 3],
+        "t": [0, 1, 1, 2, 2],
+        "z": [8.0, 8.0, 9.0, 7.0, 8.0],
+        "y": [24.0, 26.0, 30.0, 27.0, 20.0],
+        "x": [24.0, 25.0, 18.0, 25.0, 20.0],
+        "radius_um": [0.4, 0.45, 0.3, 0.5, np.nan],
+    })
+    # position in the previous session minus here, µm (z, y, x); NaN where the spine is new
+    expected = {(1, 1): [0.0, -0.2, -0.1], (1, 2): [0.5, -0.1, 0.0], (2, 1): [np.nan] * 3, (3, 2): [np.nan] * 3}
+    options = PatchOptions(shape=(16, 48, 48), sessions=3, jitter_um=0.0, near_label_fraction=1.0, augment=False)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        image, points, labelled = sample_patch(_series(labels), rng, options, VOXEL)
+        assert image.shape == (3, 1, 16, 48, 48) and labelled.tolist() == [True] * 3
+        assert np.isnan(points[0].displacement_um).all()  # the first session of a patch has no previous one
+        # no drift and no jitter: every session is cut at the same origin
+        origin = np.array([8.0, 24.0, 24.0]) - points[0].zyx[0]
+        seen = set()
+        for t in (1, 2):
+            for zyx, disp, radius in zip(points[t].zyx, points[t].displacement_um, points[t].radius_um):
+                row = labels[(labels["t"] == t) & np.all(np.isclose(labels[["z", "y", "x"]], zyx + origin), axis=1)]
+                assert len(row) == 1
+                track = int(row["track_id"].iloc[0])
+                np.testing.assert_allclose(disp, expected[(track, t)], atol=1e-9)
+                np.testing.assert_equal(radius, row["radius_um"].iloc[0])
+                seen.add((track, t))
+        assert seen == set(expected)
+
+
+def test_batch_rows_are_each_patch_targets():
+    rng = np.random.default_rng(1)
+    patches = []
+    for sessions in range(3):
+        points = [SessionPoints(rng.uniform(0, 16, (4, 3)) * [1, 2, 2], rng.normal(size=(4, 3)),
+                                rng.uniform(0.2, 0.5, 4)) for _ in range(2)]
+        patches.append((rng.normal(size=(2, 1, 8, 16, 16)).astype(np.float32), points, np.array([True, sessions > 0])))
+    batch = make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+    for i, (image, points, mask) in enumerate(patches):
+        single = make_targets(points, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+        for name, array in single.items():
+            np.testing.assert_array_equal(batch[name][i], array)
+        np.testing.assert_array_equal(batch["image"][i], image)
+        np.testing.assert_array_equal(batch["labelled"][i], mask.astype(np.float32))
+    assert batch["heatmap"].max() == 1.0 and batch["centre"].sum() > 0
