@@ -9,10 +9,15 @@
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`); CONTROL=1 trains a second model beside it with
 #             the default mix and the same seed (control.log, control.pt), the workers shared;
-#             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`)
+#             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`);
+#             TRAIN_COARSE renders that share of the preset series at coarser voxels (`train
+#             --coarse-fraction`); TRAIN_INIT starts from another model (a name or a path, default
+#             spinenet-synth), TRAIN_LR sets the peak learning rate (default 1e-3)
 #   finetune  the fine-tuning benchmark with the GPU's default budget (finetune.txt); beside the
 #             training when both are asked for, alone otherwise
-#   compare   the new model on the benchmark's test series (compare.txt)
+#   compare   the new model on the benchmark's test series (compare.txt), then beside the shipped
+#             one on a second microscope's series (second_microscope.txt), the check a new default
+#             must also pass
 #   compile   the cost and gain of torch.compile (benchmarks/speed.py)
 #
 #   OUT=... bash benchmarks/gpu_session.sh                        # all phases
@@ -30,6 +35,9 @@ TRAIN_SEED=${TRAIN_SEED:-3}
 VAL_EVERY=${VAL_EVERY:-600}
 TRAIN_PRESETS=${TRAIN_PRESETS:-}  # e.g. "default large_drift low_snr:2 crowded:2 faint:2"
 VAL_SERIES=${VAL_SERIES:-}  # e.g. 24: ranks checkpoints finer than the six by default
+TRAIN_COARSE=${TRAIN_COARSE:-}  # e.g. 0.5: half the preset series at coarser voxels
+TRAIN_INIT=${TRAIN_INIT:-spinenet-synth}
+TRAIN_LR=${TRAIN_LR:-1e-3}
 CONTROL=${CONTROL:-}
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
@@ -76,13 +84,14 @@ finetune() {
 if wants train; then
     workers=$TRAIN_WORKERS
     [ -n "$CONTROL" ] && workers=$(( TRAIN_WORKERS / 2 ))
-    stamp "training for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${CONTROL:+; a control with the default mix beside it}"
+    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${CONTROL:+; a control with the default mix beside it}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
     train() {  # train OUT_NAME EXTRA_ARGS...
         local name=$1; shift
-        $PY -m napari_spine_tracker -v train --init spinenet-synth --out "$OUT/$name.pt" --device "$DEVICE" \
-            --minutes "$TRAIN_MINUTES" --lr 1e-3 --val-every "$VAL_EVERY" --workers "$workers" --seed "$TRAIN_SEED" \
-            ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${VAL_SERIES:+--val-series "$VAL_SERIES"} -q "$@"
+        $PY -m napari_spine_tracker -v train --init "$TRAIN_INIT" --out "$OUT/$name.pt" --device "$DEVICE" \
+            --minutes "$TRAIN_MINUTES" --lr "$TRAIN_LR" --val-every "$VAL_EVERY" --workers "$workers" \
+            --seed "$TRAIN_SEED" ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${VAL_SERIES:+--val-series "$VAL_SERIES"} \
+            ${TRAIN_COARSE:+--coarse-fraction "$TRAIN_COARSE"} -q "$@"
     }
     # shellcheck disable=SC2086
     train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} > "$OUT/train.log" 2>&1 &
@@ -115,6 +124,12 @@ if wants compare && [ -f "$OUT/spinenet-synth.pt" ] && [ "$(left)" -gt 70 ]; the
     timeout $(( $(left) - 5 )) $PY benchmarks/compare.py --methods spinenet --device "$DEVICE" \
         --model "$OUT/spinenet-synth.pt" $QUICK > "$OUT/compare.txt" 2>&1
     echo "exit status $?"; cat "$OUT/compare.txt"
+    if [ "$(left)" -gt 60 ]; then
+        stamp "the new model and the shipped one on a second microscope ($(left) s left)"
+        timeout $(( $(left) - 5 )) $PY benchmarks/second_microscope.py --models spinenet-synth \
+            "$OUT/spinenet-synth.pt" --views 1 ${QUICK:+--seeds 2000 --sessions 4} > "$OUT/second_microscope.txt" 2>&1
+        echo "exit status $?"; grep -v "^INFO" "$OUT/second_microscope.txt"
+    fi
 fi
 if wants compile && [ "$(left)" -gt 60 ]; then
     stamp "torch.compile ($(left) s left)"
