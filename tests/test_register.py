@@ -180,3 +180,96 @@ def test_small_fields_are_not_searched_for_turns(series):
     np.testing.assert_allclose(motion.drift_vox, estimate_drift(series, VOXEL))
     with pytest.raises(InputError, match="max_rotation_deg"):
         estimate_motion(series, VOXEL, max_rotation_deg=-1)
+
+
+def _torch_fft_on_cpu(monkeypatch):
+    """Make estimate_motion take the torch path (a GPU's) on the CPU."""
+    from napari_spine_tracker.core import register
+
+    monkeypatch.setattr(register, "_fft_backend", lambda device: register._TorchFFT("cpu"))
+
+
+def test_the_torch_path_gives_the_scipy_answer(series, turned_series, monkeypatch):
+    from napari_spine_tracker.core.register import estimate_motion
+
+    pytest.importorskip("torch")
+    voxel = np.asarray(turned_series.voxel_size_um)
+    expected = [estimate_motion(series, VOXEL), estimate_motion(turned_series.image, voxel)]
+    _torch_fft_on_cpu(monkeypatch)
+    found = [estimate_motion(series, VOXEL), estimate_motion(turned_series.image, voxel)]
+    for a, b in zip(expected, found):
+        np.testing.assert_allclose(b.drift_vox, a.drift_vox, atol=1e-3)
+        np.testing.assert_allclose(b.angle_rad, a.angle_rad, atol=1e-5)
+    assert found[1].rotated  # the turn search and the turned-back session went through it too
+
+
+def test_the_torch_path_reads_uint16_beyond_the_int16_range():
+    from napari_spine_tracker.core.register import _bin_yx, _TorchFFT
+
+    pytest.importorskip("torch")
+    volume = np.array([[[0, 1, 32767, 32768], [40000, 65535, 7, 9]]], np.uint16)
+    loaded = _TorchFFT("cpu").load(volume)
+    np.testing.assert_array_equal(loaded.numpy(), volume.astype(np.float32))
+    fft = _TorchFFT("cpu")
+    np.testing.assert_allclose(fft.numpy(_bin_yx(fft.load(volume), 2, fft)), _bin_yx(volume, 2), rtol=1e-7)
+
+
+def test_detection_on_the_cpu_registers_with_scipy(monkeypatch):
+    from napari_spine_tracker.core import detect, register
+
+    seen = []
+    real = register.estimate_motion
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(register, "estimate_motion", spy)
+    series = shifted_series(np.random.default_rng(2), DRIFT_VOX[:2])
+    detect.detect_series(series, VOXEL, model="spinenet-synth", device="cpu")
+    assert seen == [None]
+
+
+@pytest.mark.cuda
+def test_registration_on_a_gpu_gives_the_cpu_answer(series, turned_series):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from napari_spine_tracker.core.register import estimate_motion
+
+    voxel = np.asarray(turned_series.voxel_size_um)
+    for data, size in ((series, VOXEL), (turned_series.image, voxel)):
+        cpu, gpu = estimate_motion(data, size), estimate_motion(data, size, device="cuda")
+        np.testing.assert_allclose(gpu.drift_vox, cpu.drift_vox, atol=1e-3)
+        np.testing.assert_allclose(gpu.angle_rad, cpu.angle_rad, atol=1e-5)
+    assert torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()].size > 0
+    from napari_spine_tracker.core.devices import free_memory
+
+    free_memory(torch.device("cuda"))  # what detect_series does at the end of a run
+    assert torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()].size == 0
+
+
+def test_out_of_gpu_memory_in_registration_goes_on_on_the_cpu(series, monkeypatch, caplog):
+    torch = pytest.importorskip("torch")
+    from napari_spine_tracker.core import register
+
+    class RunsOutOfMemory(register._TorchFFT):
+        """The torch path on the CPU, out of memory at its fifth FFT (in the second session)."""
+
+        calls = 0
+
+        def rfftn(self, x):
+            RunsOutOfMemory.calls += 1
+            if RunsOutOfMemory.calls == 5:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return super().rfftn(x)
+
+    expected = register.estimate_motion(series, VOXEL)
+    monkeypatch.setattr(register, "_fft_backend", lambda device: RunsOutOfMemory("cpu"))
+    done = []
+    with caplog.at_level("WARNING"):
+        motion = register.estimate_motion(series, VOXEL, progress=lambda i, n: done.append(i))
+    assert RunsOutOfMemory.calls == 5  # nothing more ran on the "GPU"
+    assert "registering the rest of the series on the CPU" in caplog.text
+    assert done == [1, 2, 3]
+    np.testing.assert_allclose(motion.drift_vox, expected.drift_vox, atol=1e-3)

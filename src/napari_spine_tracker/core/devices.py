@@ -89,6 +89,9 @@ def free_memory(device) -> None:
     import torch
 
     if device is not None and device.type == "cuda":
+        # registration's FFTs leave cuFFT plans, which hold device memory of their own
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.backends.cuda.cufft_plan_cache[index].clear()
         torch.cuda.empty_cache()
     elif device is not None and device.type == "mps":
         with contextlib.suppress(AttributeError, RuntimeError):

@@ -9,7 +9,8 @@ about the centre ``c`` of the reference volume: ``p`` appears at ``R_t (p - c) +
 Sessions are registered to their predecessor (the tissue changes slowly, so neighbours look most
 alike) and the steps are summed. Each session is read once, as float32, binned in y, x to about
 ``work_voxel_um``, band-passed and windowed; at most two prepared sessions are held at a time, so a
-lazy (memory-mapped, dask) series is never copied whole; the FFTs use every core. The correlation
+lazy (memory-mapped, dask) series is never copied whole; the FFTs use every core (SciPy), or run on
+a GPU (torch.fft, ``device``; a session that does not fit there is registered on the CPU). The correlation
 is partly whitened (between plain cross-correlation and phase correlation) and run twice per pair,
 the second time on the overlap only; sub-voxel precision comes from a parabola through the peak.
 A rotation between two sessions (the animal mounted anew) is found first, as the angle whose
@@ -37,6 +38,89 @@ from .metrics import parse_voxel_size
 log = logging.getLogger(__name__)
 
 __all__ = ["RigidMotion", "as_motion", "estimate_drift", "estimate_motion", "session_array"]
+
+
+class _SciPyFFT:
+    """Registration's arrays as NumPy arrays and its FFTs by SciPy's pocketfft on every core: the
+    fastest on a CPU (torch's CPU FFT took 2.5x longer)."""
+
+    out_of_memory = ()  # catches nothing
+
+    def release(self) -> None:
+        pass
+
+    def load(self, volume) -> np.ndarray:
+        return np.asarray(volume)  # binning converts to float32 as it sums
+
+    def float32(self, volume) -> np.ndarray:
+        return np.asarray(volume, dtype=np.float32)
+
+    def zeros(self, shape) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def constant(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def rfftn(self, x) -> np.ndarray:
+        return sfft.rfftn(x, workers=-1)
+
+    def irfftn(self, x, shape) -> np.ndarray:
+        return sfft.irfftn(x, s=shape, workers=-1)
+
+    def numpy(self, x) -> np.ndarray:
+        return x
+
+
+class _TorchFFT:
+    """The same on a torch device (a GPU): each session is copied there as read (2 bytes a voxel
+    for uint16) and binned, filtered and correlated there; only the few values around each
+    correlation peak come back."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.out_of_memory = torch.cuda.OutOfMemoryError
+
+    def release(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def load(self, volume):
+        array = np.ascontiguousarray(volume)
+        if array.dtype == np.uint16:  # torch's uint16 is barely supported: copy the bits as int16
+            values = self.torch.from_numpy(array.view(np.int16)).to(self.device).float()
+            values[values < 0] += 65536
+            return values
+        return self.torch.from_numpy(array).to(self.device).float()
+
+    def float32(self, volume):
+        return volume.float()
+
+    def zeros(self, shape):
+        return self.torch.zeros(tuple(int(n) for n in shape), dtype=self.torch.float32, device=self.device)
+
+    def constant(self, array: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def rfftn(self, x):
+        return self.torch.fft.rfftn(x)
+
+    def irfftn(self, x, shape):
+        return self.torch.fft.irfftn(x, s=tuple(int(n) for n in shape))
+
+    def numpy(self, x) -> np.ndarray:
+        return x.cpu().numpy()
+
+
+_SCIPY = _SciPyFFT()
+
+
+def _fft_backend(device):
+    """SciPy on the CPU (``device`` None or a CPU), torch on any other torch device."""
+    if device is None or str(device) == "cpu":
+        return _SCIPY
+    return _TorchFFT(device)
 
 
 @dataclass(frozen=True)
@@ -120,8 +204,8 @@ def session_array(series, voxel_size_um=None) -> tuple[object, np.ndarray | None
     return data, (None if voxel_size_um is None else parse_voxel_size(voxel_size_um))
 
 
-def _prepare(volume: np.ndarray, voxel_um: np.ndarray, bin_yx: int, smooth_um: float,
-             background_um: float) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(volume, voxel_um: np.ndarray, bin_yx: int, smooth_um: float, background_um: float,
+             fft=_SCIPY) -> tuple:
     """One session binned in y, x and band-passed (float32), and its windowed real FFT.
 
     The band-pass (difference of Gaussians, by FFT) keeps spine- and shaft-sized structure and
@@ -129,40 +213,40 @@ def _prepare(volume: np.ndarray, voxel_um: np.ndarray, bin_yx: int, smooth_um: f
     drift changes.
     """
     if bin_yx > 1:
-        vol = _bin_yx(np.asarray(volume), bin_yx)
+        vol = _bin_yx(fft.load(volume), bin_yx, fft)
         voxel_um = voxel_um * np.array([1, bin_yx, bin_yx])
     else:
-        vol = np.asarray(volume, dtype=np.float32)
+        vol = fft.float32(fft.load(volume))
     # a Gaussian of width s (µm) in Fourier space is exp(-2 pi^2 s^2 k^2), k in cycles per µm
     freqs = [sfft.fftfreq(n, d=float(v)) for n, v in zip(vol.shape[:2], voxel_um[:2], strict=True)]
     freqs.append(sfft.rfftfreq(vol.shape[2], d=float(voxel_um[2])))
     k2 = freqs[0][:, None, None] ** 2 + freqs[1][None, :, None] ** 2 + freqs[2][None, None, :] ** 2
     band = np.exp(-2 * np.pi**2 * smooth_um**2 * k2) - np.exp(-2 * np.pi**2 * background_um**2 * k2)
-    spectrum = sfft.rfftn(vol, workers=-1) * band.astype(np.float32)
-    vol = sfft.irfftn(spectrum, s=vol.shape, workers=-1).astype(np.float32)
-    return vol, _windowed_spectrum(vol)
+    spectrum = fft.rfftn(vol) * fft.constant(band.astype(np.float32))
+    vol = fft.float32(fft.irfftn(spectrum, vol.shape))
+    return vol, _windowed_spectrum(vol, fft)
 
 
-def _bin_yx(volume: np.ndarray, factor: int) -> np.ndarray:
+def _bin_yx(volume, factor: int, fft=_SCIPY):
     """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped), summed
     slice by slice, rows first (whole rows are read once) and then columns on the third as large
     sum: a mean over two axes of a reshaped view took 9x longer, nine strided sums 1.6x."""
     z, y, x = volume.shape
     y2, x2 = y - y % factor, x - x % factor
-    rows = np.zeros((z, y2 // factor, x2), np.float32)
+    rows = fft.zeros((z, y2 // factor, x2))
     for i in range(factor):
         rows += volume[:, i:y2:factor, :x2]
-    out = np.zeros((z, y2 // factor, x2 // factor), np.float32)
+    out = fft.zeros((z, y2 // factor, x2 // factor))
     for j in range(factor):
         out += rows[:, :, j:x2:factor]
-    out *= np.float32(1 / factor**2)
+    out *= 1 / factor**2
     return out
 
 
-def _windowed_spectrum(vol: np.ndarray) -> np.ndarray:
+def _windowed_spectrum(vol, fft=_SCIPY):
     window = _tukey(vol.shape[0])[:, None, None] * _tukey(vol.shape[1])[None, :, None] \
         * _tukey(vol.shape[2])[None, None, :]
-    return sfft.rfftn(vol * window, workers=-1).astype(np.complex64)
+    return fft.rfftn(vol * fft.constant(window))
 
 
 def _tukey(n: int) -> np.ndarray:
@@ -175,8 +259,7 @@ def _tukey(n: int) -> np.ndarray:
     return w
 
 
-def _content_shift(previous: np.ndarray, current: np.ndarray, shape: tuple[int, int, int],
-                   whitening: float) -> np.ndarray:
+def _content_shift(previous, current, shape: tuple[int, int, int], whitening: float, fft=_SCIPY) -> np.ndarray:
     """Displacement (voxels of the working grid) of the content from ``previous`` to ``current``
     (their windowed spectra).
 
@@ -185,8 +268,8 @@ def _content_shift(previous: np.ndarray, current: np.ndarray, shape: tuple[int, 
     which slides along itself; 1 is phase correlation, dominated by noise), refined to a fraction of
     a voxel by a parabola through the peak and its neighbours along each axis.
     """
-    corr = _correlation(previous, current, shape, whitening)
-    peak = np.array(np.unravel_index(int(np.argmax(corr)), shape))
+    corr = _correlation(previous, current, shape, whitening, fft)
+    peak = np.array(np.unravel_index(int(corr.argmax()), shape))
     shift = peak.astype(float)
     for axis, n in enumerate(shape):
         if n < 3:
@@ -204,17 +287,16 @@ def _content_shift(previous: np.ndarray, current: np.ndarray, shape: tuple[int, 
     return (shift + size / 2) % size - size / 2
 
 
-def _correlation(previous: np.ndarray, current: np.ndarray, shape, whitening: float) -> np.ndarray:
+def _correlation(previous, current, shape, whitening: float, fft=_SCIPY):
     """The partly whitened cross-correlation of two real spectra (see :func:`_content_shift`)."""
-    cross = current * np.conj(previous)
+    cross = current * previous.conj()
     if whitening > 0:
-        magnitude = np.abs(cross)
-        cross = cross / np.maximum(magnitude, 1e-12 * float(magnitude.max())) ** whitening
-    return sfft.irfftn(cross, s=shape, workers=-1)
+        magnitude = abs(cross)
+        cross = cross / magnitude.clip(min=1e-12 * float(magnitude.max())) ** whitening
+    return fft.irfftn(cross, shape)
 
 
-def _two_pass_shift(previous: tuple[np.ndarray, np.ndarray], current: tuple[np.ndarray, np.ndarray],
-                    whitening: float) -> np.ndarray:
+def _two_pass_shift(previous: tuple, current: tuple, whitening: float, fft=_SCIPY) -> np.ndarray:
     """Content displacement from ``previous`` to ``current`` ((volume, windowed spectrum) pairs).
 
     The window is fixed to the image frame and so pulls the first estimate toward zero; the second
@@ -222,7 +304,7 @@ def _two_pass_shift(previous: tuple[np.ndarray, np.ndarray], current: tuple[np.n
     the window sits on the same content in both.
     """
     shape = previous[0].shape
-    first = _content_shift(previous[1], current[1], shape, whitening)
+    first = _content_shift(previous[1], current[1], shape, whitening, fft)
     k = np.round(first).astype(int)
     prev_sl, cur_sl = [], []
     for n, kk in zip(shape, k, strict=True):
@@ -231,7 +313,7 @@ def _two_pass_shift(previous: tuple[np.ndarray, np.ndarray], current: tuple[np.n
         prev_sl.append(slice(max(0, -kk), n - max(0, kk)))
         cur_sl.append(slice(max(0, kk), n - max(0, -kk)))
     a, b = previous[0][tuple(prev_sl)], current[0][tuple(cur_sl)]
-    return k + _content_shift(_windowed_spectrum(a), _windowed_spectrum(b), a.shape, whitening)
+    return k + _content_shift(_windowed_spectrum(a, fft), _windowed_spectrum(b, fft), a.shape, whitening, fft)
 
 
 def check_max_rotation(max_rotation_deg) -> float:
@@ -279,11 +361,13 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
                     max_rotation_deg: float = 3.0, min_turn_um: float = 2.0, work_voxel_um: float = 0.3,
                     smooth_um: float = 0.15, background_um: float = 2.0, whitening: float = 0.5,
                     progress: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> RigidMotion:
+                    should_stop: Callable[[], bool] | None = None, device=None) -> RigidMotion:
     """Translation and y, x rotation of every session relative to ``reference``.
 
     As :func:`estimate_drift` (same parameters), and ``max_rotation_deg``: the largest turn looked
-    for between consecutive sessions (0: translation only); ``min_turn_um``: a field too small for
+    for between consecutive sessions (0: translation only); ``device``: None or ``"cpu"`` for SciPy's
+    FFTs on the CPU, or a torch device (a GPU) to bin, filter and correlate there (the search for a
+    turn, on small z projections, stays on the CPU); ``min_turn_um``: a field too small for
     any turn up to ``max_rotation_deg`` to move its corners that far is not searched. Linking
     follows such small motion on its own (its gate is 1.2 µm, and its local motion correction took
     up registration errors of ~1.5 µm), and on fields that small the non-rigid motion of the
@@ -304,24 +388,39 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
     centre_vox = 0.5 * (np.asarray(data.shape[1:], float) - 1)
     centre_work = (centre_vox - 0.5 * (work_scale - 1)) / work_scale  # binned voxel i covers i*b .. i*b+b-1
 
+    fft = _fft_backend(device)
     steps, turns = np.zeros((n_sessions, 3)), np.zeros(n_sessions)
+
+    def register_session(t: int, previous, fft):
+        """Session ``t`` prepared, and its step and turn from ``previous`` (prepared session t - 1)."""
+        current = _prepare(np.asarray(data[t]), voxel_um, bin_yx, smooth_um, background_um, fft)
+        if previous is None:
+            return current, np.zeros(3), 0.0
+        moving, turn = current, 0.0
+        if max_rotation_deg > 0:
+            turn = _turn(fft.numpy(previous[0]), fft.numpy(current[0]), work_voxel, np.radians(max_rotation_deg),
+                         whitening, min_turn_um)
+        if turn:
+            turned = fft.load(_turned_back(fft.numpy(current[0]), turn, work_voxel, centre_work))
+            moving = (turned, _windowed_spectrum(turned, fft))
+        shift_work = _two_pass_shift(previous, moving, whitening, fft)
+        # the shift was measured in the turned-back frame: turn it forward (module docstring)
+        return current, _rotate_yx(shift_work * work_voxel, turn) / voxel_um, turn
+
     previous = None
     for t in range(n_sessions):
         if should_stop is not None and should_stop():
             raise Cancelled("drift estimation stopped")
-        current = _prepare(np.asarray(data[t]), voxel_um, bin_yx, smooth_um, background_um)
-        if previous is not None:
-            moving = current
-            if max_rotation_deg > 0:
-                turns[t] = _turn(previous[0], current[0], work_voxel, np.radians(max_rotation_deg), whitening,
-                                 min_turn_um)
-            if turns[t]:
-                moving = _turned_back(current[0], turns[t], work_voxel, centre_work)
-            shift_work = _two_pass_shift(previous, moving, whitening)
-            # the shift was measured in the turned-back frame: turn it forward (module docstring)
-            steps[t] = _rotate_yx(shift_work * work_voxel, turns[t]) / voxel_um
-            log.debug("session %d: step %s voxels, turn %.3f degrees", t, steps[t], np.degrees(turns[t]))
-        previous = current
+        try:
+            previous, steps[t], turns[t] = register_session(t, previous, fft)
+        except fft.out_of_memory:
+            log.warning("out of GPU memory in registration; registering the rest of the series on the CPU")
+            if previous is not None:
+                previous = tuple(fft.numpy(p) for p in previous)
+            fft.release()
+            fft = _SCIPY
+            previous, steps[t], turns[t] = register_session(t, previous, fft)
+        log.debug("session %d: step %s voxels, turn %.3f degrees", t, steps[t], np.degrees(turns[t]))
         if progress is not None:
             progress(t + 1, n_sessions)
     if not turns.any():  # translation only: the steps add up
@@ -383,10 +482,10 @@ def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max
     # a round window: turning the projection about its centre keeps the disc it sees, so no angle
     # loses content at the corners (a square window favoured no turn at all: -0.8 degrees read as 0)
     window = _disc_window(a.shape, voxel_yx)
-    reference = sfft.rfftn(a * window, workers=-1)
+    reference = _SCIPY.rfftn(a * window)
 
     def score(angle: float) -> float:
-        spectrum = sfft.rfftn(_turned_projection(b, angle, voxel_yx) * window, workers=-1)
+        spectrum = _SCIPY.rfftn(_turned_projection(b, angle, voxel_yx) * window)
         return float(_correlation(reference, spectrum, a.shape, whitening).max())
 
     # coarse, then fine steps; the fine one turns the corners by one search pixel
@@ -417,11 +516,8 @@ def _disc_window(shape, voxel_yx: np.ndarray) -> np.ndarray:
     return (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32)
 
 
-def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray,
-                 centre_work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A working volume turned back by ``angle`` about ``centre_work`` (working voxels), with its
-    windowed spectrum: (volume, spectrum) as :func:`_prepare` returns."""
+def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray, centre_work: np.ndarray) -> np.ndarray:
+    """A working volume turned back by ``angle`` about ``centre_work`` (working voxels)."""
     matrix = _turn_matrix(angle, work_voxel[1:])
     offset = centre_work[1:] - matrix @ centre_work[1:]
-    turned = sample_planes_yx(volume, *affine_points_yx(matrix, offset, volume.shape[1:]))
-    return turned, _windowed_spectrum(turned)
+    return sample_planes_yx(volume, *affine_points_yx(matrix, offset, volume.shape[1:]))
