@@ -79,18 +79,67 @@ def test_patch_labels_carry_their_displacement_to_the_previous_session():
         assert seen == set(expected)
 
 
-def test_batch_rows_are_each_patch_targets():
-    rng = np.random.default_rng(1)
+def _patches(rng, count=3, sessions=2, points=4):
     patches = []
-    for sessions in range(3):
-        points = [SessionPoints(rng.uniform(0, 16, (4, 3)) * [1, 2, 2], rng.normal(size=(4, 3)),
-                                rng.uniform(0.2, 0.5, 4)) for _ in range(2)]
-        patches.append((rng.normal(size=(2, 1, 8, 16, 16)).astype(np.float32), points, np.array([True, sessions > 0])))
+    for i in range(count):
+        pts = []
+        for _ in range(sessions):
+            disp = rng.normal(size=(points, 3))
+            disp[rng.random(points) < 0.3] = np.nan  # spines new in this session
+            radius = rng.uniform(0.2, 0.5, points)
+            radius[rng.random(points) < 0.3] = np.nan  # unknown head sizes
+            pts.append(SessionPoints(rng.uniform(0, 1, (points, 3)) * [8, 16, 16], disp, radius))
+        pts[0] = SessionPoints(np.vstack([pts[0].zyx, pts[0].zyx[:1] + 0.1]),  # two spines in one centre voxel
+                               np.vstack([pts[0].displacement_um, [[np.nan] * 3]]), np.append(pts[0].radius_um, 0.3))
+        image = rng.normal(size=(sessions, 1, 8, 16, 16)).astype(np.float32)
+        patches.append((image, pts, np.array([True, i > 0])))
+    return patches
+
+
+def test_batch_targets_at_the_centres_hold_what_the_dense_targets_hold():
+    patches = _patches(np.random.default_rng(1))
     batch = make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+    assert batch["centre"].shape[1] == 5 and batch["centre"].dtype == np.int64
     for i, (image, points, mask) in enumerate(patches):
-        single = make_targets(points, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
-        for name, array in single.items():
-            np.testing.assert_array_equal(batch[name][i], array)
+        dense = make_targets(points, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+        np.testing.assert_array_equal(batch["heatmap"][i], dense["heatmap"])
         np.testing.assert_array_equal(batch["image"][i], image)
         np.testing.assert_array_equal(batch["labelled"][i], mask.astype(np.float32))
-    assert batch["heatmap"].max() == 1.0 and batch["centre"].sum() > 0
+        rows = batch["centre"][:, 0] == i
+        t, z, y, x = batch["centre"][rows, 1:].T
+        # every centre voxel once, and nothing outside them
+        assert len(set(zip(t, z, y, x))) == rows.sum() == dense["centre"].sum()
+        for name in ("offset", "displacement", "size", "has_previous", "has_size"):
+            channels = dense[name].shape[1]
+            at_centres = np.moveaxis(dense[name], 1, -1)[t, z, y, x].reshape(-1, channels)
+            np.testing.assert_array_equal(batch[name][rows].reshape(-1, channels), at_centres, err_msg=name)
+    assert batch["has_size"].sum() > 0 and 0 < batch["has_previous"].sum() < len(batch["has_previous"])
+
+
+def test_a_batch_without_spines_has_no_centres():
+    patches = [(np.zeros((2, 1, 8, 16, 16), np.float32), [SessionPoints.empty()] * 2, np.array([True, True]))]
+    batch = make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+    assert batch["centre"].shape == (0, 5) and batch["offset"].shape == (0, 3) and batch["size"].shape == (0,)
+    assert not batch["heatmap"].any()
+
+
+def test_the_loss_at_the_centres_equals_the_loss_over_dense_targets():
+    """compute_loss reads the heads at the centres; the dense masked mean it replaced gives the same."""
+    import torch
+
+    from napari_spine_tracker.core.train import compute_loss
+
+    rng = np.random.default_rng(2)
+    patches = _patches(rng)
+    batch = {k: torch.from_numpy(v) for k, v in make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
+    outputs = {name: torch.from_numpy(rng.normal(size=(3, 2, c, 8, 8, 8)).astype(np.float32))
+               for name, c in (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    _, parts = compute_loss(outputs, batch)
+    dense = {name: torch.from_numpy(np.stack([make_targets(p, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))[name]
+                                              for _, p, _ in patches]))
+             for name in ("offset", "displacement", "size", "centre", "has_previous", "has_size")}
+    session = batch["labelled"][:, :, None, None, None, None]
+    for name, mask_name in (("offset", "centre"), ("displacement", "has_previous"), ("size", "has_size")):
+        mask = dense[mask_name] * session
+        expected = ((outputs[name] - dense[name]).abs() * mask).sum() / mask.sum().clamp(min=1.0)
+        assert parts[name] == pytest.approx(float(expected), rel=1e-5), name

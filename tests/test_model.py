@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_spine_tracker.core.batches import make_batch
 from napari_spine_tracker.core.decode import decode_peaks, nms_kernel
 from napari_spine_tracker.core.model import SpineNet, build_config
 from napari_spine_tracker.core.targets import SessionPoints, make_targets
@@ -82,10 +83,10 @@ def test_training_step_reduces_loss(tiny_net):
     rng = np.random.default_rng(0)
     points = [[[3.0, 10.0, 12.0], [4.0, 20.0, 6.0]], [[3.0, 11.0, 12.0]]]
     sessions = [SessionPoints(np.asarray(p, float), np.zeros((len(p), 3)), np.full(len(p), 0.3)) for p in points]
-    targets = make_targets(sessions, (8, 16, 16), (1, 2, 2), (0.5, 0.2, 0.2))
-    batch = {k: torch.from_numpy(v[None]) for k, v in targets.items()}
-    batch["labelled"] = torch.ones(1, 2)
-    image = torch.from_numpy(rng.normal(0, 0.1, (1, 2, 1, 8, 32, 32)).astype(np.float32))
+    image = rng.normal(0, 0.1, (2, 1, 8, 32, 32)).astype(np.float32)
+    batch = {k: torch.from_numpy(v) for k, v in
+             make_batch([(image, sessions, np.ones(2, bool))], (8, 16, 16), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
+    image = batch["image"]
     optimizer = torch.optim.Adam(tiny_net.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
@@ -99,16 +100,21 @@ def test_training_step_reduces_loss(tiny_net):
 
 
 def test_unlabelled_sessions_do_not_count(tiny_net):
-    targets = _targets_for([[[3.0, 10.0, 12.0]], []])
-    batch = {k: torch.from_numpy(v[None]) for k, v in targets.items()}
+    sessions = [SessionPoints(np.array([[3.0, 10.0, 12.0]]), np.zeros((1, 3)), np.full(1, 0.4)),
+                SessionPoints(np.array([[3.0, 11.0, 12.0]]), np.zeros((1, 3)), np.full(1, 0.4))]
+    image = np.zeros((2, 1, 8, 32, 32), np.float32)
+    batch = {k: torch.from_numpy(v) for k, v in
+             make_batch([(image, sessions, np.array([True, False]))], (8, 16, 16), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
     out = tiny_net(torch.randn(1, 2, 1, 8, 32, 32))
-    batch["labelled"] = torch.tensor([[1.0, 0.0]])
     loss_masked, _ = compute_loss(out, batch)
-    # changing the (masked) second session's predictions does not change the loss
+    # changing the (masked) second session's predictions, every head, does not change the loss
     out2 = {k: v.clone() for k, v in out.items()}
-    out2["heatmap"][:, 1] += 5.0
+    for value in out2.values():
+        value[:, 1] += 5.0
     loss_masked2, _ = compute_loss(out2, batch)
     assert float(loss_masked) == pytest.approx(float(loss_masked2))
+    out2["offset"][:, 0] += 5.0  # the first session's do
+    assert float(compute_loss(out2, batch)[0]) > float(loss_masked) + 1.0
 
 
 def _checkpoint(net):

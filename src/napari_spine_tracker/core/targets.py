@@ -27,25 +27,67 @@ class SessionPoints:
         return cls(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0))
 
 
-#: the target arrays and their channels
+#: the dense target arrays of :func:`make_targets` and their channels
 TARGET_CHANNELS = {"heatmap": 1, "offset": 3, "displacement": 3, "size": 1, "centre": 1, "has_previous": 1,
                    "has_size": 1}
 
 
 def make_targets(sessions: list[SessionPoints], out_shape: tuple[int, int, int], stride: tuple[int, int, int],
                  output_voxel_um: tuple[float, float, float],
-                 sigma_um: tuple[float, float, float] = HEATMAP_SIGMA_UM,
-                 out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                 sigma_um: tuple[float, float, float] = HEATMAP_SIGMA_UM) -> dict[str, np.ndarray]:
     """Targets for T sessions, each array (T, C, Z', Y', X') float32:
 
     ``heatmap`` (C=1, Gaussian bumps, exactly 1 at each centre voxel), ``offset`` (C=3),
     ``displacement`` (C=3), ``size`` (C=1), and masks ``centre`` (C=1: where the offset is
     supervised), ``has_size`` and ``has_previous`` (C=1: where size and displacement are).
-    ``out``: arrays of these shapes, all zeros, to fill instead of new ones (a batch's rows).
+    Training uses the same targets with all but the heatmap as lists (:func:`point_targets`).
     """
-    t_count = len(sessions)
-    if out is None:
-        out = {name: np.zeros((t_count, c, *out_shape), np.float32) for name, c in TARGET_CHANNELS.items()}
+    out = {name: np.zeros((len(sessions), c, *out_shape), np.float32) for name, c in TARGET_CHANNELS.items()}
+    for t, voxel, offset, radius, disp in _centres(sessions, out_shape, stride, output_voxel_um, sigma_um,
+                                                   out["heatmap"]):
+        z, y, x = voxel
+        out["centre"][t, 0, z, y, x] = 1.0
+        out["offset"][t, :, z, y, x] = offset
+        if not np.isnan(radius):
+            out["size"][t, 0, z, y, x] = radius
+            out["has_size"][t, 0, z, y, x] = 1.0
+        if not np.any(np.isnan(disp)):
+            out["displacement"][t, :, z, y, x] = disp
+            out["has_previous"][t, 0, z, y, x] = 1.0
+    return out
+
+
+def point_targets(sessions: list[SessionPoints], out_shape: tuple[int, int, int], stride: tuple[int, int, int],
+                  output_voxel_um: tuple[float, float, float], heatmap: np.ndarray,
+                  sigma_um: tuple[float, float, float] = HEATMAP_SIGMA_UM) -> dict[str, np.ndarray]:
+    """The targets of :func:`make_targets`, the heatmap drawn into ``heatmap`` (T, 1, Z', Y', X',
+    zeros) and the rest as one row per centre voxel: ``centre`` (N, 4) int64 (t, z, y, x),
+    ``offset`` (N, 3), ``displacement`` (N, 3), ``size`` (N,), ``has_previous`` (N,) and
+    ``has_size`` (N,), float32, holding what the dense arrays hold there. The other heads are
+    supervised at the centres only, so dense arrays of them are mostly zeros (six sevenths of a
+    batch's bytes, all carried from the batch workers to the GPU)."""
+    rows: dict[tuple, list] = {}  # centre voxel -> [offset, displacement, size, has_previous, has_size]
+    for t, voxel, offset, radius, disp in _centres(sessions, out_shape, stride, output_voxel_um, sigma_um, heatmap):
+        row = rows.setdefault((t, *voxel), [None, np.zeros(3), 0.0, 0.0, 0.0])
+        row[0] = offset  # a later spine in the same voxel overwrites, as in the dense arrays
+        if not np.isnan(radius):
+            row[2], row[4] = radius, 1.0
+        if not np.any(np.isnan(disp)):
+            row[1], row[3] = disp, 1.0
+    values = list(rows.values())
+    return {
+        "centre": np.array(list(rows), np.int64).reshape(-1, 4),
+        "offset": np.array([r[0] for r in values], np.float32).reshape(-1, 3),
+        "displacement": np.array([r[1] for r in values], np.float32).reshape(-1, 3),
+        "size": np.array([r[2] for r in values], np.float32),
+        "has_previous": np.array([r[3] for r in values], np.float32),
+        "has_size": np.array([r[4] for r in values], np.float32),
+    }
+
+
+def _centres(sessions, out_shape, stride, output_voxel_um, sigma_um, heatmap):
+    """Draw each point's Gaussian bump into ``heatmap`` (T, 1, Z', Y', X') and yield, in order,
+    ``(t, centre voxel, offset, radius_um, displacement_um)`` of the points inside the grid."""
     stride_a = np.asarray(stride, np.float64)
     vox = np.asarray(output_voxel_um, np.float64)
     sigma_vox = np.asarray(sigma_um, np.float64) / vox
@@ -61,18 +103,9 @@ def make_targets(sessions: list[SessionPoints], out_shape: tuple[int, int, int],
             grids = [np.arange(a, b) for a, b in zip(lo, hi)]
             g = [np.exp(-((grid - cc) ** 2) / (2 * s**2)) for grid, cc, s in zip(grids, c, sigma_vox)]
             bump = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
-            region = out["heatmap"][t, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            region = heatmap[t, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             np.maximum(region, bump.astype(np.float32), out=region)
             z, y, x = voxel
-            out["heatmap"][t, 0, z, y, x] = 1.0
-            out["centre"][t, 0, z, y, x] = 1.0
-            out["offset"][t, :, z, y, x] = c - voxel
+            heatmap[t, 0, z, y, x] = 1.0
             radius = pts.radius_um[n] if len(pts.radius_um) else np.nan
-            if not np.isnan(radius):
-                out["size"][t, 0, z, y, x] = radius
-                out["has_size"][t, 0, z, y, x] = 1.0
-            disp = pts.displacement_um[n]
-            if not np.any(np.isnan(disp)):
-                out["displacement"][t, :, z, y, x] = disp
-                out["has_previous"][t, 0, z, y, x] = 1.0
-    return out
+            yield t, (int(z), int(y), int(x)), c - voxel, radius, pts.displacement_um[n]

@@ -388,16 +388,21 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
     n_pos = pos.sum().clamp(min=1.0)
     focal = (pos_loss + neg_loss) / n_pos
 
-    def masked_l1(name: str, mask_name: str):
-        mask = batch[mask_name] * session
-        diff = (outputs[name].float() - batch[name]).abs() * mask
-        return diff.sum() / mask.sum().clamp(min=1.0)
+    # the other heads at the centres only (``batch["centre"]``: b, t, z, y, x per row)
+    b, t, z, y, x = batch["centre"].long().unbind(1)
+    labelled = batch["labelled"][b, t]
+
+    def point_l1(name: str, flag: str | None = None):
+        predicted = outputs[name][b, t, :, z, y, x].float()  # (N, C)
+        weight = labelled if flag is None else labelled * batch[flag]
+        diff = (predicted - batch[name].reshape(len(b), -1)).abs() * weight[:, None]
+        return diff.sum() / weight.sum().clamp(min=1.0)
 
     parts = {
         "focal": focal,
-        "offset": masked_l1("offset", "centre"),
-        "displacement": masked_l1("displacement", "has_previous"),
-        "size": masked_l1("size", "has_size"),
+        "offset": point_l1("offset"),
+        "displacement": point_l1("displacement", "has_previous"),
+        "size": point_l1("size", "has_size"),
     }
     total = parts["focal"] + parts["offset"] + 0.5 * parts["displacement"] + 0.5 * parts["size"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -656,14 +661,15 @@ class _Run:
         return self.dist.max(fraction)
 
     def batch(self) -> dict:
-        """The next batch, as float32 tensors on the training device."""
+        """The next batch, as tensors on the training device (float32, and the centres' indices)."""
         import torch
 
         if self.batches is not None:
             arrays = next(self.batches)
         else:
             arrays = {name: torch.from_numpy(value) for name, value in self.source.next().items()}
-        return {name: value.to(self.device, non_blocking=True).float() for name, value in arrays.items()}
+        moved = {name: value.to(self.device, non_blocking=True) for name, value in arrays.items()}
+        return {name: value.float() if value.is_floating_point() else value for name, value in moved.items()}
 
     def train_step(self, fraction: float) -> dict:
         """One optimisation step, at the learning rate for ``fraction`` of the budget spent."""
