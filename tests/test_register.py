@@ -212,6 +212,8 @@ def test_the_torch_path_reads_uint16_beyond_the_int16_range():
     np.testing.assert_array_equal(loaded.numpy(), volume.astype(np.float32))
     fft = _TorchFFT("cpu")
     np.testing.assert_allclose(fft.numpy(_bin_yx(fft.load(volume), 2, fft)), _bin_yx(volume, 2), rtol=1e-7)
+    for dtype in (np.uint8, np.uint32, np.int64, np.float64):  # other sample types arrive as float32 too
+        np.testing.assert_array_equal(fft.numpy(fft.load((volume // 256).astype(dtype))), volume // 256)
 
 
 def test_detection_on_the_cpu_registers_with_scipy(monkeypatch):

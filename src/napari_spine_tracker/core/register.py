@@ -92,6 +92,8 @@ class _TorchFFT:
             values = self.torch.from_numpy(array.view(np.int16)).to(self.device).float()
             values[values < 0] += 65536
             return values
+        if array.dtype not in (np.uint8, np.int16, np.int32, np.float16, np.float32, np.float64):
+            array = array.astype(np.float32)  # types torch handles on a GPU only in part (uint32, ...)
         return self.torch.from_numpy(array).to(self.device).float()
 
     def float32(self, volume):
