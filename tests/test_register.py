@@ -275,3 +275,9 @@ def test_out_of_gpu_memory_in_registration_goes_on_on_the_cpu(series, monkeypatc
     assert "registering the rest of the series on the CPU" in caplog.text
     assert done == [1, 2, 3]
     np.testing.assert_allclose(motion.drift_vox, expected.drift_vox, atol=1e-3)
+
+
+def test_only_cuda_takes_the_torch_path():
+    from napari_spine_tracker.core.register import _SCIPY, _fft_backend
+
+    assert _fft_backend(None) is _SCIPY and _fft_backend("cpu") is _SCIPY and _fft_backend("mps") is _SCIPY

@@ -135,7 +135,8 @@ def sample_patch(series: PreparedSeries, rng: np.random.Generator, options: Patc
     else:
         centre = rng.uniform(0, 1, 3) * np.asarray(series.image.shape[1:])
     origin0 = np.round(centre - shape / 2).astype(int)
-    jitter_vox = options.jitter_um / np.asarray(model_voxel_um)
+    voxel_um = np.asarray(model_voxel_um)
+    jitter_vox = options.jitter_um / voxel_um
     image = np.empty((sessions, 1, *options.shape), np.float32)
     points, labelled = [], []
     previous = None  # (track ids, positions in patch voxels) of the previous session in the window
@@ -155,7 +156,7 @@ def sample_patch(series: PreparedSeries, rng: np.random.Generator, options: Patc
         disp = np.full((len(zyx), 3), np.nan)
         if previous is not None:
             found, where = _positions_in(previous[0], rows.track_id)
-            disp[found] = (previous[1][where] - zyx[found]) * np.asarray(model_voxel_um)
+            disp[found] = (previous[1][where] - zyx[found]) * voxel_um
         is_labelled = bool(series.labelled[t])
         previous = (rows.track_id, zyx) if is_labelled else None
         labelled.append(is_labelled)
@@ -174,8 +175,9 @@ def _positions_in(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.n
     if not len(ids):
         return np.zeros(len(wanted), bool), np.zeros(0, int)
     order = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[order], wanted, side="right") - 1
-    found = (pos >= 0) & (ids[order][np.maximum(pos, 0)] == wanted)
+    ordered = ids[order]
+    pos = np.searchsorted(ordered, wanted, side="right") - 1
+    found = (pos >= 0) & (ordered[np.maximum(pos, 0)] == wanted)
     return found, order[pos[found]]
 
 

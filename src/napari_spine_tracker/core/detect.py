@@ -117,7 +117,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
             # on a GPU registration's FFTs run there too (they were a third of a GPU run on the CPU)
             motion = estimate_motion(data, voxel, max_rotation_deg=max_rotation_deg,
                                      progress=stage(0, register_units), should_stop=should_stop,
-                                     device=loaded.device if loaded.device.type == "cuda" else None)
+                                     device=None if loaded.device.type == "cpu" else loaded.device)
         opts = options or InferenceOptions()
         if threshold is not None:
             opts = dataclasses.replace(opts, threshold=threshold)

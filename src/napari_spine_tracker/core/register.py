@@ -119,8 +119,9 @@ _SCIPY = _SciPyFFT()
 
 
 def _fft_backend(device):
-    """SciPy on the CPU (``device`` None or a CPU), torch on any other torch device."""
-    if device is None or str(device) == "cpu":
+    """torch on a CUDA device, SciPy otherwise (``device`` None, a CPU, or a device whose complex
+    FFTs torch supports only in part, such as MPS)."""
+    if device is None or str(device).split(":")[0] != "cuda":
         return _SCIPY
     return _TorchFFT(device)
 
@@ -367,9 +368,9 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
     """Translation and y, x rotation of every session relative to ``reference``.
 
     As :func:`estimate_drift` (same parameters), and ``max_rotation_deg``: the largest turn looked
-    for between consecutive sessions (0: translation only); ``device``: None or ``"cpu"`` for SciPy's
-    FFTs on the CPU, or a torch device (a GPU) to bin, filter and correlate there (the search for a
-    turn, on small z projections, stays on the CPU); ``min_turn_um``: a field too small for
+    for between consecutive sessions (0: translation only); ``device``: None for SciPy's FFTs on the
+    CPU, or a CUDA device to bin, filter and correlate there with torch (the search for a turn, on
+    small z projections, stays on the CPU; other devices use SciPy); ``min_turn_um``: a field too small for
     any turn up to ``max_rotation_deg`` to move its corners that far is not searched. Linking
     follows such small motion on its own (its gate is 1.2 µm, and its local motion correction took
     up registration errors of ~1.5 µm), and on fields that small the non-rigid motion of the
