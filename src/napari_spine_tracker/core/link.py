@@ -194,13 +194,14 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         Largest distance in µm for a frame-to-frame link, after registration and the local motion
         correction. 1.2 µm was chosen on the tuning seeds 2000-2002 with an earlier model (best
         among 1.0-1.8); with the shipped one, narrower gates score a little higher on synthetic
-        series (0.8 µm: mean IDF1 0.902 -> 0.910 there, ``benchmarks/linking_gate.py``), and 1.2
+        series (0.8 µm: mean IDF1 0.905 -> 0.912 there, ``benchmarks/linking_gate.py``), and 1.2
         is kept as margin for real tissue, whose deformation and localisation error the synthetic
         engine may understate: on the second microscope's series (our stand-in for such data)
         1.2-1.4 µm score best (0.8 µm: IDF1 0.595 -> 0.551).
     max_gap
         Largest number of consecutive sessions a spine may be missing and keep its id (2: on the
-        second microscope's series IDF1 +0.03 over 1; 3 adds nothing).
+        second microscope's series IDF1 +0.03 over 1, on the synthetic tuning series +0.002; 3
+        adds nothing on the former and loses 0.005 on the latter).
     gap_gate_growth_um
         The gate grows by this much per missed session when closing a gap.
     local_scale_um

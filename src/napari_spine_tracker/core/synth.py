@@ -15,8 +15,10 @@ Truth semantics (the model and the metrics rely on them):
 - ``track_id`` (1..N) persists across sessions; a spine gained appears from some session on, a lost
   one disappears for good. A transient miss (the spine exists but is dimmed out of sight) removes
   its row for one session strictly inside its run of visible sessions, so existence is the rows with
-  single-session gaps filled. A spine that leaves the field for two sessions or more and comes back
-  gets a new id;
+  single-session gaps filled. A spine that leaves the field and comes back keeps its id if it was
+  out of sight for at most :data:`KEPT_ID_GAP` (2) sessions, the gap over which the tracker is asked
+  to keep an id ("a spine missed in one or two sessions keeps its id"), and gets a new id after a
+  longer absence;
 - ``head_radius_um`` changes a little between sessions.
 """
 
@@ -34,6 +36,10 @@ from . import synth_render as render
 from .synth_geometry import SPINE_KINDS, SessionWarp, World, build_world, session_warps
 
 Range = tuple[float, float]
+
+#: sessions a spine may be out of sight (outside the field) and keep its track id in the truth: the
+#: gap the tracker is asked to close (``link.DEFAULT_MAX_GAP``). A longer absence starts a new id.
+KEPT_ID_GAP = 2
 
 
 @dataclass(frozen=True)
@@ -399,11 +405,12 @@ def _transient_misses(rng: np.random.Generator, visible: np.ndarray, probability
 
 
 def _truth_table(rows: np.ndarray, heads_vox: np.ndarray, spines) -> pd.DataFrame:
-    """The spine table; a spine's rows split into new tracks wherever two or more sessions are missing."""
+    """The spine table; a spine's rows split into new tracks wherever more than :data:`KEPT_ID_GAP`
+    sessions are missing."""
     segments = []   # (first session, spine, sessions)
     for s in np.flatnonzero(rows.any(axis=0)):
         ts = np.flatnonzero(rows[:, s])
-        for part in np.split(ts, np.flatnonzero(np.diff(ts) > 2) + 1):
+        for part in np.split(ts, np.flatnonzero(np.diff(ts) > KEPT_ID_GAP + 1) + 1):
             segments.append((int(part[0]), int(s), part))
     segments.sort(key=lambda seg: seg[:2])
     lengths = [len(seg[2]) for seg in segments]
