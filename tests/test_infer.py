@@ -9,7 +9,7 @@ import torch
 from napari_spine_tracker.core.decode import DEFAULT_DECODE
 from napari_spine_tracker.core.detect import detect_series
 from napari_spine_tracker.core.devices import get_device
-from napari_spine_tracker.core.infer import InferenceOptions, plan_tiles, predict_series
+from napari_spine_tracker.core.infer import InferenceOptions, plan_tiles, predict_series, session_chunks
 from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION, grid_scale, read_resampled
 from napari_spine_tracker.core.model import SpineNet, build_config
 from napari_spine_tracker.core.models import LoadedModel
@@ -159,6 +159,26 @@ def test_session_chunks_carry_state(random_model):
     four = predict_series(series, (0.5, 0.1, 0.1), random_model, options=InferenceOptions(session_chunk=4))
     assert len(one) > 0 and set(one["t"]) == set(range(5))
     np.testing.assert_allclose(one.to_numpy(float), four.to_numpy(float), atol=1e-4, equal_nan=True)
+    default = predict_series(series, (0.5, 0.1, 0.1), random_model)  # on the CPU: 3 + 2
+    np.testing.assert_allclose(one.to_numpy(float), default.to_numpy(float), atol=1e-4, equal_nan=True)
+
+
+def test_session_chunks_by_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def sizes(t_count, chunk, device):
+        groups = session_chunks(t_count, chunk, device)
+        assert [t for g in groups for t in g] == list(range(t_count))  # every session once, in order
+        return [len(g) for g in groups]
+
+    # CPU: pairs, one group of three for an odd count, never a lone session after the first
+    assert [sizes(n, None, cpu) for n in range(1, 9)] == [[1], [2], [3], [2, 2], [3, 2], [2, 2, 2], [3, 2, 2],
+                                                           [2, 2, 2, 2]]
+    # GPU: up to 8 in equal groups
+    assert sizes(6, None, cuda) == [6] and sizes(10, None, cuda) == [5, 5] and sizes(17, None, cuda) == [6, 6, 5]
+    # an explicit size: at most that many, as equal as possible, on any device
+    assert sizes(6, 4, cpu) == [3, 3] and sizes(7, 4, cuda) == [4, 3] and sizes(5, 1, cpu) == [1] * 5
+    assert sizes(0, None, cpu) == []
 
 
 def test_batchnorm_folding_keeps_outputs(random_model):
