@@ -5,11 +5,18 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from napari_spine_tracker.core.decode import DEFAULT_DECODE
 from napari_spine_tracker.core.detect import detect_series
 from napari_spine_tracker.core.devices import get_device
-from napari_spine_tracker.core.infer import InferenceOptions, plan_tiles, predict_series, session_chunks
+from napari_spine_tracker.core.infer import (
+    InferenceOptions,
+    plan_tiles,
+    predict_series,
+    session_chunks,
+    session_cuts,
+)
 from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION, grid_scale, read_resampled
 from napari_spine_tracker.core.model import SpineNet, build_config
 from napari_spine_tracker.core.models import LoadedModel
@@ -207,6 +214,61 @@ def test_content_that_drifted_into_a_session_is_analysed(random_model):
     second = table[table["t"] == 1]
     assert (second["x"] > 40).any() and (second["x"] < 20).any()
     assert (second["x"] > -0.5).all() and (second["x"] < 63.5).all()
+
+
+def test_each_session_is_cut_to_its_own_field():
+    stride = (4, 16, 16)
+    # three sessions drifted in y and x within a tile of 34 x 300 x 290 that covers their union
+    fields = [((1, 0, 30), (33, 256, 286)), ((0, 40, 0), (32, 296, 256)), ((2, 20, 17), (34, 276, 273))]
+    shape, at = session_cuts(fields, (34, 300, 290), stride)
+    assert shape[0] == 34  # z: no cut would be smaller than the tile
+    assert shape[1] < 300 and shape[2] < 290
+    assert (at % np.array(stride) == 0).all()
+    for (low, high), start in zip(fields, at, strict=True):
+        assert (start <= low).all() and (start + shape >= high).all()  # the cut holds the field
+    # past the tile's last voxel, never past its last coarsest-level voxel (the state's field)
+    assert (at + shape <= -(-np.array([34, 300, 290]) // stride) * stride).all()
+    # one field: nothing to gain; a session without data in the tile takes any cut
+    assert session_cuts([((0, 0, 0), (34, 300, 290))], (34, 300, 290), stride) is None
+    shape2, at2 = session_cuts([*fields, ((0, 0, 0), (0, 0, 0))], (34, 300, 290), stride)
+    assert shape2 == shape and (at2[-1] == 0).all()
+    assert session_cuts([((0, 0, 0), (0, 0, 0))], (34, 300, 290), stride) is None
+
+
+def test_cutting_sessions_to_their_fields_finds_the_same_spines():
+    """A drifting series: each session run on its own field (the default) or all on the union of
+    the fields give the same detections (they differ only in the padding outside a field)."""
+    from napari_spine_tracker.core import infer
+    from napari_spine_tracker.core.models import load_model
+    from napari_spine_tracker.core.register import estimate_motion
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    model = load_model("spinenet-synth", device="cpu")
+    series = synthesize_series(SynthConfig.preset("large_drift", seed=3, sessions=4, shape=(16, 128, 128)))
+    voxel = np.array(series.voxel_size_um)
+    motion = estimate_motion(series.image, voxel)
+    cuts = []
+    real_cuts = infer.session_cuts
+
+    def spy(fields, input_shape, stride):
+        cuts.append((real_cuts(fields, input_shape, stride), input_shape))
+        return cuts[-1][0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(infer, "session_cuts", spy)
+        cut = predict_series(series.image, voxel, model, motion=motion)
+    union = predict_series(series.image, voxel, model, motion=motion, options=InferenceOptions(cut_sessions=False))
+    (cut_shape, _), union_shape = cuts[0]
+    assert np.prod(cut_shape) < 0.9 * np.prod(union_shape)  # the network ran on less than the union
+    assert len(union) > 20 and abs(len(cut) - len(union)) <= 0.05 * len(union)
+    matched = 0
+    for t in range(4):
+        a = cut.loc[cut.t == t, ["z", "y", "x"]].to_numpy() * voxel
+        b = union.loc[union.t == t, ["z", "y", "x"]].to_numpy() * voxel
+        if len(a) and len(b):
+            distance, _ = cKDTree(b).query(a)
+            matched += int((distance < 0.1).sum())
+    assert matched >= 0.95 * len(union)
 
 
 def test_padded_sessions_drop_detections_outside(random_model):

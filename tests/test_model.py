@@ -286,3 +286,36 @@ def test_growing_into_other_widths_is_refused(preset):
     if preset == "base":  # lean -> base changes the widths as well
         with pytest.raises(ValueError, match="widths"):
             grow_config(build_config("lean"), preset)
+
+
+def test_sessions_cut_from_a_larger_field(tiny_net):
+    """A session run on a cut of the field reads and updates the ConvLSTM state under its cut
+    only; with the whole field as the cut it computes exactly what the plain call does."""
+    tiny_net.eval()
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 1, 8, 32, 48)
+    grid = (2, 2, 3)  # the coarsest level of 8 x 32 x 48 at a total stride of 4 x 16 x 16
+    with torch.no_grad():
+        plain, plain_state = tiny_net.forward_sessions(x)
+        pairs = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # what the plain call pairs each session with
+        whole, whole_state = tiny_net.forward_sessions(x, pairs=pairs, cut_at=[(0, 0, 0)] * 3, field_grid=grid)
+        for name in plain:
+            torch.testing.assert_close(whole[name], plain[name])
+        for a, b in zip(whole_state, plain_state, strict=True):
+            torch.testing.assert_close(a, b)
+
+        # a cut of 8 x 32 x 32 at x = 16 voxels (one coarsest voxel in): the state at x = 0 is
+        # left as it was, the state under the cut is what a plain call on the cut gives
+        cut = x[..., 16:]
+        before = tuple(torch.randn(1, tiny_net.lstm.gates.out_channels // 4, *grid) for _ in range(2))
+        out, after = tiny_net.forward_sessions(cut[:, :1], pairs=cut[:, :1], state=tuple(s.clone() for s in before),
+                                               cut_at=[(0, 0, 1)], field_grid=grid)
+        alone, alone_state = tiny_net.forward_sessions(cut[:, :1], state=tuple(s[..., 1:] for s in before))
+        torch.testing.assert_close(out["heatmap"], alone["heatmap"])
+        for a, b, c in zip(after, alone_state, before, strict=True):
+            torch.testing.assert_close(a[..., 1:], b)
+            torch.testing.assert_close(a[..., :1], c[..., :1])
+        with pytest.raises(ValueError, match="leaves the state's field"):
+            tiny_net.forward_sessions(cut[:, :1], pairs=cut[:, :1], cut_at=[(0, 0, 2)], field_grid=grid)
+        with pytest.raises(ValueError, match="field_grid"):
+            tiny_net.forward_sessions(cut[:, :1], pairs=cut[:, :1], cut_at=[(0, 0, 1)])

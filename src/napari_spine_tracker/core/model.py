@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -195,7 +196,8 @@ class SpineNet(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward_sessions(self, x: torch.Tensor, previous: torch.Tensor | None = None, state=None, *,
-                         point_heads: bool = False):
+                         point_heads: bool = False, pairs: torch.Tensor | None = None,
+                         cut_at: Sequence[Sequence[int]] | None = None, field_grid: Sequence[int] | None = None):
         """K consecutive sessions at once. Returns (outputs, state).
 
         ``x`` (B, K, 1, Z, Y, X); ``previous`` (B, 1, Z, Y, X), the session before them, or None
@@ -207,10 +209,21 @@ class SpineNet(nn.Module):
         With ``point_heads`` (inference) only the heatmap is computed at every voxel; the other
         heads are left to :meth:`heads_at`, at the few peaks, and ``outputs["trunk"]`` (B, K,
         head_width, Z', Y', X') holds the features they read.
+
+        Sessions cut from a larger field (inference on a drifting series: each session is run on
+        its own field, not on the union of all fields): ``pairs`` (B, K, 1, Z, Y, X) holds each
+        session's previous session, read where this one is cut (it replaces ``previous``), and
+        the ConvLSTM state covers the whole field, ``field_grid`` voxels of the coarsest level
+        ((h, c), each (B, C, *field_grid); None: zeros). ``cut_at`` gives each session's place in
+        it, K (z, y, x) offsets in coarsest-level voxels: a session reads and updates the state
+        under its own cut only, and the state elsewhere is carried unchanged.
         """
         b, k = x.shape[:2]
-        first = x[:, :1] if previous is None else previous[:, None]
-        prev = torch.cat([first, x[:, :-1]], dim=1)
+        if pairs is None:
+            first = x[:, :1] if previous is None else previous[:, None]
+            prev = torch.cat([first, x[:, :-1]], dim=1)
+        else:
+            prev = pairs
         # (B*K, 2, Z, Y, X) with channels-last memory, in one copy
         pair = torch.stack([x[:, :, 0], prev[:, :, 0]], dim=-1).flatten(0, 1).permute(0, 4, 1, 2, 3)
         feats = [self.stem(pair)]
@@ -221,7 +234,10 @@ class SpineNet(nn.Module):
             per_session = y.unflatten(0, (b, k))
             hidden = []
             for i in range(k):
-                h, state = self.lstm(per_session[:, i], state)
+                if cut_at is None:
+                    h, state = self.lstm(per_session[:, i], state)
+                else:
+                    h, state = self._lstm_cut(per_session[:, i], state, cut_at[i], field_grid)
                 hidden.append(h)
             y = torch.stack(hidden, dim=1).flatten(0, 1)
         for i in reversed(range(len(self.down))):
@@ -232,6 +248,26 @@ class SpineNet(nn.Module):
         if point_heads:
             outputs["trunk"] = trunk.unflatten(0, (b, k))
         return outputs, state
+
+    def _lstm_cut(self, features: torch.Tensor, state, offset: Sequence[int], field_grid: Sequence[int] | None):
+        """One ConvLSTM step for a session cut from a larger field: ``features`` (B, C, z, y, x)
+        sit at ``offset`` (coarsest-level voxels) in the field's state."""
+        if state is None:
+            if field_grid is None:
+                raise ValueError("a cut session's first step needs the field_grid of its state")
+            full = features.new_zeros((*features.shape[:2], *field_grid))
+            state = (full, full.clone())
+        h_field, c_field = state
+        region = (slice(None), slice(None), *(slice(int(o), int(o) + n) for o, n in zip(offset, features.shape[2:])))
+        if any(r.stop > n for r, n in zip(region[2:], h_field.shape[2:])):
+            raise ValueError(f"a cut of {tuple(features.shape[2:])} at {tuple(offset)} leaves the state's "
+                             f"field {tuple(h_field.shape[2:])}")
+        h, (h_new, c_new) = self.lstm(features, (h_field[region], c_field[region]))
+        if torch.is_grad_enabled():  # no in-place writes into tensors autograd may need
+            h_field, c_field = h_field.clone(), c_field.clone()
+        h_field[region] = h_new
+        c_field[region] = c_new
+        return h, (h_field, c_field)
 
     def heads_at(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """The heads other than the heatmap at chosen voxels: ``features`` (P, head_width), taken
