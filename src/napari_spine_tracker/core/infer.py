@@ -313,8 +313,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                 else:  # each session on its own field (see session_cuts), paired with the one before there
                     shape, at = cuts
                     x = _as_input([[read(tiles[0], t, at[t], shape) for t in times]], device)
-                    pairs = _as_input([[read(tiles[0], t - 1, at[t], shape) if t else None for t in times]], device,
-                                      missing=x[0, 0, 0])
+                    # the first session pairs with itself, as in the plain call
+                    pairs = _as_input([[read(tiles[0], max(t - 1, 0), at[t], shape) for t in times]], device)
                     outputs, state = net.forward_sessions(
                         x, None, states[0], point_heads=True, pairs=pairs, cut_at=[at[t] // stride for t in times],
                         field_grid=tuple(-(-np.asarray(plan.input_shape) // stride)))
@@ -401,14 +401,10 @@ def _default_max_tile(device) -> tuple[int, int, int]:
     return (64, 384, 384)
 
 
-def _as_input(blocks, device, missing=None):
-    """Nested lists (tiles, sessions) of (Z, Y, X) float32 blocks -> (B, K, 1, Z, Y, X) on
-    ``device``; a None block is ``missing`` (a tensor already there)."""
+def _as_input(blocks, device):
+    """Nested lists (tiles, sessions) of (Z, Y, X) float32 blocks -> (B, K, 1, Z, Y, X) on ``device``."""
     import torch
 
-    if missing is not None and any(block is None for row in blocks for block in row):
-        missing = missing.cpu().numpy()
-        blocks = [[missing if block is None else block for block in row] for row in blocks]
     return torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
 
 
