@@ -113,11 +113,12 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
         votes = np.take_along_axis(votes, front[:, :, None], axis=1)
         weights = np.take_along_axis(weights, front, axis=1)
     # one (n, m) array per axis: reductions over a last axis of 3 were half the linking time
-    axes = [np.ascontiguousarray(votes[:, :, i]) for i in range(3)]
+    axes = [np.ascontiguousarray(votes[:, :, i], dtype=np.float32) for i in range(3)]
+    weights = weights.astype(np.float32)
     for width in widths_um:
         for _ in range(10):
-            d2 = sum((v - mode[:, i : i + 1]) ** 2 for i, v in enumerate(axes))
-            w = weights * np.exp(d2 * (-1 / (2 * width**2)))
+            d2 = sum((v - mode[:, i : i + 1].astype(np.float32)) ** 2 for i, v in enumerate(axes))
+            w = weights * np.exp(d2 * np.float32(-1 / (2 * width**2)))
             total = w.sum(axis=1)
             heard = total > 1e-9
             new = mode.copy()
