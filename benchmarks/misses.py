@@ -57,9 +57,10 @@ def main(argv=None) -> int:
                 matched, found = match_points(pred_um, truth_um, 1.0)
                 hit = np.zeros(len(truth), bool)
                 hit[found] = True
+                truth_tree = cKDTree(truth_um) if len(truth) else None
                 # nearest true neighbour in the same session, and whether it was found
                 if len(truth) > 1:
-                    _, near = cKDTree(truth_um).query(truth_um, k=2)
+                    _, near = truth_tree.query(truth_um, k=2)
                     near = near[:, 1]
                     neighbour_xy = np.hypot(*(truth_um[near, 1:] - truth_um[:, 1:]).T)
                     neighbour_hit = hit[near]
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                     tree = cKDTree(distractors[["z", "y", "x"]].to_numpy() * voxel)
                     to_distractor, which = tree.query(pred_um[false])
                     kind = distractors["kind"].to_numpy()[which]
-                to_spine = cKDTree(truth_um).query(pred_um[false])[0] if len(truth) else np.full(len(false), np.inf)
+                to_spine = truth_tree.query(pred_um[false])[0] if len(truth) else np.full(len(false), np.inf)
                 false_rows.append(pd.DataFrame({"case": case, "to_distractor": to_distractor, "kind": kind,
                                                 "to_spine": to_spine}))
                 centre = np.clip(np.round(truth[["z", "y", "x"]].to_numpy()).astype(int), 0,

@@ -291,6 +291,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     rows: list[np.ndarray] = []
     total, done = len(plan.tiles) * t_count, 0
     stride = np.asarray(net.total_stride)
+    field_grid = tuple(int(n) for n in -(-np.asarray(plan.input_shape) // stride))  # a tile's coarsest level
 
     def read(tile, t: int, at=(0, 0, 0), shape=plan.input_shape):
         """Session ``t`` of ``tile``, from ``at`` (tile voxels), model grid, normalised."""
@@ -317,7 +318,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                     pairs = _as_input([[read(tiles[0], max(t - 1, 0), at[t], shape) for t in times]], device)
                     outputs, state = net.forward_sessions(
                         x, None, states[0], point_heads=True, pairs=pairs, cut_at=[at[t] // stride for t in times],
-                        field_grid=tuple(-(-np.asarray(plan.input_shape) // stride)))
+                        field_grid=field_grid)
                     states = [state]
             if _reduced_precision(device, options) and not torch.isfinite(outputs["heatmap"]).all():
                 raise _NotFinite
