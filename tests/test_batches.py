@@ -143,3 +143,80 @@ def test_the_loss_at_the_centres_equals_the_loss_over_dense_targets():
         mask = dense[mask_name] * session
         expected = ((outputs[name] - dense[name]).abs() * mask).sum() / mask.sum().clamp(min=1.0)
         assert parts[name] == pytest.approx(float(expected), rel=1e-5), name
+
+
+def test_hard_negatives_weigh_the_negative_term_at_their_place_only():
+    from napari_spine_tracker.core.targets import negative_weights
+
+    sessions = [SessionPoints(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), np.array([[4.0, 8.5, 8.5]])),
+                SessionPoints.empty()]
+    into = np.empty((2, 1, 8, 8, 8), np.float32)
+    weights = negative_weights(sessions, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2), 5.0, into)
+    # the point lies exactly on output voxel (4, 4, 4): full weight there, falling off around it
+    assert weights[0, 0, 4, 4, 4] == pytest.approx(5.0)
+    assert 1.0 < weights[0, 0, 4, 4, 5] < 5.0 and 1.0 < weights[0, 0, 5, 4, 4] < 5.0
+    assert weights[0, 0, 0, 0, 0] == pytest.approx(1.0, abs=1e-3) and np.all(weights[1] == 1.0)
+    assert weights.min() >= 1.0
+
+
+def test_a_batch_carries_negative_weights_only_when_asked():
+    patches = _patches(np.random.default_rng(3))
+    negatives = [(image, [SessionPoints(p.zyx, p.displacement_um, p.radius_um, np.array([[3.0, 6.5, 6.5]]))
+                          for p in points], mask) for image, points, mask in patches]
+    plain = make_batch(negatives, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
+    weighted = make_batch(negatives, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2), negative_weight=3.0)
+    assert "negative_weight" not in plain
+    assert weighted["negative_weight"].shape == weighted["heatmap"].shape
+    assert weighted["negative_weight"].max() == pytest.approx(3.0)
+    for name, value in plain.items():  # nothing else changes
+        np.testing.assert_array_equal(weighted[name], value, err_msg=name)
+
+
+def test_the_negative_weight_scales_the_negative_loss_voxel_by_voxel():
+    import torch
+
+    from napari_spine_tracker.core.train import compute_loss
+
+    rng = np.random.default_rng(4)
+    patches = _patches(rng)
+    batch = {k: torch.from_numpy(v) for k, v in make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
+    outputs = {name: torch.from_numpy(rng.normal(size=(3, 2, c, 8, 8, 8)).astype(np.float32))
+               for name, c in (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    _, plain = compute_loss(outputs, batch)
+    _, ones = compute_loss(outputs, {**batch, "negative_weight": torch.ones_like(batch["heatmap"])})
+    assert ones == plain
+    # one background voxel of a labelled session weighted 10x: the focal loss grows by 9x its term
+    b, t = map(int, np.argwhere(batch["labelled"].numpy() > 0)[0])
+    voxel = (b, t, 0, *map(int, np.argwhere(batch["heatmap"][b, t, 0].numpy() == 0)[0]))
+    weight = torch.ones_like(batch["heatmap"])
+    weight[voxel] = 10.0
+    _, weighted = compute_loss(outputs, {**batch, "negative_weight": weight})
+    logit = outputs["heatmap"][voxel]
+    term = -torch.nn.functional.logsigmoid(-logit) * torch.sigmoid(logit) ** 2
+    n_pos = float((batch["heatmap"] >= 1.0).float().mul(batch["labelled"][:, :, None, None, None, None]).sum())
+    assert weighted["focal"] - plain["focal"] == pytest.approx(9 * float(term) / n_pos, rel=1e-4)
+    assert {k: v for k, v in weighted.items() if k != "focal"} == {k: v for k, v in plain.items() if k != "focal"}
+
+
+def test_patches_carry_the_series_distractors_where_the_image_has_them():
+    """A distractor is a bright voxel here; through the crop, flips and swaps of many patches it
+    stays on the patch's brightest voxel."""
+    image = np.zeros((3, 16, 40, 40), np.float16)
+    spots = np.array([[7.0, 20.0, 23.0], [8.0, 21.0, 22.0], [6.0, 19.0, 21.0]])  # one per session (drifting)
+    for t, (z, y, x) in enumerate(spots.astype(int)):
+        image[t, z, y, x] = 1.0
+    labels = pd.DataFrame({"track_id": [1, 1, 1], "t": [0, 1, 2], "z": spots[:, 0], "y": spots[:, 1] + 4,
+                           "x": spots[:, 2], "radius_um": np.nan})
+    series = PreparedSeries(image, labels, drift_vox=spots - spots[0], labelled=np.ones(3, bool),
+                            distractors=[s[None] for s in spots])
+    rng = np.random.default_rng(5)
+    seen = 0
+    for _ in range(20):
+        patch, points, _ = sample_patch(series, rng, PatchOptions(shape=(8, 16, 16), sessions=2, jitter_um=0.0),
+                                        VOXEL)
+        for t, p in enumerate(points):
+            if len(p.negatives):
+                seen += 1
+                brightest = np.unravel_index(np.argmax(patch[t, 0]), patch.shape[2:])
+                assert brightest == tuple(np.round(p.negatives[0]).astype(int))
+    assert seen > 10

@@ -370,3 +370,35 @@ def test_patches_of_turned_sessions_follow_the_turn():
     assert turned.max() < 1.0, turned
     # by translation alone, patches away from the centre are off by the turn there
     assert shifted.max() > 1.5 and np.median(shifted) > np.median(turned) + 0.5, (shifted, turned)
+
+
+def test_pool_series_carry_their_distractors_onto_the_model_grid():
+    from napari_spine_tracker.core.synth import synthesize_series
+    from napari_spine_tracker.core.train import DEFAULT_NORMALIZATION, MODEL_VOXEL_UM, SyntheticPool
+
+    pool = SyntheticPool(1, MODEL_VOXEL_UM, DEFAULT_NORMALIZATION, seed=3,
+                         patch=PatchOptions(shape=(8, 32, 32), sessions=2), realistic_fraction=1.0,
+                         presets=(("crowded", 1.0),))
+    seed = pool.next_seed
+    pool.fill()
+    series = pool.series[0]
+    synth = synthesize_series(pool.sized_config(seed))
+    assert len(series.distractors) == series.image.shape[0]
+    assert sum(len(d) for d in series.distractors) == len(synth.distractors) > 0
+    first = synth.distractors[synth.distractors["t"] == 0][["z", "y", "x"]].to_numpy()
+    scale = np.asarray(synth.voxel_size_um) / np.asarray(MODEL_VOXEL_UM)
+    np.testing.assert_allclose(series.distractors[0], (first + 0.5) * scale - 0.5)
+
+
+@pytest.mark.slow
+def test_training_with_hard_negatives_records_them(tmp_path):
+    path = train_model(tiny_options(tmp_path / "m.pt", hard_negative_weight=4.0, realistic_fraction=1.0,
+                                    presets=(("crowded", 1.0),)))
+    training = load_checkpoint(path)["training"]
+    assert "negative term weighted 4x at their boutons and varicosities" in training["synthetic_seeds"]
+
+
+@pytest.mark.parametrize("value", [0.5, float("nan")])
+def test_a_hard_negative_weight_below_one_is_refused(tmp_path, value):
+    with pytest.raises(InputError, match="--hard-negative-weight must be a number of at least 1"):
+        train_model(TrainOptions(out=tmp_path / "m.pt", hard_negative_weight=value))

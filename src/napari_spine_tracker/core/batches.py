@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .intensity import DEFAULT_NORMALIZATION, grid_scale, normalize, read_resampled, session_range
-from .targets import SessionPoints, point_targets
+from .targets import SessionPoints, negative_weights, point_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class PreparedSeries:
     # patch is then placed where the motion puts the patch centre (None: drift_vox alone)
     motion: Any = None
     scale: np.ndarray | None = None
+    # known look-alikes that are not spines (the synthetic engine's boutons and varicosities), each
+    # session's (M, 3) model-grid voxels; None where nobody knows (user data)
+    distractors: list[np.ndarray] | None = None
     # each session's labels as arrays (patches are cut many times per series; pandas indexing
     # was a sixth of the time to prepare a batch)
     by_session: list[_SessionLabels] = field(init=False, repr=False)
@@ -60,12 +63,14 @@ class _SessionLabels:
 
 def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, model_voxel_um: Sequence[float],
                    normalization: dict = DEFAULT_NORMALIZATION, labelled_sessions: Sequence[int] | None = None,
-                   drift_vox: np.ndarray | None = None, name: str = "", motion=None) -> PreparedSeries:
+                   drift_vox: np.ndarray | None = None, name: str = "", motion=None,
+                   distractors: pd.DataFrame | None = None) -> PreparedSeries:
     """Resample ``image`` (T, Z, Y, X) to the model grid, normalise it, and map the labels.
 
     ``labels`` is a spine table in native voxels (``head_radius_um`` used when present);
     ``drift_vox`` is in native voxels (see core/register.py), or ``motion`` (a ``RigidMotion``,
-    which replaces it); ``labelled_sessions`` defaults to all.
+    which replaces it); ``labelled_sessions`` defaults to all. ``distractors`` (t, z, y, x in
+    native voxels, as ``SynthSeries.distractors``) are kept as hard negatives.
     """
     if motion is not None:
         drift_vox = motion.drift_vox
@@ -78,8 +83,10 @@ def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, 
         session = np.asarray(image[t])
         block = read_resampled(session, (0, 0, 0), model_shape, scale, fill=float(np.median(session)))
         out[t] = normalize(block, session_range(session, normalization))
-    zyx = labels[["z", "y", "x"]].to_numpy(np.float64)
-    mapped = (zyx + 0.5) * np.asarray(scale) - 0.5
+    def to_model_grid(table):
+        return (table[["z", "y", "x"]].to_numpy(np.float64) + 0.5) * np.asarray(scale) - 0.5
+
+    mapped = to_model_grid(labels)
     radius = (labels["head_radius_um"].to_numpy(np.float64) if "head_radius_um" in labels
               else np.full(len(labels), np.nan))
     table = pd.DataFrame({"track_id": labels["track_id"].to_numpy(), "t": labels["t"].to_numpy(),
@@ -88,8 +95,12 @@ def prepare_series(image, voxel_size_um: Sequence[float], labels: pd.DataFrame, 
     labelled = np.zeros(t_count, bool)
     labelled[list(range(t_count)) if labelled_sessions is None else list(labelled_sessions)] = True
     turned = motion is not None and motion.rotated
+    negatives = None
+    if distractors is not None:
+        where, at = to_model_grid(distractors), distractors["t"].to_numpy()
+        negatives = [where[at == t] for t in range(t_count)]
     return PreparedSeries(out, table, drift, labelled, name, motion=motion if turned else None,
-                          scale=np.asarray(scale, float) if turned else None)
+                          scale=np.asarray(scale, float) if turned else None, distractors=negatives)
 
 
 @dataclass
@@ -161,7 +172,11 @@ def sample_patch(series: PreparedSeries, rng: np.random.Generator, options: Patc
         previous = (rows.track_id, zyx) if is_labelled else None
         labelled.append(is_labelled)
         if is_labelled:
-            points.append(SessionPoints(zyx[inside], disp[inside], rows.radius_um[inside]))
+            negatives = np.zeros((0, 3))
+            if series.distractors is not None:
+                negatives = series.distractors[t] - origin
+                negatives = negatives[np.all((negatives > -1) & (negatives < shape), axis=1)]
+            points.append(SessionPoints(zyx[inside], disp[inside], rows.radius_um[inside], negatives))
         else:
             points.append(SessionPoints.empty())
     if options.augment:
@@ -186,17 +201,19 @@ def augment(image: np.ndarray, points: list[SessionPoints], rng: np.random.Gener
     gain, offset, gamma and extra noise. ``image`` (T, 1, Z, Y, X) float32; changed in place
     unless a flip or swap makes a new array."""
     shape = np.asarray(image.shape[2:])
-    pts = [SessionPoints(p.zyx.copy(), p.displacement_um.copy(), p.radius_um) for p in points]
+    pts = [SessionPoints(p.zyx.copy(), p.displacement_um.copy(), p.radius_um, p.negatives.copy()) for p in points]
     for axis in range(3):
         if rng.random() < 0.5:
             image = np.flip(image, axis=2 + axis)
             for p in pts:
                 p.zyx[:, axis] = shape[axis] - 1 - p.zyx[:, axis]
+                p.negatives[:, axis] = shape[axis] - 1 - p.negatives[:, axis]
                 p.displacement_um[:, axis] *= -1
     if rng.random() < 0.5 and shape[1] == shape[2]:
         image = np.swapaxes(image, 3, 4)
         for p in pts:
             p.zyx[:, [1, 2]] = p.zyx[:, [2, 1]]
+            p.negatives[:, [1, 2]] = p.negatives[:, [2, 1]]
             p.displacement_um[:, [1, 2]] = p.displacement_um[:, [2, 1]]
     image = np.ascontiguousarray(image, dtype=np.float32)
     for t in range(image.shape[0]):
@@ -213,15 +230,20 @@ def augment(image: np.ndarray, points: list[SessionPoints], rng: np.random.Gener
     return image, pts
 
 
-def make_batch(patches, out_shape, stride, output_voxel_um):
+def make_batch(patches, out_shape, stride, output_voxel_um, negative_weight: float = 1.0):
     """Patches as one batch of numpy arrays: ``image`` (B, T, 1, Z, Y, X), ``heatmap`` (B, T, 1,
     Z', Y', X'), ``labelled`` (B, T), and the other targets at the centres (see
     :func:`~napari_spine_tracker.core.targets.point_targets`), ``centre`` (N, 5) holding b, t, z,
-    y, x."""
+    y, x. With ``negative_weight`` other than 1, also ``negative_weight`` (B, T, 1, Z', Y', X'):
+    the heatmap's negative term weighted up to that at the patches' hard negatives (see
+    :func:`~napari_spine_tracker.core.targets.negative_weights`)."""
     b, t = len(patches), patches[0][0].shape[0]
     heatmap = np.zeros((b, t, 1, *out_shape), np.float32)
+    weights = np.empty_like(heatmap) if negative_weight != 1.0 else None
     points = []
     for i, (_, sessions, _) in enumerate(patches):
+        if weights is not None:
+            negative_weights(sessions, out_shape, stride, output_voxel_um, negative_weight, weights[i])
         rows = point_targets(sessions, out_shape, stride, output_voxel_um, heatmap[i])
         rows["centre"] = np.concatenate([np.full((len(rows["centre"]), 1), i), rows["centre"]], axis=1)
         points.append(rows)
@@ -229,4 +251,6 @@ def make_batch(patches, out_shape, stride, output_voxel_um):
     batch["heatmap"] = heatmap
     batch["image"] = np.stack([image for image, _, _ in patches])
     batch["labelled"] = np.stack([mask for _, _, mask in patches]).astype(np.float32)
+    if weights is not None:
+        batch["negative_weight"] = weights
     return batch

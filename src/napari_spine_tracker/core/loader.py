@@ -38,7 +38,7 @@ class BatchStream(IterableDataset):
 
 
 #: the batch's large arrays, carried in float16 (the targets at the centres are few: float32)
-COMPACT = ("image", "heatmap")
+COMPACT = ("image", "heatmap", "negative_weight")
 
 
 def worker_batches(make_source: Callable, workers: int, pin_memory: bool) -> Iterator[dict[str, torch.Tensor]]:

@@ -7,11 +7,13 @@ the input grid divided by ``stride``. Output voxel ``i`` covers input ``(i + 0.5
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 HEATMAP_SIGMA_UM = (0.5, 0.2, 0.2)
+#: reach of a hard negative's extra weight (see :func:`negative_weights`): about a bouton's body
+NEGATIVE_SIGMA_UM = (0.6, 0.3, 0.3)
 
 
 @dataclass
@@ -21,6 +23,9 @@ class SessionPoints:
     zyx: np.ndarray  # (N, 3) input-grid voxels
     displacement_um: np.ndarray  # (N, 3) position in previous session minus here, µm; NaN if absent
     radius_um: np.ndarray  # (N,) head radius, NaN if unknown
+    # (M, 3) input-grid voxels of known look-alikes that are not spines (axon boutons, shaft
+    # varicosities of the synthetic engine): hard negatives
+    negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
     @classmethod
     def empty(cls) -> SessionPoints:
@@ -85,26 +90,54 @@ def point_targets(sessions: list[SessionPoints], out_shape: tuple[int, int, int]
     }
 
 
+def negative_weights(sessions: list[SessionPoints], out_shape: tuple[int, int, int], stride: tuple[int, int, int],
+                     output_voxel_um: tuple[float, float, float], weight: float, into: np.ndarray,
+                     sigma_um: tuple[float, float, float] = NEGATIVE_SIGMA_UM) -> np.ndarray:
+    """Per-voxel weights of the heatmap's negative term, written into ``into`` (T, 1, Z', Y', X'):
+    1 everywhere, rising to ``weight`` at each session's ``negatives`` (a Gaussian bump of
+    ``sigma_um``), so that a look-alike the engine knows is not a spine costs more when it is
+    called one. Near a true spine the focal loss's own ``(1 - heatmap) ** 4`` factor still rules."""
+    into[:] = 0.0
+    for t, pts in enumerate(sessions):
+        for c in _output_coordinates(pts.negatives, stride):
+            _draw_bump(into[t, 0], c, out_shape, output_voxel_um, sigma_um)
+    into *= np.float32(weight - 1.0)
+    into += np.float32(1.0)
+    return into
+
+
+def _output_coordinates(zyx: np.ndarray, stride) -> np.ndarray:
+    """Input-grid voxels -> output-grid coordinates (see core/decode.py)."""
+    return (np.asarray(zyx, np.float64).reshape(-1, 3) + 0.5) / np.asarray(stride, np.float64) - 0.5
+
+
+def _draw_bump(volume: np.ndarray, c: np.ndarray, out_shape, output_voxel_um, sigma_um) -> np.ndarray | None:
+    """Raise ``volume`` (Z', Y', X') to a unit Gaussian bump of ``sigma_um`` at output-grid
+    coordinates ``c`` (a pointwise maximum); returns the nearest voxel, or None (nothing drawn)
+    if that voxel is outside the grid."""
+    voxel = np.floor(c + 0.5).astype(int)
+    if np.any(voxel < 0) or np.any(voxel >= out_shape):
+        return None
+    sigma_vox = np.asarray(sigma_um, np.float64) / np.asarray(output_voxel_um, np.float64)
+    reach = np.ceil(3 * sigma_vox).astype(int)
+    lo = np.maximum(voxel - reach, 0)
+    hi = np.minimum(voxel + reach + 1, out_shape)
+    grids = [np.arange(a, b) for a, b in zip(lo, hi)]
+    g = [np.exp(-((grid - cc) ** 2) / (2 * s**2)) for grid, cc, s in zip(grids, c, sigma_vox)]
+    bump = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+    region = volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    np.maximum(region, bump.astype(np.float32), out=region)
+    return voxel
+
+
 def _centres(sessions, out_shape, stride, output_voxel_um, sigma_um, heatmap):
     """Draw each point's Gaussian bump into ``heatmap`` (T, 1, Z', Y', X') and yield, in order,
     ``(t, centre voxel, offset, radius_um, displacement_um)`` of the points inside the grid."""
-    stride_a = np.asarray(stride, np.float64)
-    vox = np.asarray(output_voxel_um, np.float64)
-    sigma_vox = np.asarray(sigma_um, np.float64) / vox
-    reach = np.ceil(3 * sigma_vox).astype(int)
     for t, pts in enumerate(sessions):
-        centres = (np.asarray(pts.zyx, np.float64).reshape(-1, 3) + 0.5) / stride_a - 0.5  # output-grid coordinates
-        for n, c in enumerate(centres):
-            voxel = np.floor(c + 0.5).astype(int)
-            if np.any(voxel < 0) or np.any(voxel >= out_shape):
+        for n, c in enumerate(_output_coordinates(pts.zyx, stride)):
+            voxel = _draw_bump(heatmap[t, 0], c, out_shape, output_voxel_um, sigma_um)
+            if voxel is None:
                 continue
-            lo = np.maximum(voxel - reach, 0)
-            hi = np.minimum(voxel + reach + 1, out_shape)
-            grids = [np.arange(a, b) for a, b in zip(lo, hi)]
-            g = [np.exp(-((grid - cc) ** 2) / (2 * s**2)) for grid, cc, s in zip(grids, c, sigma_vox)]
-            bump = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
-            region = heatmap[t, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            np.maximum(region, bump.astype(np.float32), out=region)
             z, y, x = voxel
             heatmap[t, 0, z, y, x] = 1.0
             radius = pts.radius_um[n] if len(pts.radius_um) else np.nan

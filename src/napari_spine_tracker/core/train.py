@@ -76,6 +76,9 @@ class TrainOptions:
     presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS
     #: of the realistic presets' series: rendered at coarser voxels (COARSE_VOXEL_UM) than their own
     coarse_fraction: float = 0.0
+    #: weight of the heatmap's negative term at the synthetic engine's look-alikes (axon boutons,
+    #: shaft varicosities), against 1 elsewhere; 1 trains as before
+    hard_negative_weight: float = 1.0
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -94,7 +97,7 @@ class TrainOptions:
         """Options from the ``train`` command line; flags left out keep the defaults."""
         given = {name: getattr(args, name, None) for name in
                  ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
-                  "realistic_fraction", "coarse_fraction", "workers")}
+                  "realistic_fraction", "coarse_fraction", "hard_negative_weight", "workers")}
         if getattr(args, "presets", None):
             given["presets"] = parse_presets(args.presets)
         if getattr(args, "val_series", None) is not None:
@@ -229,24 +232,28 @@ class SyntheticPool:
             config = SynthConfig.random(seed)
         return config
 
+    def sized_config(self, seed: int):
+        """:meth:`config`, sized for patches: enough native voxels for a patch plus room to move it
+        around (at this draw's voxel size), and a session more than a patch holds."""
+        config = self.config(seed)
+        room = np.asarray(self.patch.shape) + np.asarray([8, 48, 48])
+        native = np.ceil(room * np.asarray(self.model_voxel_um) / np.asarray(config.voxel_size_um))
+        return config.replace(sessions=max(self.patch.sessions + 1, 4), shape=tuple(int(n) for n in native))
+
     def _make(self) -> PreparedSeries:
         from .synth import synthesize_series
 
         seed = self.next_seed
         self.next_seed += 1
-        config = self.config(seed)
-        # enough native voxels for a patch plus room to move it around, at this draw's voxel size
-        room = np.asarray(self.patch.shape) + np.asarray([8, 48, 48])
-        native = np.ceil(room * np.asarray(self.model_voxel_um) / np.asarray(config.voxel_size_um))
-        config = config.replace(sessions=max(self.patch.sessions + 1, 4), shape=tuple(int(n) for n in native))
-        synth = synthesize_series(config)
+        synth = synthesize_series(self.sized_config(seed))
         # the true motion, turns included (a preset such as `rotated` turns its sessions about the
         # field centre), so that each session's patch is cut where the spines went
         voxel = np.asarray(synth.voxel_size_um, float)
         motion = RigidMotion(synth.drift_um / voxel, np.radians(synth.rotation_deg),
                              0.5 * (np.asarray(synth.image.shape[1:], float) - 1), voxel)
         return prepare_series(synth.image, synth.voxel_size_um, synth.truth, self.model_voxel_um,
-                              self.normalization, motion=motion, name=f"synth-{seed}")
+                              self.normalization, motion=motion, name=f"synth-{seed}",
+                              distractors=synth.distractors)
 
 
 @dataclass
@@ -270,6 +277,7 @@ class _SourceSpec:
     stride: tuple
     out_voxel_um: tuple
     refresh_every: int
+    hard_negative_weight: float = 1.0
 
 
 class BatchSource:
@@ -301,7 +309,7 @@ class BatchSource:
                    for _ in range(spec.batch_size)]
         sessions = min(p[0].shape[0] for p in patches)
         patches = [(img[:sessions], pts[:sessions], lab[:sessions]) for img, pts, lab in patches]
-        arrays = make_batch(patches, spec.out_shape, spec.stride, spec.out_voxel_um)
+        arrays = make_batch(patches, spec.out_shape, spec.stride, spec.out_voxel_um, spec.hard_negative_weight)
         self.count += 1
         if self.pool.series and self.count % spec.refresh_every == 0:
             self.pool.refresh()
@@ -372,7 +380,8 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
     """CenterNet focal loss on the heatmap; L1 on offset, displacement (µm) and size (µm).
 
     Sessions not labelled (``batch["labelled"]`` 0) contribute nothing: an unmarked spot there
-    is not a negative.
+    is not a negative. ``batch["negative_weight"]``, when present, weights the negative term
+    voxel by voxel (hard negatives, see :func:`~napari_spine_tracker.core.targets.negative_weights`).
     """
     import torch
     from torch.nn import functional as F
@@ -382,6 +391,8 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
     gt = batch["heatmap"]
     pos = (gt >= 1.0).float() * session
     neg = (1 - (gt >= 1.0).float()) * session
+    if "negative_weight" in batch:
+        neg = neg * batch["negative_weight"]
     p = torch.sigmoid(logits)
     pos_loss = -(F.logsigmoid(logits) * (1 - p) ** 2 * pos).sum()
     neg_loss = -(F.logsigmoid(-logits) * p**2 * (1 - gt) ** 4 * neg).sum()
@@ -557,6 +568,9 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
     for name in ("realistic_fraction", "coarse_fraction", "synthetic_fraction"):
         if getattr(options, name) is not None:
             check_fraction(getattr(options, name), name)
+    if not (np.isfinite(options.hard_negative_weight) and options.hard_negative_weight >= 1.0):
+        raise InputError(f"--hard-negative-weight must be a number of at least 1 (1: off), "
+                         f"got {options.hard_negative_weight}.")
     run = _Run(options, progress, should_stop, on_log)
     try:
         run.loop()
@@ -602,7 +616,7 @@ class _Run:
             batch_size=self.batch_size,
             out_shape=tuple(int(n // s) for n, s in zip(options.patch.shape, stride)), stride=tuple(stride),
             out_voxel_um=tuple(v * s for v, s in zip(self.model_voxel, stride)),
-            refresh_every=options.pool_refresh_every)
+            refresh_every=options.pool_refresh_every, hard_negative_weight=options.hard_negative_weight)
         self.workers = options.workers if options.workers is not None else default_workers(self.device, self.dist.world)
         if not 0 <= self.workers <= MAX_WORKERS:
             raise InputError(f"--workers must be between 0 and {MAX_WORKERS}, got {self.workers}.")
@@ -827,8 +841,10 @@ class _Run:
             which = "one of " + ", ".join(f"{name} (weight {w:g})" for name, w in presets)
         coarse = (f" (a share {self.options.coarse_fraction} of them at voxels z {COARSE_VOXEL_UM['z']}, "
                   f"y x {COARSE_VOXEL_UM['yx']} µm)" if self.options.coarse_fraction else "")
+        hard = (f"; the heatmap's negative term weighted {self.options.hard_negative_weight:g}x at their "
+                f"boutons and varicosities" if self.options.hard_negative_weight != 1.0 else "")
         return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
-                f"SynthConfig.preset({which}, n){coarse}")
+                f"SynthConfig.preset({which}, n){coarse}{hard}")
 
     def close(self) -> None:
         from .devices import free_memory
