@@ -7,8 +7,10 @@
 #             with the time per stage (benchmarks/profile_detect.py)
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
-#             synthetic presets (`train --presets`); CONTROL=1 trains a second model beside it with
-#             the default mix and the same seed (control.log, control.pt), the workers shared;
+#             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
+#             the engine's boutons and varicosities (`train --hard-negative-weight`); CONTROL=1
+#             trains a second model beside it with neither (the default mix) and the same seed
+#             (control.log, control.pt), the workers shared;
 #             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`);
 #             TRAIN_COARSE renders that share of the preset series at coarser voxels (`train
 #             --coarse-fraction`); TRAIN_INIT starts from another model (a name or a path, default
@@ -39,6 +41,7 @@ TRAIN_COARSE=${TRAIN_COARSE:-}  # e.g. 0.5: half the preset series at coarser vo
 TRAIN_INIT=${TRAIN_INIT:-spinenet-synth}
 TRAIN_LR=${TRAIN_LR:-1e-3}
 CONTROL=${CONTROL:-}
+TRAIN_HARD=${TRAIN_HARD:-}  # e.g. 5: hard negatives at the synthetic boutons and varicosities
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
 REPEAT_XY=${REPEAT_XY:-4}
@@ -84,7 +87,7 @@ finetune() {
 if wants train; then
     workers=$TRAIN_WORKERS
     [ -n "$CONTROL" ] && workers=$(( TRAIN_WORKERS / 2 ))
-    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${CONTROL:+; a control with the default mix beside it}"
+    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_HARD:+, hard negatives x$TRAIN_HARD}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${CONTROL:+; a control with the default mix beside it}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
     train() {  # train OUT_NAME EXTRA_ARGS...
         local name=$1; shift
@@ -94,7 +97,8 @@ if wants train; then
             ${TRAIN_COARSE:+--coarse-fraction "$TRAIN_COARSE"} -q "$@"
     }
     # shellcheck disable=SC2086
-    train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} > "$OUT/train.log" 2>&1 &
+    train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} ${TRAIN_HARD:+--hard-negative-weight "$TRAIN_HARD"} \
+        > "$OUT/train.log" 2>&1 &
     train_pid=$!
     if [ -n "$CONTROL" ]; then
         train control > "$OUT/control.log" 2>&1 &

@@ -356,3 +356,18 @@ def test_rotation_turns_each_session_about_the_field_centre():
     plain = synthesize_series(cfg.replace(rotation_deg=0.0))
     assert not plain.rotation_deg.any()
     np.testing.assert_array_equal(plain.drift_um, series.drift_um)
+
+
+def test_the_noise_free_series_is_the_same_series_before_the_detector():
+    config = SynthConfig.preset("default", seed=3, **SMALL)
+    noisy, clean = synthesize_series(config), synthesize_series(config, noise_free=True)
+    assert clean.image.dtype == np.float32 and clean.image.shape == noisy.image.shape
+    pd.testing.assert_frame_equal(clean.truth, noisy.truth)
+    pd.testing.assert_frame_equal(clean.distractors, noisy.distractors)
+    np.testing.assert_array_equal(clean.drift_um, noisy.drift_um)
+    # the detector turns expected photons into ADU: on average gain x photons + offset, and the
+    # noise averages out over a smoothed neighbourhood (the PMT's low-pass is a weighted mean)
+    expected = clean.image * config.gain_adu_per_photon + config.offset_adu
+    smooth = ndi.uniform_filter(noisy.image.astype(np.float64), 5)
+    assert np.corrcoef(smooth.ravel(), ndi.uniform_filter(expected, 5).ravel())[0, 1] > 0.95
+    assert noisy.image.mean() == pytest.approx(expected.mean(), rel=0.02)

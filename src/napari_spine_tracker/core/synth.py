@@ -364,8 +364,13 @@ def session_counts(truth: pd.DataFrame, sessions: int) -> list[dict]:
              "lost": int(last.get(t - 1, 0)) if t else 0} for t in range(sessions)]
 
 
-def synthesize_series(config: SynthConfig | None = None, **overrides) -> SynthSeries:
-    """Draw and render a synthetic series. ``overrides`` replace fields of ``config`` (default config)."""
+def synthesize_series(config: SynthConfig | None = None, noise_free: bool = False, **overrides) -> SynthSeries:
+    """Draw and render a synthetic series. ``overrides`` replace fields of ``config`` (default config).
+
+    ``noise_free``: the image is each voxel's expected photon count (float32) before the detector,
+    the same series otherwise (what any reader of the image could at best see; see
+    benchmarks/resolvable.py).
+    """
     cfg = (config or SynthConfig()).replace(**overrides)
     seeds = np.random.SeedSequence([cfg.seed, 0x5719]).spawn(3 + cfg.sessions)
     geometry_rng, warp_rng, miss_rng = (np.random.default_rng(s) for s in seeds[:3])
@@ -383,8 +388,8 @@ def synthesize_series(config: SynthConfig | None = None, **overrides) -> SynthSe
     rows = visible & ~missed
     truth = _truth_table(rows, heads_vox, spines)
 
-    image = np.stack([_render_session(cfg, world, warps[t], t, missed[t], np.random.default_rng(seeds[3 + t]))
-                      for t in range(cfg.sessions)])
+    image = np.stack([_render_session(cfg, world, warps[t], t, missed[t], np.random.default_rng(seeds[3 + t]),
+                                      noise_free) for t in range(cfg.sessions)])
 
     lengths = np.array([_length_inside(world, warps[t], voxel, shape) for t in range(cfg.sessions)])
     return SynthSeries(
@@ -454,8 +459,9 @@ def _session_factor(rng: np.random.Generator, fraction: float) -> float:
 
 
 def _render_session(cfg: SynthConfig, world: World, warp: SessionWarp, t: int, missed: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
-    """One session's (Z, Y, X) uint16 image."""
+                    rng: np.random.Generator, noise_free: bool = False) -> np.ndarray:
+    """One session's (Z, Y, X) uint16 image (``noise_free``: float32 expected photons; ``rng`` is
+    the session's own, and the detector its last use, so the rest of the series is the same)."""
     voxel = np.asarray(cfg.voxel_size_um, float)
     brightness = cfg.brightness_photons * _session_factor(rng, cfg.brightness_change_fraction)
     background = cfg.background_photons * _session_factor(rng, cfg.background_change_fraction)
@@ -477,6 +483,8 @@ def _render_session(cfg: SynthConfig, world: World, warp: SessionWarp, t: int, m
         haze_photons=brightness * cfg.haze_fraction, background_photons=background,
         background_variation=cfg.background_variation)
     photons += signal * np.float32(brightness * (1.0 - cfg.haze_fraction))
+    if noise_free:
+        return photons
     return render.detect(rng, photons, gain_adu_per_photon=cfg.gain_adu_per_photon, pmt_gain_cv=cfg.pmt_gain_cv,
                          noise_smoothing_px=cfg.noise_smoothing_px, read_noise_adu=cfg.read_noise_adu,
                          offset_adu=cfg.offset_adu)
