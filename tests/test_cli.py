@@ -173,6 +173,8 @@ def test_train_passes_the_preset_mix_and_refuses_unknown_presets(tmp_path, capsy
     assert "--val-series must be a whole number" in capsys.readouterr().err
     assert main(["train", "--out", out, "--coarse-fraction", "0.3", "-q"]) == 0
     assert seen[-1].coarse_fraction == 0.3 and seen[1].coarse_fraction == 0.0
+    assert main(["train", "--out", out, "--hard-negative-weight", "5", "-q"]) == 0
+    assert seen[-1].hard_negative_weight == 5.0 and seen[1].hard_negative_weight == 1.0
 
 
 def test_detect_without_voxel_size_says_how_to_fix(tmp_path, tiny_checkpoint, capsys):
