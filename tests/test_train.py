@@ -372,9 +372,14 @@ def test_patches_of_turned_sessions_follow_the_turn():
     assert shifted.max() > 1.5 and np.median(shifted) > np.median(turned) + 0.5, (shifted, turned)
 
 
-def test_pool_series_carry_their_distractors_onto_the_model_grid():
+def test_pool_series_carry_their_boutons_onto_the_model_grid():
     from napari_spine_tracker.core.synth import synthesize_series
-    from napari_spine_tracker.core.train import DEFAULT_NORMALIZATION, MODEL_VOXEL_UM, SyntheticPool
+    from napari_spine_tracker.core.train import (
+        DEFAULT_NORMALIZATION,
+        HARD_NEGATIVE_KINDS,
+        MODEL_VOXEL_UM,
+        SyntheticPool,
+    )
 
     pool = SyntheticPool(1, MODEL_VOXEL_UM, DEFAULT_NORMALIZATION, seed=3,
                          patch=PatchOptions(shape=(8, 32, 32), sessions=2), realistic_fraction=1.0,
@@ -383,9 +388,12 @@ def test_pool_series_carry_their_distractors_onto_the_model_grid():
     pool.fill()
     series = pool.series[0]
     synth = synthesize_series(pool.sized_config(seed))
+    assert HARD_NEGATIVE_KINDS == ("bouton",)
+    boutons = synth.distractors[synth.distractors["kind"] == "bouton"]
     assert len(series.distractors) == series.image.shape[0]
-    assert sum(len(d) for d in series.distractors) == len(synth.distractors) > 0
-    first = synth.distractors[synth.distractors["t"] == 0][["z", "y", "x"]].to_numpy()
+    assert sum(len(d) for d in series.distractors) == len(boutons) > 0
+    assert len(boutons) < len(synth.distractors)  # the varicosities are left out
+    first = boutons[boutons["t"] == 0][["z", "y", "x"]].to_numpy()
     scale = np.asarray(synth.voxel_size_um) / np.asarray(MODEL_VOXEL_UM)
     np.testing.assert_allclose(series.distractors[0], (first + 0.5) * scale - 0.5)
 
@@ -395,7 +403,7 @@ def test_training_with_hard_negatives_records_them(tmp_path):
     path = train_model(tiny_options(tmp_path / "m.pt", hard_negative_weight=4.0, realistic_fraction=1.0,
                                     presets=(("crowded", 1.0),)))
     training = load_checkpoint(path)["training"]
-    assert "negative term weighted 4x at their boutons and varicosities" in training["synthetic_seeds"]
+    assert training["synthetic_seeds"].endswith("the heatmap's negative term weighted 4x at their boutons")
 
 
 @pytest.mark.parametrize("value", [0.5, float("nan")])

@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the realistic presets' series rendered at coarser voxels (z 0.5-1.5 µm, y x "
                         "0.1-0.25 µm) than their 0.5 x 0.1 x 0.1 µm (default 0)")
     p.add_argument("--hard-negative-weight", type=float,
-                   help="weight of the heatmap's negative term at the synthetic engine's look-alikes (axon "
-                        "boutons, shaft varicosities) against 1 elsewhere (default 1: off)")
+                   help="weight of the heatmap's negative term at the synthetic engine's axon boutons, "
+                        "look-alikes of a spine head, against 1 elsewhere (default 1: off)")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")

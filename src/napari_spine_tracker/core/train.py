@@ -50,6 +50,10 @@ MAX_VALIDATION_SERIES = 500
 REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
 #: (preset, relative weight): the default mix, the realistic presets equally
 DEFAULT_PRESETS = tuple((name, 1.0) for name in REALISTIC_PRESETS)
+#: the synthetic engine's distractors that ``--hard-negative-weight`` weights: axon boutons only.
+#: Shaft varicosities are left out: a bump on the shaft is also what a stubby spine's head looks like
+#: under a wider PSF, and weighting both kinds cost F1 on the second microscope (README, "Hard negatives")
+HARD_NEGATIVE_KINDS = ("bouton",)
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 
 
@@ -76,8 +80,8 @@ class TrainOptions:
     presets: Sequence[tuple[str, float]] = DEFAULT_PRESETS
     #: of the realistic presets' series: rendered at coarser voxels (COARSE_VOXEL_UM) than their own
     coarse_fraction: float = 0.0
-    #: weight of the heatmap's negative term at the synthetic engine's look-alikes (axon boutons,
-    #: shaft varicosities), against 1 elsewhere; 1 trains as before
+    #: weight of the heatmap's negative term at the synthetic engine's look-alikes of a spine head
+    #: (HARD_NEGATIVE_KINDS), against 1 elsewhere; 1 trains as before
     hard_negative_weight: float = 1.0
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
@@ -253,7 +257,7 @@ class SyntheticPool:
                              0.5 * (np.asarray(synth.image.shape[1:], float) - 1), voxel)
         return prepare_series(synth.image, synth.voxel_size_um, synth.truth, self.model_voxel_um,
                               self.normalization, motion=motion, name=f"synth-{seed}",
-                              distractors=synth.distractors)
+                              distractors=synth.distractors[synth.distractors["kind"].isin(HARD_NEGATIVE_KINDS)])
 
 
 @dataclass
@@ -842,7 +846,8 @@ class _Run:
         coarse = (f" (a share {self.options.coarse_fraction} of them at voxels z {COARSE_VOXEL_UM['z']}, "
                   f"y x {COARSE_VOXEL_UM['yx']} µm)" if self.options.coarse_fraction else "")
         hard = (f"; the heatmap's negative term weighted {self.options.hard_negative_weight:g}x at their "
-                f"boutons and varicosities" if self.options.hard_negative_weight != 1.0 else "")
+                f"{' and '.join(k + 's' for k in HARD_NEGATIVE_KINDS)}" if self.options.hard_negative_weight != 1.0
+                else "")
         return (f"{where}: SynthConfig.random(n), or with probability {self.options.realistic_fraction} "
                 f"SynthConfig.preset({which}, n){coarse}{hard}")
 
