@@ -8,7 +8,7 @@
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
-#             the engine's boutons and varicosities (`train --hard-negative-weight`); CONTROL=1
+#             the engine's axon boutons (`train --hard-negative-weight`); CONTROL=1
 #             trains a second model beside it with neither (the default mix) and the same seed
 #             (control.log, control.pt), the workers shared;
 #             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`);
@@ -41,7 +41,7 @@ TRAIN_COARSE=${TRAIN_COARSE:-}  # e.g. 0.5: half the preset series at coarser vo
 TRAIN_INIT=${TRAIN_INIT:-spinenet-synth}
 TRAIN_LR=${TRAIN_LR:-1e-3}
 CONTROL=${CONTROL:-}
-TRAIN_HARD=${TRAIN_HARD:-}  # e.g. 5: hard negatives at the synthetic boutons and varicosities
+TRAIN_HARD=${TRAIN_HARD:-}  # e.g. 5: hard negatives at the synthetic axon boutons
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
 REPEAT_XY=${REPEAT_XY:-4}
