@@ -123,17 +123,25 @@ def test_a_batch_without_spines_has_no_centres():
     assert not batch["heatmap"].any()
 
 
+def _batch_and_outputs(seed: int):
+    """Random patches, their batch as tensors, and random network outputs of the batch's shape."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    patches = _patches(rng)
+    batch = {k: torch.from_numpy(v) for k, v in make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
+    outputs = {name: torch.from_numpy(rng.normal(size=(3, 2, c, 8, 8, 8)).astype(np.float32))
+               for name, c in (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    return patches, batch, outputs
+
+
 def test_the_loss_at_the_centres_equals_the_loss_over_dense_targets():
     """compute_loss reads the heads at the centres; the dense masked mean it replaced gives the same."""
     import torch
 
     from napari_spine_tracker.core.train import compute_loss
 
-    rng = np.random.default_rng(2)
-    patches = _patches(rng)
-    batch = {k: torch.from_numpy(v) for k, v in make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
-    outputs = {name: torch.from_numpy(rng.normal(size=(3, 2, c, 8, 8, 8)).astype(np.float32))
-               for name, c in (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    patches, batch, outputs = _batch_and_outputs(2)
     _, parts = compute_loss(outputs, batch)
     dense = {name: torch.from_numpy(np.stack([make_targets(p, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))[name]
                                               for _, p, _ in patches]))
@@ -177,11 +185,7 @@ def test_the_negative_weight_scales_the_negative_loss_voxel_by_voxel():
 
     from napari_spine_tracker.core.train import compute_loss
 
-    rng = np.random.default_rng(4)
-    patches = _patches(rng)
-    batch = {k: torch.from_numpy(v) for k, v in make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2)).items()}
-    outputs = {name: torch.from_numpy(rng.normal(size=(3, 2, c, 8, 8, 8)).astype(np.float32))
-               for name, c in (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    _, batch, outputs = _batch_and_outputs(4)
     _, plain = compute_loss(outputs, batch)
     _, ones = compute_loss(outputs, {**batch, "negative_weight": torch.ones_like(batch["heatmap"])})
     assert ones == plain
