@@ -4,7 +4,8 @@
 #   checks    the CUDA paths (benchmarks/gpu_checks.py); the session stops here if training or
 #             detection is broken
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
-#             with the time per stage (benchmarks/profile_detect.py)
+#             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU
+#             and read on the CPU
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -74,8 +75,10 @@ if wants speed; then
     stamp "speed: network alone"
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
-    stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
+    stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on
+    stamp "speed: the same, tiles read on the CPU and copied over"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident off
     stamp "speed: end to end on turned sessions (rotated preset)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --case rotated
 fi

@@ -1,5 +1,6 @@
 """Tiled inference engine: tile geometry, resampling, cancel, out-of-memory retry, devices."""
 
+import dataclasses
 import itertools
 import os
 
@@ -501,3 +502,85 @@ def test_a_turned_session_gives_the_same_spines_through_the_whole_detection():
     assert len(expected) > 10 and abs(len(found) - len(expected)) <= 0.15 * len(expected)
     distance_um, _ = cKDTree(expected * voxel).query(found * voxel)
     assert np.median(distance_um) < 0.2 and (distance_um < 0.5).mean() > 0.85, distance_um
+
+
+def _turned_motion(shape, voxel):
+    from napari_spine_tracker.core.register import RigidMotion
+
+    centre = 0.5 * (np.array(shape[1:], float) - 1)
+    return RigidMotion(np.array([[0, 0, 0], [0.4, 3.2, -2.6], [-0.2, -4.1, 1.7]]), np.radians([0.0, 0.0, 2.5]),
+                       centre, np.asarray(voxel))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize(("voxel", "turned"), [((0.5, 0.1, 0.1), False), ((0.7, 0.13, 0.085), False),
+                                                 ((0.5, 0.1, 0.1), True)])
+def test_a_series_held_on_the_device_gives_the_same_detections(random_model, dtype, voxel, turned):
+    """Tiles cut, resampled and normalised from the series held as a tensor (on a GPU: in its
+    memory) are those read on the CPU: the same detections, to the bit; 16-bit data above 32767
+    (held as int16 bits) included."""
+    rng = np.random.default_rng(11)
+    top = 255 if dtype == np.uint8 else 60000
+    series = (rng.random((3, 10, 70, 80)) * top).astype(dtype)
+    motion = _turned_motion(series.shape, voxel) if turned else None
+    options = InferenceOptions(max_tile=(16, 48, 48), halo=(2, 8, 8))
+    on_cpu = predict_series(series, voxel, random_model, motion=motion,
+                            options=dataclasses.replace(options, resident=False))
+    held = predict_series(series, voxel, random_model, motion=motion,
+                          options=dataclasses.replace(options, resident=True))
+    assert len(on_cpu) > 20
+    np.testing.assert_array_equal(held.to_numpy(float), on_cpu.to_numpy(float))
+
+
+def test_device_sessions_hold_the_stored_form_and_read_like_numpy():
+    from napari_spine_tracker.core.infer import DeviceSessions, _SessionView
+    from napari_spine_tracker.core.intensity import read_resampled_tensor
+
+    data = np.array([[[[0, 1], [32767, 32768]], [[40000, 65535], [7, 8]]]], np.uint16)
+    held = DeviceSessions([_SessionView(data, 0)], torch.device("cpu"))
+    assert held.volumes[0].dtype == torch.int16 and held.volumes[0].element_size() == 2
+    block = held.read(0, (0, 0, 0), (2, 2, 2), (1.0, 1.0, 1.0), fill=-1)
+    np.testing.assert_array_equal(block.numpy(), data[0].astype(np.float32))
+    # a block reaching past the volume, resampled: the NumPy reader's values
+    volume = np.random.default_rng(3).random((6, 20, 30)).astype(np.float32)
+    for origin, shape, scale in [((-2, 5, 25), (8, 8, 12), (1.0, 1.0, 1.0)),
+                                 ((1, -3, 10), (5, 30, 40), (1.2, 1.7, 1.3)),
+                                 ((50, 0, 0), (2, 2, 2), (1.0, 2.0, 2.0))]:
+        held = read_resampled_tensor(torch.from_numpy(volume), origin, shape, scale, -3.0)
+        np.testing.assert_array_equal(held.numpy(), read_resampled(volume, origin, shape, scale, fill=-3.0))
+    # stored size: what decides whether a series is held on a GPU (never on a CPU)
+    assert DeviceSessions.stored_bytes(data, [(2, 2, 2)]) == 16
+    assert DeviceSessions.stored_bytes(np.zeros((1, 2, 2, 2)), [(2, 2, 2)] * 3) == 96  # float64 as float32
+    assert not DeviceSessions.worth_it(data, [(2, 2, 2)], torch.device("cpu"))
+
+
+def test_out_of_memory_with_the_series_held_reads_it_from_where_it_is_first(random_model):
+    from napari_spine_tracker.core.infer import _smaller
+
+    options = InferenceOptions(max_tile=(16, 32, 32), batch_size=2, resident=True)
+    gpu = LoadedModel(random_model.net, torch.device("meta"), random_model.voxel_size_um,
+                      random_model.normalization, random_model.decode)
+    first = _smaller(options, gpu)
+    assert first.resident is False and first.batch_size == 2
+    assert _smaller(first, gpu).batch_size == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_series_held_on_cuda_gives_the_cpu_tiles(random_model):
+    from napari_spine_tracker.core.infer import DeviceSessions, _Frames, _SessionView
+    from napari_spine_tracker.core.register import as_motion
+
+    series = (np.random.default_rng(12).random((3, 10, 70, 80)) * 60000).astype(np.uint16)
+    voxel = (0.5, 0.1, 0.1)
+    assert DeviceSessions.worth_it(series, [series.shape[1:]] * 3, torch.device("cuda"))
+    for motion in (as_motion(None, None, 3, voxel), _turned_motion(series.shape, voxel)):
+        sessions = [_SessionView(series, t) for t in range(3)]
+        held = _Frames(motion, np.ones(3), series.shape[1:], device=torch.device("cuda"),
+                       resident=DeviceSessions(sessions, torch.device("cuda")))
+        plain = _Frames(motion, np.ones(3), series.shape[1:])
+        for t in range(3):
+            block = held.read(sessions[t], t, (-1, -5, 7), (12, 60, 64), fill=3.0)
+            assert block.is_cuda
+            np.testing.assert_allclose(block.cpu().numpy(), plain.read(sessions[t], t, (-1, -5, 7), (12, 60, 64), 3.0),
+                                       atol=1e-3)

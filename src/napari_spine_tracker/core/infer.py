@@ -38,7 +38,15 @@ import pandas as pd
 from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
 from .devices import give_back_free_memory, inference_autocast, reuse_freed_memory
-from .intensity import affine_points_yx, grid_scale, normalize, read_resampled, sample_planes_yx, session_range
+from .intensity import (
+    affine_points_yx,
+    grid_scale,
+    normalize,
+    read_resampled,
+    read_resampled_tensor,
+    sample_planes_yx,
+    session_range,
+)
 from .register import as_motion
 
 log = logging.getLogger(__name__)
@@ -127,6 +135,9 @@ class InferenceOptions:
     precision: str = "float16"  # on CUDA: float16, bfloat16 or float32 (see devices.inference_autocast)
     views: int = 1  # test-time augmentation: 1, 2 or 4 mirror images of each tile (see VIEW_FLIPS)
     cut_sessions: bool = True  # run each session on its own field within the tile (see session_cuts)
+    # hold the series in the device's memory and cut tiles there (see DeviceSessions); None: on a
+    # CUDA device when the series takes at most a quarter of its free memory
+    resident: bool | None = None
 
     def __post_init__(self):
         check_views(self.views)
@@ -151,13 +162,17 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     head_radius_um. ``drift_vox`` (T, 3) native voxels, or ``motion`` (a ``RigidMotion``, with
     rotation; it replaces ``drift_vox``), see core/register.py.
 
-    On CUDA out-of-memory the run starts again with half the batch, then with smaller tiles; if
-    reduced precision gives a result that is not finite, it starts again in float32.
+    On CUDA out-of-memory the run starts again with the series read from where it is (if it was
+    held on the GPU), then with half the batch, then with smaller tiles; if reduced precision gives
+    a result that is not finite, it starts again in float32.
     """
     import torch
 
     options = options or InferenceOptions()
     motion = as_motion(motion, drift_vox, data.shape[0], voxel_size_um)
+    if options.resident is None:
+        shapes = session_shapes if session_shapes is not None else [data.shape[1:]] * data.shape[0]
+        options = dataclasses.replace(options, resident=DeviceSessions.worth_it(data, shapes, model.device))
     while True:
         try:
             with reuse_freed_memory():
@@ -177,7 +192,11 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
 
 
 def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
-    """The next, more frugal options after an out-of-memory error (None: nothing left to shrink)."""
+    """The next, more frugal options after an out-of-memory error (None: nothing left to shrink):
+    the series read from where it is instead of held on the device, then half the batch, then
+    smaller tiles."""
+    if options.resident:
+        return dataclasses.replace(options, resident=False)
     batch = options.batch_size or _default_batch(model.device, options.max_tile or _default_max_tile(model.device))
     tile = options.max_tile or _default_max_tile(model.device)
     if batch > 1:
@@ -189,14 +208,77 @@ def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
     return dataclasses.replace(options, max_tile=halved, batch_size=1)
 
 
+class DeviceSessions:
+    """The sessions of a series held in a device's memory as they are stored (16-bit data stay two
+    bytes a voxel), so that tiles are cut, resampled and normalised there.
+
+    On a GPU, reading each tile on the CPU (a converting copy to float32 and the normalising),
+    stacking the tiles and copying them over took more of an end-to-end run than the network
+    (README: speed); held on the GPU, the series crosses once, in its stored form. Host memory
+    stays at one session at a time, read from wherever the series is (a lazy reader too).
+    """
+
+    def __init__(self, sessions: Sequence, device):
+        self.device = device
+        self.volumes, self.unsigned16 = [], []
+        for session in sessions:
+            self.hold_on_device(np.asarray(session[:, :, :]))
+
+    def hold_on_device(self, raw: np.ndarray) -> None:
+        """Copy one session (Z, Y, X) to the device as stored."""
+        import torch
+
+        unsigned16 = raw.dtype == np.uint16
+        if unsigned16:  # torch before 2.3 has no uint16: its bits travel as int16
+            raw = raw.view(np.int16)
+        elif raw.dtype.kind not in "fiu" or raw.dtype in (np.uint32, np.uint64, np.float64):
+            raw = raw.astype(np.float32)
+        self.volumes.append(torch.from_numpy(np.ascontiguousarray(raw)).to(self.device))
+        self.unsigned16.append(unsigned16)
+
+    @staticmethod
+    def stored_bytes(data, shapes) -> int:
+        """What the sessions take as stored (float64 and 32-bit integers as float32)."""
+        dtype = np.dtype(data.dtype)
+        itemsize = min(dtype.itemsize, 4) if dtype.kind in "fiu" else 4
+        return int(sum(np.prod(s) for s in shapes)) * itemsize
+
+    @staticmethod
+    def worth_it(data, shapes, device, share: float = 0.25) -> bool:
+        """On CUDA, when the stored series takes at most ``share`` of the device's free memory."""
+        import torch
+
+        if device.type != "cuda":
+            return False
+        free, _total = torch.cuda.mem_get_info(device)
+        return DeviceSessions.stored_bytes(data, shapes) <= share * free
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.volumes[0].shape) if self.volumes else ()
+
+    def decoder(self, t: int):
+        """Raw block of session ``t`` -> float32 tensor."""
+        import torch
+
+        if self.unsigned16[t]:
+            return lambda raw: raw.to(torch.int32).bitwise_and_(0xFFFF).float()
+        return lambda raw: raw.float()
+
+    def read(self, t: int, origin, shape, scale, fill: float):
+        """:func:`~napari_spine_tracker.core.intensity.read_resampled` of session ``t``, a float32
+        tensor on the device."""
+        return read_resampled_tensor(self.volumes[t], origin, shape, scale, fill, decode=self.decoder(t))
+
+
 class _Frames:
     """Where session ``t``'s model-grid voxels lie in the reference frame's model grid, and back.
 
     Unturned sessions move by their rounded drift (``shift``, whole model voxels); a turned one
     through its whole motion (see the module docstring)."""
 
-    def __init__(self, motion, scale: np.ndarray, shape, device=None):
-        self.motion, self.scale, self.device = motion, scale, device
+    def __init__(self, motion, scale: np.ndarray, shape, device=None, resident: DeviceSessions | None = None):
+        self.motion, self.scale, self.device, self.resident = motion, scale, device, resident
         self.shift = np.round(motion.drift_vox * scale).astype(int)  # model-grid voxels
         self.turned = [bool(a) for a in motion.angle_rad]
         self.shape = tuple(shape)  # every session's (Z, Y, X), padded to the series'
@@ -217,20 +299,26 @@ class _Frames:
         return self.motion.to_session((model_pos + 0.5) / self.scale - 0.5, t)
 
     def read(self, volume, t: int, origin, shape, fill: float) -> np.ndarray:
-        """The tile at ``origin`` (reference-frame model voxels) of session ``t``, float32."""
+        """The tile at ``origin`` (reference-frame model voxels) of session ``t``, float32 (a tensor
+        on the device when the series is held there)."""
         if not self.turned[t]:
-            return read_resampled(volume, tuple(np.asarray(origin) + self.shift[t]), shape,
-                                  tuple(self.scale), fill=fill)
-        return read_turned(volume, self.motion, t, origin, shape, self.scale, fill, device=self.device)
+            at = tuple(int(o) for o in np.asarray(origin) + self.shift[t])
+            if self.resident is not None:
+                return self.resident.read(t, at, shape, tuple(self.scale), fill)
+            return read_resampled(volume, at, shape, tuple(self.scale), fill=fill)
+        return read_turned(volume, self.motion, t, origin, shape, self.scale, fill, device=self.device,
+                           resident=self.resident)
 
 
-def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, device=None) -> np.ndarray:
+def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, device=None,
+                resident: DeviceSessions | None = None):
     """A block of the reference frame's model grid read from session ``t`` through its rigid
     ``motion``, trilinearly (z is resampled on its own: a turn in y, x leaves it alone, and so
     does ``scale``); only the native region it needs is read, voxels outside get ``fill``.
 
     The y, x planes are sampled together (``intensity.sample_planes_yx``), on ``device`` (the
-    model's: on a GPU the sampling runs there; not yet measured on one).
+    model's: on a GPU the sampling runs there). With the series held on the device
+    (``resident``), the whole block is made there and comes back as a float32 tensor.
     """
     linear = motion.linear_vox(t)
     matrix = linear / np.asarray(scale, float)[None, :]
@@ -240,23 +328,35 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
     bounds = np.asarray(volume.shape)
     lo = np.maximum(np.floor(corners.min(axis=0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 2, bounds)
-    out = np.full(shape, fill, dtype=np.float32)
+    if resident is not None:
+        import torch
+
+        def here(array):
+            return torch.from_numpy(array).to(resident.device)
+        out = torch.full(tuple(shape), float(fill), dtype=torch.float32, device=resident.device)
+    else:
+        def here(array):
+            return array
+        out = np.full(shape, fill, dtype=np.float32)
     if np.any(lo >= hi):
         return out
-    block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+    if resident is not None:
+        block = resident.decoder(t)(resident.volumes[t][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    else:
+        block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
     # z: linear interpolation onto the output planes (the z row of the map is z alone)
     qz = matrix[0, 0] * np.arange(shape[0]) + offset[0]
     z_inside = (qz >= -0.5) & (qz <= bounds[0] - 0.5)
     pz = np.clip(qz, 0, bounds[0] - 1) - lo[0]
     z0 = np.clip(np.floor(pz).astype(np.int64), 0, block.shape[0] - 1)
     z1 = np.minimum(z0 + 1, block.shape[0] - 1)
-    wz = (pz - z0).astype(np.float32)[:, None, None]
-    planes = block[z0] * (1 - wz) + block[z1] * wz
+    wz = here((pz - z0).astype(np.float32)[:, None, None])
+    planes = block[here(z0)] * (1 - wz) + block[here(z1)] * wz
     # y, x: bilinear, the same points in every plane
     qy, qx = affine_points_yx(matrix[1:, 1:], offset[1:], shape[1:])
     result = sample_planes_yx(planes, qy - lo[1], qx - lo[2], padding="border", device=device)
     yx_inside = (qy >= -0.5) & (qy <= bounds[1] - 0.5) & (qx >= -0.5) & (qx <= bounds[2] - 0.5)
-    inside = z_inside[:, None, None] & yx_inside[None]
+    inside = here(z_inside[:, None, None] & yx_inside[None])
     out[inside] = result[inside]
     return out
 
@@ -269,7 +369,9 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     shapes = [tuple(s) for s in session_shapes] if session_shapes is not None else [tuple(data.shape[1:])] * t_count
     scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
     net, device = model.net, model.device
-    frames = _Frames(motion, scale, data.shape[1:], device=device)
+    sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
+    frames = _Frames(motion, scale, data.shape[1:], device=device,
+                     resident=DeviceSessions(sessions, device) if options.resident else None)
     max_tile = options.max_tile or _default_max_tile(device)
     # tile the union of the sessions' fields in the reference frame, so that what drifted into one
     # session's field is analysed too
@@ -283,7 +385,6 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
-    sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
     ranges = [session_range(s, model.normalization) for s in sessions]
     model_vox = np.asarray(model.voxel_size_um)
 
@@ -403,9 +504,13 @@ def _default_max_tile(device) -> tuple[int, int, int]:
 
 
 def _as_input(blocks, device):
-    """Nested lists (tiles, sessions) of (Z, Y, X) float32 blocks -> (B, K, 1, Z, Y, X) on ``device``."""
+    """Nested lists (tiles, sessions) of (Z, Y, X) float32 blocks (NumPy arrays, or tensors where
+    the series is held on the device) -> (B, K, 1, Z, Y, X) on ``device``."""
     import torch
 
+    if any(torch.is_tensor(block) for row in blocks for block in row):
+        return torch.stack([torch.stack([torch.as_tensor(block, device=device) for block in row])
+                            for row in blocks])[:, :, None]
     return torch.from_numpy(np.asarray(blocks, dtype=np.float32)[:, :, None]).to(device)
 
 
