@@ -10,6 +10,8 @@ import logging
 import platform
 import threading
 
+import numpy as np
+
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,26 @@ def inference_autocast(device, precision: str = "float16"):
     if precision not in ("float16", "bfloat16"):
         raise InputError(f"unknown precision {precision!r}; choose float16, bfloat16 or float32.")
     return torch.autocast("cuda", dtype=getattr(torch, precision))
+
+
+def as_stored_on(array, device):
+    """``array`` copied to a torch ``device`` as stored, and a function that turns (a block of)
+    the copy into float32 there: (tensor, to_float).
+
+    16-bit data stay two bytes a voxel (uint16 travels as the bits of int16: torch before 2.3 has
+    no uint16, and later ones barely handle it on a GPU); types torch handles on a GPU only in part
+    (uint32, uint64, float64, bool, ...) travel as float32.
+    """
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.uint16:
+        def to_float(raw):
+            return raw.to(torch.int32).bitwise_and_(0xFFFF).float()
+        return torch.from_numpy(array.view(np.int16)).to(device), to_float
+    if array.dtype not in (np.uint8, np.int8, np.int16, np.int32, np.float16, np.float32):
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).to(device), lambda raw: raw.float()
 
 
 def free_memory(device) -> None:

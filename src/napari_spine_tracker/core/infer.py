@@ -37,7 +37,7 @@ import pandas as pd
 
 from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
-from .devices import give_back_free_memory, inference_autocast, reuse_freed_memory
+from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory
 from .intensity import (
     affine_points_yx,
     grid_scale,
@@ -220,21 +220,15 @@ class DeviceSessions:
 
     def __init__(self, sessions: Sequence, device):
         self.device = device
-        self.volumes, self.unsigned16 = [], []
+        self.volumes, self.decoders = [], []
         for session in sessions:
-            self.hold_on_device(np.asarray(session[:, :, :]))
+            self.hold_on_device(session[:, :, :])
 
-    def hold_on_device(self, raw: np.ndarray) -> None:
+    def hold_on_device(self, raw) -> None:
         """Copy one session (Z, Y, X) to the device as stored."""
-        import torch
-
-        unsigned16 = raw.dtype == np.uint16
-        if unsigned16:  # torch before 2.3 has no uint16: its bits travel as int16
-            raw = raw.view(np.int16)
-        elif raw.dtype.kind not in "fiu" or raw.dtype in (np.uint32, np.uint64, np.float64):
-            raw = raw.astype(np.float32)
-        self.volumes.append(torch.from_numpy(np.ascontiguousarray(raw)).to(self.device))
-        self.unsigned16.append(unsigned16)
+        volume, to_float = as_stored_on(raw, self.device)
+        self.volumes.append(volume)
+        self.decoders.append(to_float)
 
     @staticmethod
     def stored_bytes(data, shapes) -> int:
@@ -257,18 +251,10 @@ class DeviceSessions:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.volumes[0].shape) if self.volumes else ()
 
-    def decoder(self, t: int):
-        """Raw block of session ``t`` -> float32 tensor."""
-        import torch
-
-        if self.unsigned16[t]:
-            return lambda raw: raw.to(torch.int32).bitwise_and_(0xFFFF).float()
-        return lambda raw: raw.float()
-
     def read(self, t: int, origin, shape, scale, fill: float):
         """:func:`~napari_spine_tracker.core.intensity.read_resampled` of session ``t``, a float32
         tensor on the device."""
-        return read_resampled_tensor(self.volumes[t], origin, shape, scale, fill, decode=self.decoder(t))
+        return read_resampled_tensor(self.volumes[t], origin, shape, scale, fill, decode=self.decoders[t])
 
 
 class _Frames:
@@ -341,7 +327,7 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
     if np.any(lo >= hi):
         return out
     if resident is not None:
-        block = resident.decoder(t)(resident.volumes[t][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+        block = resident.decoders[t](resident.volumes[t][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
     else:
         block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
     # z: linear interpolation onto the output planes (the z row of the map is z alone)

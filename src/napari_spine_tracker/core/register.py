@@ -32,6 +32,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from ..errors import Cancelled, InputError, number_or_nan
+from .devices import as_stored_on
 from .intensity import affine_points_yx, sample_planes_yx
 from .metrics import parse_voxel_size
 
@@ -87,14 +88,8 @@ class _TorchFFT:
             self.torch.cuda.empty_cache()
 
     def load(self, volume):
-        array = np.ascontiguousarray(volume)
-        if array.dtype == np.uint16:  # torch's uint16 is barely supported: copy the bits as int16
-            values = self.torch.from_numpy(array.view(np.int16)).to(self.device).float()
-            values[values < 0] += 65536
-            return values
-        if array.dtype not in (np.uint8, np.int16, np.int32, np.float16, np.float32, np.float64):
-            array = array.astype(np.float32)  # types torch handles on a GPU only in part (uint32, ...)
-        return self.torch.from_numpy(array).to(self.device).float()
+        stored, to_float = as_stored_on(volume, self.device)
+        return to_float(stored)
 
     def float32(self, volume):
         return volume.float()
