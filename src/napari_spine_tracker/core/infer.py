@@ -247,10 +247,6 @@ class DeviceSessions:
         free, _total = torch.cuda.mem_get_info(device)
         return DeviceSessions.stored_bytes(data, shapes) <= share * free
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.volumes[0].shape) if self.volumes else ()
-
     def read(self, t: int, origin, shape, scale, fill: float):
         """:func:`~napari_spine_tracker.core.intensity.read_resampled` of session ``t``, a float32
         tensor on the device."""
