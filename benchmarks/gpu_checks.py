@@ -7,6 +7,9 @@
    after the run.
    2b. The same on a series whose sessions are turned (resampled through their motion on the GPU).
    2c. Registration on the GPU (torch.fft) against the CPU (SciPy): time and agreement.
+   2d. A drifting series, its sessions cut to their fields, on the GPU against the CPU.
+   2e. The series held on the GPU (tiles cut there) against tiles read on the CPU and copied
+       over, both on the GPU: the same spines, and the time of each on a 16x larger field.
 3. Out-of-memory recovery: with this process limited to a small share of the GPU's memory, a
    series that does not fit in one batch of tiles is still detected (after retries with smaller
    batches and tiles), with the same result.
@@ -115,6 +118,21 @@ def main(argv=None) -> int:
     same = evaluate_tracks(gpu_drift, cpu_drift, drifting.voxel_size_um, tol_um=0.5)["f1"]
     print(f"[2d] drifting sessions cut to their fields, {args.device} vs cpu: {len(gpu_drift)} vs {len(cpu_drift)} "
           f"detections, F1 {same:.3f} within 0.5 µm{'' if same >= 0.97 else '  FAILED'}")
+
+    # 2e. the series held on the GPU against tiles read on the CPU, on the wide field of 2c
+    from napari_spine_tracker.core.infer import InferenceOptions
+
+    runs = {}
+    for resident in (True, False):
+        options = InferenceOptions(resident=resident)
+        detect_series(series.image[:2], voxel, model=model, options=options)  # warm-up
+        start = time.perf_counter()
+        runs[resident] = (detect_series(wide, voxel, model=model, options=options), time.perf_counter() - start)
+    (held, held_s), (read, read_s) = runs[True], runs[False]
+    same = evaluate_tracks(held, read, voxel, tol_um=0.5)["f1"]
+    print(f"[2e] {wide.shape} on {args.device}, the series held there: {wide.size / held_s / 1e6:.0f} Mvoxel/s "
+          f"end to end; tiles read on the CPU: {wide.size / read_s / 1e6:.0f} Mvoxel/s; {len(held)} vs {len(read)} "
+          f"detections, F1 {same:.3f} within 0.5 µm{'' if same >= 0.99 else '  FAILED'}")
 
     # 3. out-of-memory recovery
     if cuda:
