@@ -410,3 +410,35 @@ def test_training_with_hard_negatives_records_them(tmp_path):
 def test_a_hard_negative_weight_below_one_is_refused(tmp_path, value):
     with pytest.raises(InputError, match="--hard-negative-weight must be a number of at least 1"):
         train_model(TrainOptions(out=tmp_path / "m.pt", hard_negative_weight=value))
+
+
+def test_the_loop_imports_nothing_of_ours_once_it_runs(tmp_path):
+    """A run lasts hours; a module of ours first imported mid-run (at the first validation, say)
+    would come from whatever the package is by then (upgraded, or edited in an editable install),
+    out of step with the modules loaded at the start. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+from pathlib import Path
+from napari_spine_tracker.core import train
+from napari_spine_tracker.core.batches import PatchOptions
+
+late, loop = [], train._Run.loop
+def watched(self):
+    before = {{m for m in sys.modules if m.startswith("napari_spine_tracker")}}
+    try:
+        loop(self)
+    finally:
+        late.extend(sorted({{m for m in sys.modules if m.startswith("napari_spine_tracker")}} - before))
+train._Run.loop = watched
+train.train_model(train.TrainOptions(out=Path({str(tmp_path / "m.pt")!r}), steps=2, size="tiny", batch_size=2,
+    pool_size=2, val_every=2, patch=PatchOptions(shape=(8, 32, 32), sessions=2),
+    validation=(("tiny", 1000),), validation_shape={{}}, device="cpu"))
+print(json.dumps(late))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "m.pt").exists()

@@ -552,6 +552,15 @@ def _budget(options: TrainOptions, device) -> tuple[int, float | None]:
     return (steps if steps is not None else 10**9), minutes
 
 
+def _import_what_the_loop_needs() -> None:
+    """Import now what validation and checkpoints import later: a run lasts hours, and if the
+    package is upgraded (or, installed as editable, edited) meanwhile, a module first imported at
+    the first validation would be the new one, out of step with the old ones already loaded (a
+    run of this project died so at step 1000, its 1000 steps lost)."""
+    from ..io import checkpoint  # noqa: F401
+    from . import infer, link, metrics, models, register  # noqa: F401
+
+
 def _resume_path(out: Path) -> Path:
     return out.with_name(out.stem + ".resume.pt")
 
@@ -576,6 +585,7 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
     if not (np.isfinite(options.hard_negative_weight) and options.hard_negative_weight >= 1.0):
         raise InputError(f"--hard-negative-weight must be a number of at least 1 (1: off), "
                          f"got {options.hard_negative_weight}.")
+    _import_what_the_loop_needs()
     run = _Run(options, progress, should_stop, on_log)
     try:
         run.loop()
