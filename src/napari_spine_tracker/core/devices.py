@@ -86,6 +86,16 @@ def inference_autocast(device, precision: str = "float16"):
     return torch.autocast("cuda", dtype=getattr(torch, precision))
 
 
+#: types that travel to a device as they are (uint16 travels as the bits of int16, see as_stored_on)
+_TRAVEL_AS_THEY_ARE = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float16, np.float32)
+
+
+def stored_dtype(dtype) -> np.dtype:
+    """The type :func:`as_stored_on` holds data of ``dtype`` in on a device (its size counts)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in _TRAVEL_AS_THEY_ARE else np.dtype(np.float32)
+
+
 def as_stored_on(array, device):
     """``array`` copied to a torch ``device`` as stored, and a function that turns (a block of)
     the copy into float32 there: (tensor, to_float).
@@ -96,13 +106,12 @@ def as_stored_on(array, device):
     """
     import torch
 
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    array = np.ascontiguousarray(array, dtype=stored_dtype(array.dtype))
     if array.dtype == np.uint16:
         def to_float(raw):
             return raw.to(torch.int32).bitwise_and_(0xFFFF).float()
         return torch.from_numpy(array.view(np.int16)).to(device), to_float
-    if array.dtype not in (np.uint8, np.int8, np.int16, np.int32, np.float16, np.float32):
-        array = array.astype(np.float32)
     return torch.from_numpy(array).to(device), lambda raw: raw.float()
 
 

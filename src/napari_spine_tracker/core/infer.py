@@ -37,7 +37,7 @@ import pandas as pd
 
 from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
-from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory
+from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory, stored_dtype
 from .intensity import (
     affine_points_yx,
     grid_scale,
@@ -171,8 +171,8 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     options = options or InferenceOptions()
     motion = as_motion(motion, drift_vox, data.shape[0], voxel_size_um)
     if options.resident is None:
-        shapes = session_shapes if session_shapes is not None else [data.shape[1:]] * data.shape[0]
-        options = dataclasses.replace(options, resident=DeviceSessions.worth_it(data, shapes, model.device))
+        options = dataclasses.replace(options, resident=DeviceSessions.worth_it(
+            data, _session_shapes(data, session_shapes), model.device))
     while True:
         try:
             with reuse_freed_memory():
@@ -189,6 +189,13 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
                 raise
             log.warning("out of GPU memory; retrying with batch %s, tiles %s", smaller.batch_size, smaller.max_tile)
             options = smaller
+
+
+def _session_shapes(data, session_shapes) -> list[tuple[int, ...]]:
+    """Each session's own (Z, Y, X): ``session_shapes``, or the series' for every session."""
+    if session_shapes is not None:
+        return [tuple(s) for s in session_shapes]
+    return [tuple(data.shape[1:])] * data.shape[0]
 
 
 def _smaller(options: InferenceOptions, model) -> InferenceOptions | None:
@@ -233,9 +240,7 @@ class DeviceSessions:
     @staticmethod
     def stored_bytes(data, shapes) -> int:
         """What the sessions take as stored (float64 and 32-bit integers as float32)."""
-        dtype = np.dtype(data.dtype)
-        itemsize = min(dtype.itemsize, 4) if dtype.kind in "fiu" else 4
-        return int(sum(np.prod(s) for s in shapes)) * itemsize
+        return int(sum(np.prod(s) for s in shapes)) * stored_dtype(data.dtype).itemsize
 
     @staticmethod
     def worth_it(data, shapes, device, share: float = 0.25) -> bool:
@@ -251,6 +256,21 @@ class DeviceSessions:
         """:func:`~napari_spine_tracker.core.intensity.read_resampled` of session ``t``, a float32
         tensor on the device."""
         return read_resampled_tensor(self.volumes[t], origin, shape, scale, fill, decode=self.decoders[t])
+
+    def block(self, t: int, region):
+        """``region`` (a tuple of slices) of session ``t``, float32 on the device."""
+        return self.decoders[t](self.volumes[t][region])
+
+    def put(self, array: np.ndarray):
+        """A NumPy array on the device."""
+        import torch
+
+        return torch.from_numpy(array).to(self.device)
+
+    def full(self, shape, fill: float):
+        import torch
+
+        return torch.full(tuple(shape), float(fill), dtype=torch.float32, device=self.device)
 
 
 class _Frames:
@@ -310,22 +330,14 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
     bounds = np.asarray(volume.shape)
     lo = np.maximum(np.floor(corners.min(axis=0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 2, bounds)
-    if resident is not None:
-        import torch
-
-        def here(array):
-            return torch.from_numpy(array).to(resident.device)
-        out = torch.full(tuple(shape), float(fill), dtype=torch.float32, device=resident.device)
+    if resident is None:
+        here, out = np.asarray, np.full(shape, fill, dtype=np.float32)
     else:
-        def here(array):
-            return array
-        out = np.full(shape, fill, dtype=np.float32)
+        here, out = resident.put, resident.full(shape, fill)
     if np.any(lo >= hi):
         return out
-    if resident is not None:
-        block = resident.decoders[t](resident.volumes[t][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
-    else:
-        block = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    block = np.asarray(volume[region], dtype=np.float32) if resident is None else resident.block(t, region)
     # z: linear interpolation onto the output planes (the z row of the map is z alone)
     qz = matrix[0, 0] * np.arange(shape[0]) + offset[0]
     z_inside = (qz >= -0.5) & (qz <= bounds[0] - 0.5)
@@ -348,7 +360,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     import torch
 
     t_count = data.shape[0]
-    shapes = [tuple(s) for s in session_shapes] if session_shapes is not None else [tuple(data.shape[1:])] * t_count
+    shapes = _session_shapes(data, session_shapes)
     scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
     net, device = model.net, model.device
     sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
