@@ -5,6 +5,7 @@ import itertools
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.spatial import cKDTree
@@ -554,6 +555,24 @@ def test_device_sessions_hold_the_stored_form_and_read_like_numpy():
     assert not DeviceSessions.worth_it(data, [(2, 2, 2)], torch.device("cpu"))
 
 
+@pytest.mark.parametrize(("dtype", "low", "top"), [(np.uint16, 100, 60000), (np.uint8, 0, 255), (np.int16, -900, 3000),
+                                                  (np.uint32, 0, 2**25), (np.float32, -1.5, 9.5)])
+def test_device_sessions_count_the_intensity_range_of_the_cpu(dtype, low, top):
+    """Each session's (background, bright) taken on the device is the NumPy one: the same planes of a
+    volume too large to read whole (a z stride of 2), the same percentiles (counted for whole numbers
+    from 0 to 2**24, sorted otherwise)."""
+    from napari_spine_tracker.core.infer import DeviceSessions, _SessionView
+    from napari_spine_tracker.core.intensity import sample_step, session_range
+
+    rng = np.random.default_rng(5)
+    series = (low + rng.gamma(2.0, 0.05, (1, 40, 400, 300)) * (top - low)).clip(low, top).astype(dtype)
+    assert sample_step(series.shape[1:]) == 2
+    held = DeviceSessions([_SessionView(series, 0)], torch.device("cpu"))
+    expected = session_range(series[0], DEFAULT_NORMALIZATION)
+    assert held.range(0, DEFAULT_NORMALIZATION) == expected
+    assert expected[1] > expected[0] > low
+
+
 def test_out_of_memory_with_the_series_held_reads_it_from_where_it_is_first(random_model):
     from napari_spine_tracker.core.infer import _smaller
 
@@ -565,10 +584,62 @@ def test_out_of_memory_with_the_series_held_reads_it_from_where_it_is_first(rand
     assert _smaller(first, gpu).batch_size == 1
 
 
+def test_a_series_is_held_for_a_whole_run_only_where_it_can_be():
+    from napari_spine_tracker.core.infer import DeviceSessions
+
+    data, cpu = np.zeros((2, 4, 8, 8), np.uint16), torch.device("cpu")
+    assert DeviceSessions.for_run(data, None, cpu, resident=None) is None  # auto: never on a CPU
+    assert DeviceSessions.for_run(data, None, cpu, resident=False) is None
+    # sessions of shapes of their own: registration reads the padded series, so it is not shared
+    assert DeviceSessions.for_run(data, [(4, 8, 8), (4, 6, 8)], cpu, resident=True) is None
+    held = DeviceSessions.for_run(data, [(4, 8, 8)] * 2, cpu, resident=True)
+    assert held.shape == data.shape and held[1].dtype == torch.float32
+    held.release()
+    assert held.volumes == []
+
+
+def test_a_series_that_does_not_fit_on_the_device_is_read_from_where_it_is(monkeypatch, caplog):
+    from napari_spine_tracker.core.infer import DeviceSessions
+
+    def out_of_memory(self, raw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(DeviceSessions, "hold_on_device", out_of_memory)
+    assert DeviceSessions.for_run(np.zeros((2, 4, 8, 8), np.uint16), None, torch.device("cpu"), resident=True) is None
+    assert "reading it from where it is" in caplog.text
+
+
+def test_out_of_memory_with_a_series_held_by_the_caller_lets_go_of_it(random_model, monkeypatch):
+    """The first retry after running out of GPU memory reads the series from where it is, and the
+    copy the caller held (for registration too) is let go of, not kept beside the smaller run."""
+    from napari_spine_tracker.core import infer
+    from napari_spine_tracker.core.infer import DeviceSessions
+    from napari_spine_tracker.core.register import as_motion
+
+    series = (np.random.default_rng(4).random((2, 10, 60, 60)) * 4000).astype(np.uint16)
+    held = DeviceSessions.for_run(series, None, torch.device("cpu"), resident=True)
+    given, real = [], infer._predict
+
+    def runs_out_of_memory_once(*args, held=None, **kwargs):
+        given.append(held)
+        if len(given) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, held=held, **kwargs)
+
+    monkeypatch.setattr(infer, "_predict", runs_out_of_memory_once)
+    options = InferenceOptions(max_tile=(16, 48, 48), halo=(2, 8, 8), batch_size=2)
+    table = predict_series(series, (0.5, 0.1, 0.1), random_model, options=options, held=held)
+    assert given[0] is held and given[1] is None and held.volumes == []
+    expected = real(series, (0.5, 0.1, 0.1), random_model, as_motion(None, None, 2, (0.5, 0.1, 0.1)), None,
+                    dataclasses.replace(options, resident=False), None, None)
+    pd.testing.assert_frame_equal(table, expected)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_series_held_on_cuda_gives_the_cpu_tiles(random_model):
     from napari_spine_tracker.core.infer import DeviceSessions, _Frames, _SessionView
+    from napari_spine_tracker.core.intensity import session_range
     from napari_spine_tracker.core.register import as_motion
 
     series = (np.random.default_rng(12).random((3, 10, 70, 80)) * 60000).astype(np.uint16)
@@ -576,8 +647,10 @@ def test_a_series_held_on_cuda_gives_the_cpu_tiles(random_model):
     assert DeviceSessions.worth_it(series, [series.shape[1:]] * 3, torch.device("cuda"))
     for motion in (as_motion(None, None, 3, voxel), _turned_motion(series.shape, voxel)):
         sessions = [_SessionView(series, t) for t in range(3)]
-        held = _Frames(motion, np.ones(3), series.shape[1:], device=torch.device("cuda"),
-                       resident=DeviceSessions(sessions, torch.device("cuda")))
+        on_cuda = DeviceSessions(sessions, torch.device("cuda"))
+        assert [on_cuda.range(t, DEFAULT_NORMALIZATION) for t in range(3)] == \
+            [session_range(s, DEFAULT_NORMALIZATION) for s in sessions]
+        held = _Frames(motion, np.ones(3), series.shape[1:], device=torch.device("cuda"), resident=on_cuda)
         plain = _Frames(motion, np.ones(3), series.shape[1:])
         for t in range(3):
             block = held.read(sessions[t], t, (-1, -5, 7), (12, 60, 64), fill=3.0)

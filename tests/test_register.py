@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 
@@ -230,6 +231,51 @@ def test_detection_on_the_cpu_registers_with_scipy(monkeypatch):
     series = shifted_series(np.random.default_rng(2), DRIFT_VOX[:2])
     detect.detect_series(series, VOXEL, model="spinenet-synth", device="cpu")
     assert seen == [None]
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_a_series_held_on_the_device_is_registered_where_it_is(turned_series, monkeypatch, backend):
+    """Sessions held on the device (infer.DeviceSessions) are registered from there, with the answer
+    of the array they were copied from, through either FFT backend (SciPy after running out of GPU
+    memory)."""
+    torch = pytest.importorskip("torch")
+    from napari_spine_tracker.core.infer import DeviceSessions
+    from napari_spine_tracker.core.register import estimate_motion
+
+    voxel = np.asarray(turned_series.voxel_size_um)
+    expected = estimate_motion(turned_series.image, voxel)
+    if backend == "torch":
+        _torch_fft_on_cpu(monkeypatch)
+    held = DeviceSessions.for_run(turned_series.image, None, torch.device("cpu"), resident=True)
+    assert held.shape == turned_series.image.shape and torch.is_tensor(held[1])
+    found = estimate_motion(held, voxel)
+    assert found.rotated
+    np.testing.assert_allclose(found.drift_vox, expected.drift_vox, atol=1e-3)
+    np.testing.assert_allclose(found.angle_rad, expected.angle_rad, atol=1e-5)
+
+
+def test_detection_holds_the_series_once_for_registration_and_inference(monkeypatch):
+    """With the series held on the device, detection copies each session there once: registration
+    and inference read the same copy, and the spine table is the one read from the array."""
+    pytest.importorskip("torch")
+    from napari_spine_tracker.core import detect, infer, register
+    from napari_spine_tracker.core.infer import InferenceOptions
+
+    series = shifted_series(np.random.default_rng(2), DRIFT_VOX[:2])
+    registered, held = [], []
+    real_motion, real_hold = register.estimate_motion, infer.DeviceSessions.hold_on_device
+    monkeypatch.setattr(register, "estimate_motion", lambda data, *a, **k: registered.append(data) or
+                        real_motion(data, *a, **k))
+    monkeypatch.setattr(infer.DeviceSessions, "hold_on_device", lambda self, raw: held.append(raw.shape) or
+                        real_hold(self, raw))
+    tables = {resident: detect.detect_series(series, VOXEL, model="spinenet-synth", device="cpu",
+                                             options=InferenceOptions(resident=resident))
+              for resident in (False, True)}
+    assert isinstance(registered[0], np.ndarray) and isinstance(registered[1], infer.DeviceSessions)
+    assert held == [series.shape[1:]] * 2  # two sessions, once each
+    assert len(tables[True]) > 5
+    pd.testing.assert_frame_equal(tables[True], tables[False])
+    assert registered[1].volumes == []  # let go of at the end of the run
 
 
 @pytest.mark.cuda

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .infer import InferenceOptions, predict_series
+from .infer import DeviceSessions, InferenceOptions, predict_series
 from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
 from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
 
@@ -111,25 +111,30 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                 progress(offset + round(units * done / total), total_units)
         return report
 
+    opts = options or InferenceOptions()
+    if threshold is not None:
+        opts = dataclasses.replace(opts, threshold=threshold)
+    if views is not None:
+        opts = dataclasses.replace(opts, views=views)
+    held = None
     try:
+        # on a GPU the series crosses once, held there for registration and inference alike
+        held = DeviceSessions.for_run(data, shapes, loaded.device, opts.resident)
         motion = None
         if register_units:
             # on a GPU registration's FFTs run there too (they were a third of a GPU run on the CPU)
-            motion = estimate_motion(data, voxel, max_rotation_deg=max_rotation_deg,
+            motion = estimate_motion(data if held is None else held, voxel, max_rotation_deg=max_rotation_deg,
                                      progress=stage(0, register_units), should_stop=should_stop,
                                      device=None if loaded.device.type == "cpu" else loaded.device)
-        opts = options or InferenceOptions()
-        if threshold is not None:
-            opts = dataclasses.replace(opts, threshold=threshold)
-        if views is not None:
-            opts = dataclasses.replace(opts, views=views)
         detections = predict_series(data, voxel, loaded, motion=motion, session_shapes=shapes, options=opts,
-                                    progress=stage(register_units, 100), should_stop=should_stop)
+                                    held=held, progress=stage(register_units, 100), should_stop=should_stop)
         if not loaded.decode.get("use_displacement", True):  # validation found registration links better
             detections = detections.drop(columns=["dz", "dy", "dx"])
         table = link_detections(detections, voxel, motion=motion, gate_um=gate_um, max_gap=max_gap,
                                 should_stop=should_stop)
     finally:
+        if held is not None:
+            held.release()
         free_memory(loaded.device)
     drop = [c for c in ("dz", "dy", "dx") if c in table.columns]
     log.info("detected %d spine-sessions in %d tracks", len(table), table["track_id"].nunique())

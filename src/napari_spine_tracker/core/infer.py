@@ -39,12 +39,17 @@ from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
 from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory, stored_dtype
 from .intensity import (
+    COUNTED_BELOW,
     affine_points_yx,
     grid_scale,
     normalize,
+    percentiles,
+    percentiles_of_counts,
+    range_from,
     read_resampled,
     read_resampled_tensor,
     sample_planes_yx,
+    sample_step,
     session_range,
 )
 from .register import as_motion
@@ -152,7 +157,7 @@ def check_views(views) -> int:
 
 def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np.ndarray | None = None,
                    motion=None, session_shapes: Sequence[Sequence[int]] | None = None,
-                   options: InferenceOptions | None = None,
+                   options: InferenceOptions | None = None, held: DeviceSessions | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Run ``model`` (a core.models.LoadedModel) over ``data`` (T, Z, Y, X).
@@ -160,7 +165,8 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     Returns one row per detection: t, z, y, x (voxels of session t's own grid), score,
     dz, dy, dx (native voxels to the same spine in session t-1; NaN in the first session) and
     head_radius_um. ``drift_vox`` (T, 3) native voxels, or ``motion`` (a ``RigidMotion``, with
-    rotation; it replaces ``drift_vox``), see core/register.py.
+    rotation; it replaces ``drift_vox``), see core/register.py. ``held``: ``data`` already held on
+    the model's device (:meth:`DeviceSessions.for_run`), used unless ``options.resident`` is False.
 
     On CUDA out-of-memory the run starts again with the series read from where it is (if it was
     held on the GPU), then with half the batch, then with smaller tiles; if reduced precision gives
@@ -171,18 +177,21 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     options = options or InferenceOptions()
     motion = as_motion(motion, drift_vox, data.shape[0], voxel_size_um)
     if options.resident is None:
-        options = dataclasses.replace(options, resident=DeviceSessions.worth_it(
+        options = dataclasses.replace(options, resident=held is not None or DeviceSessions.worth_it(
             data, _session_shapes(data, session_shapes), model.device))
     while True:
         try:
             with reuse_freed_memory():
-                return _predict(data, voxel_size_um, model, motion, session_shapes, options, progress, should_stop)
+                return _predict(data, voxel_size_um, model, motion, session_shapes, options, progress, should_stop,
+                                held=held if options.resident else None)
         except _NotFinite:  # raised in reduced precision only
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
         except torch.cuda.OutOfMemoryError:
             from .devices import free_memory
 
+            if held is not None and options.resident:  # the first retry reads from where the series is
+                held.release()
             free_memory(model.device)
             smaller = _smaller(options, model)
             if smaller is None:
@@ -227,7 +236,7 @@ class DeviceSessions:
 
     def __init__(self, sessions: Sequence, device):
         self.device = device
-        self.volumes, self.decoders = [], []
+        self.volumes, self.decoders, self.whole = [], [], []
         for session in sessions:
             self.hold_on_device(session[:, :, :])
 
@@ -236,6 +245,57 @@ class DeviceSessions:
         volume, to_float = as_stored_on(raw, self.device)
         self.volumes.append(volume)
         self.decoders.append(to_float)
+        self.whole.append(np.asarray(raw).dtype.kind in "ui")
+
+    @classmethod
+    def for_run(cls, data, session_shapes, device, resident: bool | None) -> DeviceSessions | None:
+        """The series held on ``device`` for a whole run, registration and inference (None: not
+        held): as ``resident`` says (None: :meth:`worth_it`), when every session has the series'
+        own shape (registration reads whole sessions)."""
+        shapes = _session_shapes(data, session_shapes)
+        if resident is False or any(s != tuple(data.shape[1:]) for s in shapes):
+            return None
+        if resident is None and not cls.worth_it(data, shapes, device):
+            return None
+        import torch
+
+        try:
+            return cls([_SessionView(data, t) for t in range(data.shape[0])], device)
+        except torch.cuda.OutOfMemoryError:
+            from .devices import free_memory
+
+            free_memory(device)
+            log.warning("out of GPU memory holding the series there; reading it from where it is")
+            return None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(T, Z, Y, X), for sessions of one shape (see :meth:`for_run`)."""
+        return (len(self.volumes), *self.volumes[0].shape)
+
+    def __getitem__(self, t: int):
+        """Session ``t``, float32 on the device: what registration reads."""
+        return self.decoders[t](self.volumes[t])
+
+    def release(self) -> None:
+        """Let go of the held sessions (their memory returns to the device's cache)."""
+        self.volumes.clear()
+        self.decoders.clear()
+        self.whole.clear()
+
+    def range(self, t: int, normalization) -> tuple[float, float]:
+        """:func:`~napari_spine_tracker.core.intensity.session_range` of session ``t`` (the same
+        planes, the same numbers), its whole numbers counted on the device."""
+        import torch
+
+        volume = self.volumes[t]
+        sample = self.decoders[t](volume[::sample_step(volume.shape)])
+        low, high = torch.aminmax(sample)
+        if not (self.whole[t] and low >= 0 and high < COUNTED_BELOW):
+            values = sample.cpu().numpy()
+            return range_from(lambda q: percentiles(values, q), normalization)
+        counts = torch.bincount(sample.flatten().to(torch.int64)).cpu().numpy()
+        return range_from(lambda q: percentiles_of_counts(counts, q), normalization)
 
     @staticmethod
     def stored_bytes(data, shapes) -> int:
@@ -356,7 +416,7 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
 
 
 def _predict(data, voxel_size_um, model, motion, session_shapes, options: InferenceOptions,
-             progress, should_stop) -> pd.DataFrame:
+             progress, should_stop, held: DeviceSessions | None = None) -> pd.DataFrame:
     import torch
 
     t_count = data.shape[0]
@@ -364,8 +424,9 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     scale = np.asarray(grid_scale(voxel_size_um, model.voxel_size_um))
     net, device = model.net, model.device
     sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
-    frames = _Frames(motion, scale, data.shape[1:], device=device,
-                     resident=DeviceSessions(sessions, device) if options.resident else None)
+    if options.resident and held is None:
+        held = DeviceSessions(sessions, device)
+    frames = _Frames(motion, scale, data.shape[1:], device=device, resident=held if options.resident else None)
     max_tile = options.max_tile or _default_max_tile(device)
     # tile the union of the sessions' fields in the reference frame, so that what drifted into one
     # session's field is analysed too
@@ -379,7 +440,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
-    ranges = [session_range(s, model.normalization) for s in sessions]
+    ranges = [session_range(s, model.normalization) if frames.resident is None
+              else frames.resident.range(t, model.normalization) for t, s in enumerate(sessions)]
     model_vox = np.asarray(model.voxel_size_um)
 
     chunks = session_chunks(t_count, options.session_chunk, device)

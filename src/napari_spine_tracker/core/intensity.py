@@ -24,34 +24,53 @@ DEFAULT_NORMALIZATION: dict[str, Any] = {
 }
 
 
+def sample_step(shape, max_voxels: int = 4_000_000) -> int:
+    """The z stride at which :func:`sample_planes` reads a (Z, Y, X) volume of ``shape``."""
+    z, y, x = shape
+    return max(1, int(np.ceil(z * y * x / max_voxels)))
+
+
 def sample_planes(volume, max_voxels: int = 4_000_000) -> np.ndarray:
     """Up to ``max_voxels`` voxels of a (Z, Y, X) array-like, read plane by plane with a z stride."""
-    z, y, x = volume.shape
-    step = max(1, int(np.ceil(z * y * x / max_voxels)))
-    return np.stack([np.asarray(volume[i]) for i in range(0, z, step)])
+    step = sample_step(volume.shape, max_voxels)
+    return np.stack([np.asarray(volume[i]) for i in range(0, volume.shape[0], step)])
 
 
 def session_range(volume, normalization: dict[str, Any] = DEFAULT_NORMALIZATION) -> tuple[float, float]:
     """(background, bright) of one session, per the module docstring. ``volume``: (Z, Y, X)."""
     sample = sample_planes(volume)
+    return range_from(lambda q: percentiles(sample, q), normalization)
+
+
+def range_from(percentile, normalization: dict[str, Any] = DEFAULT_NORMALIZATION) -> tuple[float, float]:
+    """(background, bright) from ``percentile(q)``, the percentiles ``q`` of a session's sample."""
     # robust noise sigma of the background from the spread below the background level (the MAD of
     # the voxels below it: the distance from that level to their median, the percentile half way)
     low_pct = normalization["low_pct"]
-    half, low, high = percentiles(sample, [low_pct / 2, low_pct, normalization["high_pct"]])
+    half, low, high = percentile([low_pct / 2, low_pct, normalization["high_pct"]])
     noise = float(low - half) * 1.4826
     high = max(float(high), float(low) + normalization["min_snr"] * max(noise, 1e-3), float(low) + 1.0)
     return float(low), high
+
+
+#: whole numbers from 0 up to this are counted, not sorted, for their percentiles
+COUNTED_BELOW = 2**24
 
 
 def percentiles(values: np.ndarray, q) -> np.ndarray:
     """``np.percentile(values, q)`` (linear interpolation), by counting for whole numbers (camera
     data: 5x faster than sorting) and by ``np.percentile`` otherwise."""
     values = np.asarray(values)
+    if values.dtype.kind not in "ui" or values.size == 0 or values.min() < 0 or values.max() >= COUNTED_BELOW:
+        return np.percentile(values.astype(np.float32, copy=False), np.asarray(q, dtype=np.float64))
+    return percentiles_of_counts(np.bincount(values.ravel()), q)
+
+
+def percentiles_of_counts(counts: np.ndarray, q) -> np.ndarray:
+    """:func:`percentiles` of the values whose counts are ``counts`` (``counts[v]``: how many are v)."""
     q = np.asarray(q, dtype=np.float64)
-    if values.dtype.kind not in "ui" or values.size == 0 or values.min() < 0 or values.max() >= 2**24:
-        return np.percentile(values.astype(np.float32, copy=False), q)
-    cumulative = np.cumsum(np.bincount(values.ravel()))
-    rank = q / 100.0 * (values.size - 1)
+    cumulative = np.cumsum(counts)
+    rank = q / 100.0 * (cumulative[-1] - 1)
     lower, upper = (np.searchsorted(cumulative, np.floor(rank), side="right"),
                     np.searchsorted(cumulative, np.ceil(rank), side="right"))
     return lower + (rank - np.floor(rank)) * (upper - lower)

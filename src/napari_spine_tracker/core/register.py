@@ -51,10 +51,16 @@ class _SciPyFFT:
         pass
 
     def load(self, volume) -> np.ndarray:
+        if hasattr(volume, "is_cuda"):  # a torch tensor: a session held on a device (infer.DeviceSessions)
+            return volume.cpu().numpy()
         return np.asarray(volume)  # binning converts to float32 as it sums
 
     def float32(self, volume) -> np.ndarray:
         return np.asarray(volume, dtype=np.float32)
+
+    def project(self, volume) -> np.ndarray:
+        """The maximum along z."""
+        return volume.max(axis=0)
 
     def zeros(self, shape) -> np.ndarray:
         return np.zeros(shape, np.float32)
@@ -88,11 +94,16 @@ class _TorchFFT:
             self.torch.cuda.empty_cache()
 
     def load(self, volume):
+        if self.torch.is_tensor(volume):  # a session already held on a device (infer.DeviceSessions)
+            return volume.to(self.device, self.torch.float32)
         stored, to_float = as_stored_on(volume, self.device)
         return to_float(stored)
 
     def float32(self, volume):
         return volume.float()
+
+    def project(self, volume):
+        return self.torch.amax(volume, dim=0)
 
     def zeros(self, shape):
         return self.torch.zeros(tuple(int(n) for n in shape), dtype=self.torch.float32, device=self.device)
@@ -215,14 +226,22 @@ def _prepare(volume, voxel_um: np.ndarray, bin_yx: int, smooth_um: float, backgr
         voxel_um = voxel_um * np.array([1, bin_yx, bin_yx])
     else:
         vol = fft.float32(fft.load(volume))
-    # a Gaussian of width s (µm) in Fourier space is exp(-2 pi^2 s^2 k^2), k in cycles per µm
+    # a Gaussian of width s (µm) in Fourier space is exp(-2 pi^2 s^2 k^2), k in cycles per µm: a
+    # product of one factor per axis, so the 3D filter is built from 1D factors where the spectrum is
+    # (made as a 3D array on the CPU, it took longer than the whole session's FFTs on a GPU)
     freqs = [sfft.fftfreq(n, d=float(v)) for n, v in zip(vol.shape[:2], voxel_um[:2], strict=True)]
     freqs.append(sfft.rfftfreq(vol.shape[2], d=float(voxel_um[2])))
-    k2 = freqs[0][:, None, None] ** 2 + freqs[1][None, :, None] ** 2 + freqs[2][None, None, :] ** 2
-    band = np.exp(-2 * np.pi**2 * smooth_um**2 * k2) - np.exp(-2 * np.pi**2 * background_um**2 * k2)
-    spectrum = fft.rfftn(vol) * fft.constant(band.astype(np.float32))
-    vol = fft.float32(fft.irfftn(spectrum, vol.shape))
+    smooth, background = ([np.exp(-2 * np.pi**2 * width**2 * k**2) for k in freqs]
+                          for width in (smooth_um, background_um))
+    band = _outer(smooth, fft) - _outer(background, fft)
+    vol = fft.float32(fft.irfftn(fft.rfftn(vol) * band, vol.shape))
     return vol, _windowed_spectrum(vol, fft)
+
+
+def _outer(factors, fft=_SCIPY):
+    """The (Z, Y, X) product of three 1D factors (float32), made where ``fft`` computes."""
+    z, y, x = (fft.constant(np.asarray(f, np.float32)) for f in factors)
+    return z[:, None, None] * y[None, :, None] * x[None, None, :]
 
 
 def _bin_yx(volume, factor: int, fft=_SCIPY):
@@ -242,9 +261,7 @@ def _bin_yx(volume, factor: int, fft=_SCIPY):
 
 
 def _windowed_spectrum(vol, fft=_SCIPY):
-    window = _tukey(vol.shape[0])[:, None, None] * _tukey(vol.shape[1])[None, :, None] \
-        * _tukey(vol.shape[2])[None, None, :]
-    return fft.rfftn(vol * fft.constant(window))
+    return fft.rfftn(vol * _outer([_tukey(n) for n in vol.shape], fft))
 
 
 def _tukey(n: int) -> np.ndarray:
@@ -332,8 +349,9 @@ def estimate_drift(series, voxel_size_um: Sequence[float] | None = None, *, refe
     Parameters
     ----------
     series
-        ``(T, Z, Y, X)`` array (numpy, memory-mapped or dask; read one session at a time) or a
-        ``Series`` with ``.data`` and ``.voxel_size_um``.
+        ``(T, Z, Y, X)`` array (numpy, memory-mapped or dask; read one session at a time), a
+        ``Series`` with ``.data`` and ``.voxel_size_um``, or a series held on a device
+        (``infer.DeviceSessions``: its sessions are registered where they are).
     voxel_size_um
         ``(z, y, x)`` in µm (taken from ``series`` when omitted).
     reference
@@ -386,20 +404,24 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
     centre_vox = 0.5 * (np.asarray(data.shape[1:], float) - 1)
     centre_work = (centre_vox - 0.5 * (work_scale - 1)) / work_scale  # binned voxel i covers i*b .. i*b+b-1
 
+    # a field too small for any turn up to the largest to move its corners by min_turn_um is not searched
+    max_angle = np.radians(max_rotation_deg)
+    search_turns = max_angle * _field_radius_um(np.asarray(data.shape[2:]) // bin_yx, work_voxel) >= min_turn_um
+    search_turns = bool(max_angle > 0 and search_turns)
     fft = _fft_backend(device)
     steps, turns = np.zeros((n_sessions, 3)), np.zeros(n_sessions)
 
     def register_session(t: int, previous, fft):
         """Session ``t`` prepared, and its step and turn from ``previous`` (prepared session t - 1)."""
-        current = _prepare(np.asarray(data[t]), voxel_um, bin_yx, smooth_um, background_um, fft)
+        current = _prepare(data[t], voxel_um, bin_yx, smooth_um, background_um, fft)
         if previous is None:
             return current, np.zeros(3), 0.0
         moving, turn = current, 0.0
-        if max_rotation_deg > 0:
-            turn = _turn(fft.numpy(previous[0]), fft.numpy(current[0]), work_voxel, np.radians(max_rotation_deg),
-                         whitening, min_turn_um)
+        if search_turns:  # on z projections: only those come back from a GPU
+            turn = _turn(fft.numpy(fft.project(previous[0])), fft.numpy(fft.project(current[0])), work_voxel,
+                         max_angle, whitening)
         if turn:
-            turned = fft.load(_turned_back(fft.numpy(current[0]), turn, work_voxel, centre_work))
+            turned = fft.float32(_turned_back(current[0], turn, work_voxel, centre_work))
             moving = (turned, _windowed_spectrum(turned, fft))
         shift_work = _two_pass_shift(previous, moving, whitening, fft)
         # the shift was measured in the turned-back frame: turn it forward (module docstring)
@@ -461,17 +483,17 @@ def _turned_projection(projection: np.ndarray, angle: float, voxel_yx: np.ndarra
     return sample_planes_yx(projection[None], *affine_points_yx(matrix, centre - matrix @ centre, projection.shape))[0]
 
 
-def _turn(previous: np.ndarray, current: np.ndarray, work_voxel: np.ndarray, max_angle: float,
-          whitening: float, min_turn_um: float) -> float:
-    """The angle (radians) by which ``current``'s content is turned from ``previous``'s (band-passed
-    working volumes), from their z projections; 0 when no angle up to ``max_angle`` could move the
-    field's corners by ``min_turn_um`` (not searched) or the angle found moves them by less than a
+def _field_radius_um(shape_yx, work_voxel: np.ndarray) -> float:
+    """Half the diagonal of a working field of ``shape_yx`` pixels, in µm."""
+    return float(np.hypot(*(0.5 * np.asarray(shape_yx) * work_voxel[1:])))
+
+
+def _turn(a: np.ndarray, b: np.ndarray, work_voxel: np.ndarray, max_angle: float, whitening: float) -> float:
+    """The angle (radians) by which ``b``'s content is turned from ``a``'s (z projections of
+    band-passed working volumes); 0 when the angle found moves the field's corners by less than a
     quarter of a search pixel. Smaller turns found are kept: each session is registered to its
     predecessor, so a turn dropped in one step would be missing from all later sessions."""
-    radius_um = float(np.hypot(*(0.5 * np.asarray(previous.shape[1:]) * work_voxel[1:])))
-    if max_angle * radius_um < min_turn_um:
-        return 0.0
-    a, b = previous.max(axis=0), current.max(axis=0)
+    radius_um = _field_radius_um(a.shape, work_voxel)
     # the angle hardly needs the working voxels' detail: search on at most ~SEARCH_SIZE pixels
     factor = max(1, int(np.ceil(max(a.shape) / SEARCH_SIZE)))
     if factor > 1:
@@ -514,8 +536,9 @@ def _disc_window(shape, voxel_yx: np.ndarray) -> np.ndarray:
     return (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32)
 
 
-def _turned_back(volume: np.ndarray, angle: float, work_voxel: np.ndarray, centre_work: np.ndarray) -> np.ndarray:
-    """A working volume turned back by ``angle`` about ``centre_work`` (working voxels)."""
+def _turned_back(volume, angle: float, work_voxel: np.ndarray, centre_work: np.ndarray):
+    """A working volume turned back by ``angle`` about ``centre_work`` (working voxels), a NumPy
+    array or a ``torch`` tensor (sampled on its device)."""
     matrix = _turn_matrix(angle, work_voxel[1:])
     offset = centre_work[1:] - matrix @ centre_work[1:]
     return sample_planes_yx(volume, *affine_points_yx(matrix, offset, volume.shape[1:]))
