@@ -334,6 +334,25 @@ def test_turned_planes_are_sampled_alike_on_cuda():
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
 
 
+def test_sets_of_points_are_sampled_in_one_call_as_one_by_one():
+    """Planes sampled at B sets of points at once (registration's turn search tries its angles so)
+    give each set's own samples, as NumPy arrays or as tensors."""
+    from napari_spine_tracker.core.intensity import affine_points_yx, sample_planes_yx
+
+    planes = np.random.default_rng(8).random((2, 30, 40)).astype(np.float32)
+    sets = []
+    for angle in np.radians([-3.0, 0.0, 1.5]):
+        matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        sets.append(affine_points_yx(matrix, np.array([1.0, -2.0]), (25, 35)))
+    one_by_one = np.stack([sample_planes_yx(planes, y, x) for y, x in sets])
+    y, x = (np.stack(axis) for axis in zip(*sets))
+    at_once = sample_planes_yx(planes, y, x)
+    assert at_once.shape == (3, 2, 25, 35)
+    np.testing.assert_array_equal(at_once, one_by_one)
+    np.testing.assert_array_equal(sample_planes_yx(torch.from_numpy(planes), y, x).numpy(), one_by_one)
+    assert not np.array_equal(one_by_one[0], one_by_one[2])
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32])
 def test_percentiles_by_counting_equal_numpy(dtype):
     from napari_spine_tracker.core.intensity import percentiles

@@ -231,3 +231,13 @@ def test_votes_of_zero_weight_change_no_mode():
     assert np.abs(modes - start).max() > 0.1  # the climb did move the points
     silent = _mean_shift(votes, np.zeros((n, m)), start, (1.0,))
     np.testing.assert_array_equal(silent, start)  # nothing heard: each point keeps its start
+
+
+def test_votes_heard_are_moved_to_the_front_of_their_row():
+    from napari_spine_tracker.core.link import _gathered
+
+    weights = np.array([[0.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [1.0, 4.0, 6.0, 0.0]])
+    rows, columns, places = _gathered(weights)
+    packed = np.zeros((4, places.max() + 1))
+    packed[rows, places] = weights[rows, columns]
+    np.testing.assert_array_equal(packed, [[2, 3, 0], [0, 0, 0], [5, 0, 0], [1, 4, 6]])

@@ -209,6 +209,9 @@ def sample_planes_yx(planes, y: np.ndarray, x: np.ndarray, padding: str = "zeros
     The planes are the channels of one ``torch`` ``grid_sample``, so the weights are computed once
     for all of them: 0.38 s for 32 x 1100 x 1100 on 2 cores, against 3.6 s for
     ``scipy.ndimage.affine_transform`` (the same values, tested).
+
+    Points with a leading axis, (B, *shape*), are B sets of points, sampled in one call: the result
+    is (B, Z, *shape*).
     """
     import torch
 
@@ -217,9 +220,12 @@ def sample_planes_yx(planes, y: np.ndarray, x: np.ndarray, padding: str = "zeros
         device = planes.device
     # grid_sample's coordinates run from -1 to 1 over the first to last voxel centres, x first
     normalised = [2 * q / max(n - 1, 1) - 1 for q, n in ((x, planes.shape[2]), (y, planes.shape[1]))]
-    grid = torch.from_numpy(np.stack(normalised, axis=-1).astype(np.float32))[None].to(device)
+    grid = torch.from_numpy(np.stack(normalised, axis=-1).astype(np.float32)).to(device)
+    sets = grid.ndim == 4
+    grid = grid if sets else grid[None]
     source = (planes.float() if as_tensor else
-              torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)).to(device))[None]
-    sampled = torch.nn.functional.grid_sample(source, grid, mode="bilinear", padding_mode=padding,
-                                              align_corners=True)[0]
+              torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32)).to(device))
+    sampled = torch.nn.functional.grid_sample(source.expand(len(grid), *source.shape), grid, mode="bilinear",
+                                              padding_mode=padding, align_corners=True)
+    sampled = sampled if sets else sampled[0]
     return sampled if as_tensor else sampled.cpu().numpy()

@@ -101,17 +101,10 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
 
     ``votes`` (n, m, 3) µm and ``weights`` (n, m) (zero for a missing vote): point i's mode is
     climbed from ``start[i]`` by a mean shift with Gaussian kernels of shrinking width; a point
-    whose kernel holds no weight keeps its start.
+    whose kernel holds no weight keeps its start. Votes of zero weight cost time and add nothing:
+    leave them out where rows hear few (see :func:`_gathered`).
     """
     mode = np.array(start, dtype=float)
-    # votes of zero weight add nothing: move each point's weighted votes to the front and drop the
-    # columns no point needs (most of them where neighbours hear few votes)
-    heard = weights > 0
-    columns = int(heard.sum(axis=1).max()) if heard.size else 0
-    if columns < weights.shape[1]:
-        front = np.argsort(~heard, axis=1, kind="stable")[:, :columns]
-        votes = np.take_along_axis(votes, front[:, :, None], axis=1)
-        weights = np.take_along_axis(weights, front, axis=1)
     # one (n, m) array per axis: reductions over a last axis of 3 were half the linking time
     axes = [np.ascontiguousarray(votes[:, :, i], dtype=np.float32) for i in range(3)]
     weights = weights.astype(np.float32)
@@ -130,6 +123,16 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
             if moved < 1e-3:
                 break
     return mode
+
+
+def _gathered(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the non-zero entries of each row of ``weights`` (n, m) go when they are moved to the
+    front: (rows, columns, places), so that ``out[rows, places] = weights[rows, columns]`` packs
+    them into (n, the most any row holds)."""
+    rows, columns = np.nonzero(weights)  # row by row
+    counts = np.bincount(rows, minlength=len(weights))
+    places = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, columns, places
 
 
 def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float,
@@ -165,8 +168,14 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     found = np.isfinite(near_dist)
     near = np.where(found, near, 0)
     spatial = np.where(found, np.exp(-np.where(found, near_dist, 0.0) ** 2 / (2 * scale_um**2)), 0.0)
-    heard_votes = votes[near].reshape(n, m * k, 3)
-    heard_weights = (spatial[:, :, None] * valid[near]).reshape(n, m * k)
+    # the votes each source hears from its neighbours, those of weight zero left out (most of them
+    # where neighbours hear few votes): (n, the most any source hears)
+    all_weights = (spatial[:, :, None] * valid[near]).reshape(n, m * k)
+    rows, columns, places = _gathered(all_weights)
+    width = int(places.max()) + 1 if len(places) else 0
+    heard_weights, heard_votes = np.zeros((n, width)), np.zeros((n, width, 3))
+    heard_weights[rows, places] = all_weights[rows, columns]
+    heard_votes[rows, places] = votes[near[rows, columns // k], columns % k]
     return _mean_shift(heard_votes, heard_weights, np.repeat(common[None], n, axis=0), (1.0, 0.5))
 
 

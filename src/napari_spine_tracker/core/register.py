@@ -68,11 +68,17 @@ class _SciPyFFT:
     def constant(self, array: np.ndarray) -> np.ndarray:
         return array
 
-    def rfftn(self, x) -> np.ndarray:
-        return sfft.rfftn(x, workers=-1)
+    def rfftn(self, x, ndim: int | None = None) -> np.ndarray:
+        """The real FFT over the last ``ndim`` axes (default all): a stack of images at once."""
+        return sfft.rfftn(x, axes=_last(ndim or x.ndim), workers=-1)
 
     def irfftn(self, x, shape) -> np.ndarray:
-        return sfft.irfftn(x, s=shape, workers=-1)
+        """The inverse over the last ``len(shape)`` axes."""
+        return sfft.irfftn(x, s=shape, axes=_last(len(shape)), workers=-1)
+
+    def peaks(self, x) -> np.ndarray:
+        """The largest value of each image of a (N, Y, X) stack."""
+        return x.reshape(len(x), -1).max(axis=1)
 
     def numpy(self, x) -> np.ndarray:
         return x
@@ -111,14 +117,22 @@ class _TorchFFT:
     def constant(self, array: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def rfftn(self, x):
-        return self.torch.fft.rfftn(x)
+    def rfftn(self, x, ndim: int | None = None):
+        return self.torch.fft.rfftn(x, dim=_last(ndim or x.ndim))
 
     def irfftn(self, x, shape):
-        return self.torch.fft.irfftn(x, s=tuple(int(n) for n in shape))
+        return self.torch.fft.irfftn(x, s=tuple(int(n) for n in shape), dim=_last(len(shape)))
+
+    def peaks(self, x):
+        return x.flatten(1).amax(dim=1)
 
     def numpy(self, x) -> np.ndarray:
         return x.cpu().numpy()
+
+
+def _last(ndim: int) -> tuple[int, ...]:
+    """The last ``ndim`` axes."""
+    return tuple(range(-ndim, 0))
 
 
 _SCIPY = _SciPyFFT()
@@ -417,9 +431,8 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
         if previous is None:
             return current, np.zeros(3), 0.0
         moving, turn = current, 0.0
-        if search_turns:  # on z projections: only those come back from a GPU
-            turn = _turn(fft.numpy(fft.project(previous[0])), fft.numpy(fft.project(current[0])), work_voxel,
-                         max_angle, whitening)
+        if search_turns:  # on z projections
+            turn = _turn(fft.project(previous[0]), fft.project(current[0]), work_voxel, max_angle, whitening, fft)
         if turn:
             turned = fft.float32(_turned_back(current[0], turn, work_voxel, centre_work))
             moving = (turned, _windowed_spectrum(turned, fft))
@@ -474,47 +487,52 @@ def _turn_matrix(angle: float, voxel_yx: np.ndarray) -> np.ndarray:
     return np.array([[c, -s], [s, c]]) * (voxel_yx[None, :] / voxel_yx[:, None])
 
 
-def _turned_projection(projection: np.ndarray, angle: float, voxel_yx: np.ndarray) -> np.ndarray:
-    """A y, x image sampled at its own points turned by ``angle`` about its centre (outside: 0)."""
-    if not angle:
-        return projection
-    matrix = _turn_matrix(angle, voxel_yx)
-    centre = 0.5 * (np.asarray(projection.shape, float) - 1)
-    return sample_planes_yx(projection[None], *affine_points_yx(matrix, centre - matrix @ centre, projection.shape))[0]
-
-
 def _field_radius_um(shape_yx, work_voxel: np.ndarray) -> float:
     """Half the diagonal of a working field of ``shape_yx`` pixels, in µm."""
     return float(np.hypot(*(0.5 * np.asarray(shape_yx) * work_voxel[1:])))
 
 
-def _turn(a: np.ndarray, b: np.ndarray, work_voxel: np.ndarray, max_angle: float, whitening: float) -> float:
+def _turned_projections(projection, angles, voxel_yx: np.ndarray):
+    """(len(angles), Y, X): a y, x image sampled at its own points turned by each angle about its
+    centre (outside: 0), where the image is (a NumPy array or a ``torch`` tensor)."""
+    centre = 0.5 * (np.asarray(projection.shape, float) - 1)
+    points = []
+    for angle in angles:
+        matrix = _turn_matrix(angle, voxel_yx)
+        points.append(affine_points_yx(matrix, centre - matrix @ centre, projection.shape))
+    y, x = (np.stack(axis) for axis in zip(*points))
+    return sample_planes_yx(projection[None], y, x)[:, 0]
+
+
+def _turn(a, b, work_voxel: np.ndarray, max_angle: float, whitening: float, fft=_SCIPY) -> float:
     """The angle (radians) by which ``b``'s content is turned from ``a``'s (z projections of
-    band-passed working volumes); 0 when the angle found moves the field's corners by less than a
-    quarter of a search pixel. Smaller turns found are kept: each session is registered to its
-    predecessor, so a turn dropped in one step would be missing from all later sessions."""
+    band-passed working volumes, where ``fft`` computes); 0 when the angle found moves the field's
+    corners by less than a quarter of a search pixel. Smaller turns found are kept: each session is
+    registered to its predecessor, so a turn dropped in one step would be missing from all later
+    sessions. The angles of each step of the search are tried together, as one stack of images."""
     radius_um = _field_radius_um(a.shape, work_voxel)
     # the angle hardly needs the working voxels' detail: search on at most ~SEARCH_SIZE pixels
     factor = max(1, int(np.ceil(max(a.shape) / SEARCH_SIZE)))
     if factor > 1:
-        a, b = (_bin_yx(p[None], factor)[0] for p in (a, b))
+        a, b = (_bin_yx(p[None], factor, fft)[0] for p in (a, b))
+    shape = tuple(int(n) for n in a.shape)
     voxel_yx = work_voxel[1:] * factor
     # a round window: turning the projection about its centre keeps the disc it sees, so no angle
     # loses content at the corners (a square window favoured no turn at all: -0.8 degrees read as 0)
-    window = _disc_window(a.shape, voxel_yx)
-    reference = _SCIPY.rfftn(a * window)
+    window = fft.constant(_disc_window(shape, voxel_yx))
+    reference = fft.rfftn(a * window)
 
-    def score(angle: float) -> float:
-        spectrum = _SCIPY.rfftn(_turned_projection(b, angle, voxel_yx) * window)
-        return float(_correlation(reference, spectrum, a.shape, whitening).max())
+    def scores(angles) -> np.ndarray:
+        spectra = fft.rfftn(_turned_projections(b, angles, voxel_yx) * window, ndim=2)
+        return fft.numpy(fft.peaks(_correlation(reference, spectra, shape, whitening, fft))).astype(float)
 
     # coarse, then fine steps; the fine one turns the corners by one search pixel
     fine = float(voxel_yx.min()) / radius_um
     coarse = np.linspace(-max_angle, max_angle, max(5, int(np.ceil(2 * max_angle / (4 * fine))) + 1))
-    best = coarse[int(np.argmax([score(x) for x in coarse]))]
+    best = coarse[int(np.argmax(scores(coarse)))]
     step = min(fine, (coarse[1] - coarse[0]) / 4)
     grid = np.clip(best + step * np.arange(-4, 5), -max_angle, max_angle)
-    values = [score(x) for x in grid]
+    values = scores(grid)
     i = int(np.argmax(values))
     angle = float(grid[i])
     if 0 < i < len(grid) - 1 and grid[i - 1] < grid[i] < grid[i + 1]:
