@@ -320,36 +320,64 @@ def test_cuda_matches_cpu(random_model):
     assert abs(len(gpu) - len(cpu)) <= max(2, 0.1 * len(cpu))  # bf16 autocast moves a few borderline peaks
 
 
+def _turn_yx(degrees: float, zoom: float = 1.0) -> np.ndarray:
+    angle = np.radians(degrees)
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * zoom
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_turned_planes_are_sampled_alike_on_cuda():
-    from napari_spine_tracker.core.intensity import affine_points_yx, sample_planes_yx
+    from napari_spine_tracker.core.intensity import affine_grid_yx, sample_planes_yx
 
     planes = np.random.default_rng(7).random((5, 40, 50)).astype(np.float32)
-    angle = np.radians(2.0)
-    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * 0.5
-    points = affine_points_yx(matrix, np.array([3.0, -2.0]), (70, 90))
-    cpu = sample_planes_yx(planes, *points, padding="border")
-    gpu = sample_planes_yx(planes, *points, padding="border", device="cuda")
+    args = (_turn_yx(2.0, 0.5), np.array([3.0, -2.0]), (70, 90), planes.shape[1:])
+    cpu = sample_planes_yx(planes, affine_grid_yx(*args), padding="border")
+    gpu = sample_planes_yx(planes, affine_grid_yx(*args, device="cuda"), padding="border")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
 
 
+def test_the_sampling_grid_puts_each_output_pixel_where_its_map_says():
+    """affine_grid_yx's grid, read back in source pixels, is ``matrix @ u + offset`` for every output
+    pixel u (y, x), for one map and for several, sources of one pixel included; grid_inside tells
+    which points lie within bounds."""
+    from napari_spine_tracker.core.intensity import affine_grid_yx, grid_inside
+
+    matrices = np.stack([_turn_yx(-3.0, 1.3), _turn_yx(20.0, 0.7), np.array([[1.0, 0.0], [0.0, 2.0]])])
+    offsets = np.array([[4.0, -1.5], [-2.0, 30.0], [0.5, 0.25]])
+    shape, source = (23, 31), (40, 1)
+    u = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), axis=-1).astype(float)
+    expected = np.einsum("nij,hwj->nhwi", matrices, u) + offsets[:, None, None]  # (N, h, w, y x)
+    grid = affine_grid_yx(matrices, offsets, shape, source).numpy()
+    assert grid.shape == (3, *shape, 2)
+    in_pixels = (grid[..., ::-1] + 1) * np.maximum(np.array(source) - 1, 1) / 2
+    np.testing.assert_allclose(in_pixels, expected, atol=1e-4)
+    one = affine_grid_yx(matrices[1], offsets[1], shape, source).numpy()
+    np.testing.assert_allclose(one[0], grid[1], atol=1e-6)
+    inside = grid_inside(torch.from_numpy(grid), source, (0.0, -5.0), (20.0, 5.0)).numpy()
+    truth = (expected[..., 0] >= 0) & (expected[..., 0] <= 20) & (np.abs(expected[..., 1]) <= 5)
+    assert 0 < truth.sum() < truth.size
+    # points within 1e-4 pixel of a bound may go either way in float32
+    y, x = expected[..., 0], expected[..., 1]
+    near = np.minimum.reduce([np.abs(y), np.abs(y - 20), np.abs(np.abs(x) - 5)])
+    np.testing.assert_array_equal(inside[near > 1e-4], truth[near > 1e-4])
+
+
 def test_sets_of_points_are_sampled_in_one_call_as_one_by_one():
-    """Planes sampled at B sets of points at once (registration's turn search tries its angles so)
+    """Planes sampled at N sets of points at once (registration's turn search tries its angles so)
     give each set's own samples, as NumPy arrays or as tensors."""
-    from napari_spine_tracker.core.intensity import affine_points_yx, sample_planes_yx
+    from napari_spine_tracker.core.intensity import affine_grid_yx, sample_planes_yx
 
     planes = np.random.default_rng(8).random((2, 30, 40)).astype(np.float32)
-    sets = []
-    for angle in np.radians([-3.0, 0.0, 1.5]):
-        matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        sets.append(affine_points_yx(matrix, np.array([1.0, -2.0]), (25, 35)))
-    one_by_one = np.stack([sample_planes_yx(planes, y, x) for y, x in sets])
-    y, x = (np.stack(axis) for axis in zip(*sets))
-    at_once = sample_planes_yx(planes, y, x)
+    matrices = np.stack([_turn_yx(a) for a in (-3.0, 0.0, 1.5)])
+    offsets = np.array([[1.0, -2.0]] * 3)
+    one_by_one = np.concatenate([sample_planes_yx(planes, affine_grid_yx(m, o, (25, 35), planes.shape[1:]))
+                                 for m, o in zip(matrices, offsets)])
+    grid = affine_grid_yx(matrices, offsets, (25, 35), planes.shape[1:])
+    at_once = sample_planes_yx(planes, grid)
     assert at_once.shape == (3, 2, 25, 35)
     np.testing.assert_array_equal(at_once, one_by_one)
-    np.testing.assert_array_equal(sample_planes_yx(torch.from_numpy(planes), y, x).numpy(), one_by_one)
+    np.testing.assert_array_equal(sample_planes_yx(torch.from_numpy(planes), grid).numpy(), one_by_one)
     assert not np.array_equal(one_by_one[0], one_by_one[2])
 
 

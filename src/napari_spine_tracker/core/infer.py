@@ -40,7 +40,8 @@ from .decode import decode_peaks, nms_kernel
 from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory, stored_dtype
 from .intensity import (
     COUNTED_BELOW,
-    affine_points_yx,
+    affine_grid_yx,
+    grid_inside,
     grid_scale,
     normalize,
     percentiles,
@@ -406,13 +407,17 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
     z1 = np.minimum(z0 + 1, block.shape[0] - 1)
     wz = here((pz - z0).astype(np.float32)[:, None, None])
     planes = block[here(z0)] * (1 - wz) + block[here(z1)] * wz
-    # y, x: bilinear, the same points in every plane
-    qy, qx = affine_points_yx(matrix[1:, 1:], offset[1:], shape[1:])
-    result = sample_planes_yx(planes, qy - lo[1], qx - lo[2], padding="border", device=device)
-    yx_inside = (qy >= -0.5) & (qy <= bounds[1] - 0.5) & (qx >= -0.5) & (qx <= bounds[2] - 0.5)
-    inside = here(z_inside[:, None, None] & yx_inside[None])
-    out[inside] = result[inside]
-    return out
+    # y, x: bilinear, the same points in every plane, the grid made where the sampling runs
+    grid = affine_grid_yx(matrix[1:, 1:], offset[1:] - lo[1:], shape[1:], block.shape[1:],
+                          device=device if resident is None else resident.device)
+    result = sample_planes_yx(planes, grid, padding="border")[0]
+    yx_inside = grid_inside(grid, block.shape[1:], -0.5 - lo[1:], bounds[1:] - 0.5 - lo[1:])[0]
+    inside = here(z_inside)[:, None, None] & (yx_inside.cpu().numpy() if resident is None else yx_inside)[None]
+    if resident is None:
+        return np.where(inside, result, out)
+    import torch
+
+    return torch.where(inside, result, out)  # no wait for the GPU, as a masked copy would
 
 
 def _predict(data, voxel_size_um, model, motion, session_shapes, options: InferenceOptions,

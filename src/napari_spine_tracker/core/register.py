@@ -33,7 +33,7 @@ from scipy import fft as sfft
 
 from ..errors import Cancelled, InputError, number_or_nan
 from .devices import as_stored_on
-from .intensity import affine_points_yx, sample_planes_yx
+from .intensity import affine_grid_yx, sample_planes_yx
 from .metrics import parse_voxel_size
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class _SciPyFFT:
         pass
 
     def load(self, volume) -> np.ndarray:
-        if hasattr(volume, "is_cuda"):  # a torch tensor: a session held on a device (infer.DeviceSessions)
+        if _where(volume) is not None:  # a torch tensor: a session held on a device (infer.DeviceSessions)
             return volume.cpu().numpy()
         return np.asarray(volume)  # binning converts to float32 as it sums
 
@@ -496,12 +496,15 @@ def _turned_projections(projection, angles, voxel_yx: np.ndarray):
     """(len(angles), Y, X): a y, x image sampled at its own points turned by each angle about its
     centre (outside: 0), where the image is (a NumPy array or a ``torch`` tensor)."""
     centre = 0.5 * (np.asarray(projection.shape, float) - 1)
-    points = []
-    for angle in angles:
-        matrix = _turn_matrix(angle, voxel_yx)
-        points.append(affine_points_yx(matrix, centre - matrix @ centre, projection.shape))
-    y, x = (np.stack(axis) for axis in zip(*points))
-    return sample_planes_yx(projection[None], y, x)[:, 0]
+    matrices = np.stack([_turn_matrix(angle, voxel_yx) for angle in angles])
+    grid = affine_grid_yx(matrices, centre - matrices @ centre, projection.shape, projection.shape,
+                          device=_where(projection))
+    return sample_planes_yx(projection[None], grid)[:, 0]
+
+
+def _where(array):
+    """The torch device of a tensor; None (the CPU) for a NumPy array."""
+    return array.device if hasattr(array, "is_cuda") else None
 
 
 def _turn(a, b, work_voxel: np.ndarray, max_angle: float, whitening: float, fft=_SCIPY) -> float:
@@ -559,4 +562,5 @@ def _turned_back(volume, angle: float, work_voxel: np.ndarray, centre_work: np.n
     array or a ``torch`` tensor (sampled on its device)."""
     matrix = _turn_matrix(angle, work_voxel[1:])
     offset = centre_work[1:] - matrix @ centre_work[1:]
-    return sample_planes_yx(volume, *affine_points_yx(matrix, offset, volume.shape[1:]))
+    grid = affine_grid_yx(matrix, offset, volume.shape[1:], volume.shape[1:], device=_where(volume))
+    return sample_planes_yx(volume, grid)[0]
