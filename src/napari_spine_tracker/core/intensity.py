@@ -197,8 +197,8 @@ def affine_grid_yx(matrix, offset, shape_yx, source_yx, device=None):
     at ``matrix @ u + offset`` (source pixels), as the grid ``torch.nn.functional.grid_sample``
     takes (N, h, w, 2: x then y, from -1 to 1 over the first to last source pixel centres). One
     map ((2, 2) and (2,)) or N of them ((N, 2, 2), (N, 2)); the grid is made on ``device`` by
-    ``torch.nn.functional.affine_grid`` (points computed on the CPU and copied over took most of the
-    time of turned tiles on a GPU)."""
+    ``torch.nn.functional.affine_grid``, so that on a GPU no point is computed on the CPU and
+    copied over (float32: within 1e-4 pixel of the map on fields of a few hundred pixels)."""
     import torch
 
     matrix = np.asarray(matrix, float).reshape(-1, 2, 2)
