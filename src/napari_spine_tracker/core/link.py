@@ -116,8 +116,8 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
             heard = total > 1e-9
             new = mode.copy()
             if heard.any():
-                w = w[heard]
-                new[heard] = np.stack([(w * v[heard]).sum(axis=1) for v in axes], axis=1) / total[heard, None]
+                sums = np.stack([np.einsum("ij,ij->i", w, v) for v in axes], axis=1)
+                new[heard] = sums[heard] / total[heard, None]
             moved = np.abs(new - mode).max() if len(mode) else 0.0
             mode = new
             if moved < 1e-3:
