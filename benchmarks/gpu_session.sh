@@ -76,7 +76,7 @@ if wants speed; then
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
     stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU)"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
     stamp "speed: the same, tiles read on the CPU and copied over"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident off
     stamp "speed: end to end on turned sessions (rotated preset)"

@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                         help="hold the series in the device's memory and cut tiles there (auto: on a "
                              "CUDA GPU when it fits in a quarter of its free memory)")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most time of their own")
+    parser.add_argument("--trace", type=int, default=0,
+                        help="also run once under torch.profiler and list its N operations with the most time "
+                             "of their own, on the CPU and on the GPU (copies, waits for the GPU, kernels)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after the first (the best is quoted)")
     args = parser.parse_args(argv)
 
@@ -100,10 +103,28 @@ def main(argv=None) -> int:
         seconds = sum(entry[3] for (path, _, func), entry in stats.items()
                       if func == name and path.replace("\\", "/").endswith(suffix))
         print(f"| {label} | {seconds:.2f} | {seconds / total:.0%} |")
+    if args.trace:
+        trace(run, model.device.type == "cuda", args.trace)
     if args.top:
         print(f"\nthe {args.top} functions with the most time of their own (under the profiler):")
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
     return 0
+
+
+def trace(run, cuda: bool, rows: int) -> None:
+    """One run under ``torch.profiler``: the operations with the most time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run()
+    table = prof.key_averages()
+    for sort_by in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
+        print(f"\ntorch.profiler, one run, by {sort_by}:")
+        try:
+            print(table.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
+        except (AttributeError, KeyError):  # torch before 2.4 names it after CUDA
+            print(table.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
