@@ -37,7 +37,14 @@ import pandas as pd
 
 from ..errors import Cancelled, InputError
 from .decode import decode_peaks, nms_kernel
-from .devices import as_stored_on, give_back_free_memory, inference_autocast, reuse_freed_memory, stored_dtype
+from .devices import (
+    as_stored_on,
+    free_memory,
+    give_back_free_memory,
+    inference_autocast,
+    reuse_freed_memory,
+    stored_dtype,
+)
 from .intensity import (
     COUNTED_BELOW,
     affine_grid_yx,
@@ -189,8 +196,6 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
         except torch.cuda.OutOfMemoryError:
-            from .devices import free_memory
-
             if held is not None and options.resident:  # the first retry reads from where the series is
                 held.release()
             free_memory(model.device)
@@ -263,8 +268,6 @@ class DeviceSessions:
         try:
             return cls([_SessionView(data, t) for t in range(data.shape[0])], device)
         except torch.cuda.OutOfMemoryError:
-            from .devices import free_memory
-
             free_memory(device)
             log.warning("out of GPU memory holding the series there; reading it from where it is")
             return None
@@ -412,12 +415,12 @@ def read_turned(volume, motion, t: int, origin, shape, scale, fill: float, devic
                           device=device if resident is None else resident.device)
     result = sample_planes_yx(planes, grid, padding="border")[0]
     yx_inside = grid_inside(grid, block.shape[1:], -0.5 - lo[1:], bounds[1:] - 0.5 - lo[1:])[0]
-    inside = here(z_inside)[:, None, None] & (yx_inside.cpu().numpy() if resident is None else yx_inside)[None]
     if resident is None:
-        return np.where(inside, result, out)
+        return np.where(z_inside[:, None, None] & yx_inside.cpu().numpy()[None], result, out)
     import torch
 
-    return torch.where(inside, result, out)  # no wait for the GPU, as a masked copy would
+    # no wait for the GPU, as a masked copy would
+    return torch.where(resident.put(z_inside)[:, None, None] & yx_inside[None], result, out)
 
 
 def _predict(data, voxel_size_um, model, motion, session_shapes, options: InferenceOptions,

@@ -242,7 +242,7 @@ def _prepare(volume, voxel_um: np.ndarray, bin_yx: int, smooth_um: float, backgr
         vol = fft.float32(fft.load(volume))
     # a Gaussian of width s (µm) in Fourier space is exp(-2 pi^2 s^2 k^2), k in cycles per µm: a
     # product of one factor per axis, so the 3D filter is built from 1D factors where the spectrum is
-    # (made as a 3D array on the CPU, it took longer than the whole session's FFTs on a GPU)
+    # (made as a 3D float64 array on the CPU it took 31 ms a session on 2 cores, every session)
     freqs = [sfft.fftfreq(n, d=float(v)) for n, v in zip(vol.shape[:2], voxel_um[:2], strict=True)]
     freqs.append(sfft.rfftfreq(vol.shape[2], d=float(voxel_um[2])))
     smooth, background = ([np.exp(-2 * np.pi**2 * width**2 * k**2) for k in freqs]
@@ -420,8 +420,8 @@ def estimate_motion(series, voxel_size_um: Sequence[float] | None = None, *, ref
 
     # a field too small for any turn up to the largest to move its corners by min_turn_um is not searched
     max_angle = np.radians(max_rotation_deg)
-    search_turns = max_angle * _field_radius_um(np.asarray(data.shape[2:]) // bin_yx, work_voxel) >= min_turn_um
-    search_turns = bool(max_angle > 0 and search_turns)
+    search_turns = max_angle > 0 and \
+        max_angle * _field_radius_um(np.asarray(data.shape[2:]) // bin_yx, work_voxel) >= min_turn_um
     fft = _fft_backend(device)
     steps, turns = np.zeros((n_sessions, 3)), np.zeros(n_sessions)
 
