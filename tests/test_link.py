@@ -217,27 +217,36 @@ def test_votes_of_zero_weight_change_no_mode():
 
     rng = np.random.default_rng(3)
     n, m = 40, 12
-    votes = rng.normal(0, 1.0, (n, m, 3))
+    votes = rng.normal(0, 1.0, (3, n, m))
     weights = rng.random((n, m)) * (rng.random((n, m)) > 0.3)
     start = rng.normal(0, 0.5, (n, 3))
     modes = _mean_shift(votes, weights, start, (1.0, 0.5))
     # the same votes among many silent ones, in shuffled columns
-    junk = rng.normal(0, 5.0, (n, 3 * m, 3))
-    padded_votes = np.concatenate([junk, votes], axis=1)
+    junk = rng.normal(0, 5.0, (3, n, 3 * m))
+    padded_votes = np.concatenate([junk, votes], axis=2)
     padded_weights = np.concatenate([np.zeros((n, 3 * m)), weights], axis=1)
     order = rng.permutation(4 * m)
-    padded = _mean_shift(padded_votes[:, order], padded_weights[:, order], start, (1.0, 0.5))
+    padded = _mean_shift(padded_votes[:, :, order], padded_weights[:, order], start, (1.0, 0.5))
     np.testing.assert_allclose(padded, modes, atol=1e-5)  # float32 sums in another order
     assert np.abs(modes - start).max() > 0.1  # the climb did move the points
     silent = _mean_shift(votes, np.zeros((n, m)), start, (1.0,))
     np.testing.assert_array_equal(silent, start)  # nothing heard: each point keeps its start
+    # each point climbs on its own: its mode does not depend on which others climb beside it
+    alone = _mean_shift(votes[:, :7], weights[:7], start[:7], (1.0, 0.5))
+    np.testing.assert_array_equal(alone, modes[:7])
 
 
-def test_votes_heard_are_moved_to_the_front_of_their_row():
-    from napari_spine_tracker.core.link import _gathered
+def test_votes_heard_are_packed_row_by_row():
+    from napari_spine_tracker.core.link import _heard
 
-    weights = np.array([[0.0, 2.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [1.0, 4.0, 6.0, 0.0]])
-    rows, columns, places = _gathered(weights)
-    packed = np.zeros((4, places.max() + 1))
-    packed[rows, places] = weights[rows, columns]
-    np.testing.assert_array_equal(packed, [[2, 3, 0], [0, 0, 0], [5, 0, 0], [1, 4, 6]])
+    # source 0 casts votes 0, 1; source 1 none; source 2 casts vote 2; source 3 casts votes 3, 4, 5
+    valid = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=bool)
+    # neighbours (slots 0, 1): 0 hears 0 and 3; 1 hears 1 and 2; 2 hears nobody; 3 hears 3 only
+    near = np.array([[0, 3], [1, 2], [0, 0], [3, 0]])
+    found = np.array([[1, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
+    rows, places, slots, votes = _heard(valid, found, near)
+    packed = np.full((4, places.max() + 1), -1)
+    packed[rows, places] = votes
+    np.testing.assert_array_equal(packed, [[0, 1, 3, 4, 5], [2, -1, -1, -1, -1],
+                                           [-1, -1, -1, -1, -1], [3, 4, 5, -1, -1]])
+    np.testing.assert_array_equal(slots, [0, 0, 1, 1, 1, 1, 0, 0, 0])

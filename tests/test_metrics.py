@@ -186,3 +186,43 @@ def test_cli_evaluate_truth_against_itself(tmp_path, capsys):
     assert main(["evaluate", str(path), str(path), "--voxel-size", "1", "0.1", "0.1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["f1"] == 1.0 and out["idf1"] == 1.0
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_sparse_assignment_is_optimal_against_a_dense_solver(maximize):
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
+
+    from napari_spine_tracker.core.metrics import sparse_assignment
+
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        n_a, n_b = (int(v) for v in rng.integers(0, 25, 2))
+        a, b = rng.uniform(0, 6, (n_a, 3)), rng.uniform(0, 6, (n_b, 3))
+        tol = float(rng.uniform(0.5, 3.0))
+        pairs = (cKDTree(a).sparse_distance_matrix(cKDTree(b), tol, output_type="coo_matrix")
+                 if n_a and n_b else None)
+        i, j, d = (pairs.row, pairs.col, pairs.data) if pairs is not None else ([], [], [])
+        i, j, d = np.asarray(i, int), np.asarray(j, int), np.asarray(d, float)
+        weights = tol - d + 1e-9 if maximize else d
+        rows, cols = sparse_assignment(i, j, weights, n_a, n_b, maximize=maximize)
+        edge = {(r, c): w for r, c, w in zip(i.tolist(), j.tolist(), weights.tolist(), strict=True)}
+        assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+        assert all((r, c) in edge for r, c in zip(rows.tolist(), cols.tolist(), strict=True))
+        got = [edge[p] for p in zip(rows.tolist(), cols.tolist(), strict=True)]
+        # the same problem, dense: an absent pair weighs 0 (maximise) or more than any set of
+        # real pairs (count first), then dropped from the answer
+        if maximize:
+            dense = np.zeros((n_a, n_b))
+            dense[i, j] = weights
+            r, c = linear_sum_assignment(dense, maximize=True)
+            best = dense[r, c][dense[r, c] > 0]
+            assert sum(got) == pytest.approx(best.sum(), abs=1e-9)
+        else:
+            big = 1e6
+            dense = np.full((n_a, n_b), big)
+            dense[i, j] = weights
+            r, c = linear_sum_assignment(dense)
+            best = dense[r, c][dense[r, c] < big]
+            assert len(got) == len(best)
+            assert sum(got) == pytest.approx(best.sum(), abs=1e-9)

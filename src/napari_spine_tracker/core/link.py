@@ -99,40 +99,63 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
                 widths_um: Sequence[float]) -> np.ndarray:
     """Modes of weighted displacement votes, for many points at once.
 
-    ``votes`` (n, m, 3) µm and ``weights`` (n, m) (zero for a missing vote): point i's mode is
-    climbed from ``start[i]`` by a mean shift with Gaussian kernels of shrinking width; a point
-    whose kernel holds no weight keeps its start. Votes of zero weight cost time and add nothing:
-    leave them out where rows hear few (see :func:`_gathered`).
+    ``votes`` (3, n, m) µm, one (n, m) array per axis (reductions over a last axis of 3 were half
+    the linking time), and ``weights`` (n, m) (zero for a missing vote): point i's mode is climbed
+    from ``start[i]`` (n, 3) by a mean shift with Gaussian kernels of shrinking width, at most 10
+    steps per width; a point stops climbing at a width once its step is below 1e-3 µm, so its mode
+    does not depend on the other points. A point whose kernel holds no weight keeps its start.
+    Votes of zero weight cost time and add nothing: leave them out where rows hear few (see
+    :func:`_modes`).
     """
     mode = np.array(start, dtype=float)
-    # one (n, m) array per axis: reductions over a last axis of 3 were half the linking time
-    axes = [np.ascontiguousarray(votes[:, :, i], dtype=np.float32) for i in range(3)]
-    weights = weights.astype(np.float32)
+    votes = np.asarray(votes, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
     for width in widths_um:
+        climbing = np.arange(len(mode))  # the points still climbing, and their votes
+        v, wv = votes, weights
         for _ in range(10):
-            d2 = sum((v - mode[:, i : i + 1].astype(np.float32)) ** 2 for i, v in enumerate(axes))
-            w = weights * np.exp(d2 * np.float32(-1 / (2 * width**2)))
+            here = mode[climbing]
+            offset = v - here.T[:, :, None].astype(np.float32)
+            np.square(offset, out=offset)
+            w = offset.sum(axis=0)
+            w *= np.float32(-1 / (2 * width**2))
+            np.exp(w, out=w)
+            w *= wv
             total = w.sum(axis=1)
             heard = total > 1e-9
-            new = mode.copy()
-            if heard.any():
-                sums = np.stack([np.einsum("ij,ij->i", w, v) for v in axes], axis=1)
-                new[heard] = sums[heard] / total[heard, None]
-            moved = np.abs(new - mode).max() if len(mode) else 0.0
-            mode = new
-            if moved < 1e-3:
+            new = here.copy()
+            new[heard] = np.einsum("ij,kij->ik", w, v)[heard] / total[heard, None]
+            mode[climbing] = new
+            going = np.abs(new - here).max(axis=1, initial=0.0) >= 1e-3
+            if not going.any():
                 break
+            if going.mean() < 0.5:  # fewer, smaller arrays from here on
+                climbing, v, wv = climbing[going], v[:, going], wv[going]
+            else:  # a point heard nowhere keeps its mode
+                wv = np.where(going[:, None], wv, np.float32(0))
     return mode
 
 
-def _gathered(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where the non-zero entries of each row of ``weights`` (n, m) go when they are moved to the
-    front: (rows, columns, places), so that ``out[rows, places] = weights[rows, columns]`` packs
-    them into (n, the most any row holds)."""
-    rows, columns = np.nonzero(weights)  # row by row
-    counts = np.bincount(rows, minlength=len(weights))
-    places = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rows, columns, places
+def _heard(valid: np.ndarray, found: np.ndarray, near: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The votes each source hears, as flat lists: ``valid`` (n, k) marks the votes each source
+    casts, ``found`` and ``near`` (n, m) its neighbours. Returns (rows, places, neighbour slots,
+    votes): vote ``votes[i]`` (an index into ``np.flatnonzero(valid)``) is heard by source
+    ``rows[i]`` from its neighbour in slot ``slots[i]``, and goes to column ``places[i]`` of that
+    source's row, its votes packed to the front in order of neighbour slot, then vote."""
+    cast = valid.sum(axis=1)
+    first_vote = np.cumsum(cast) - cast
+    sources, slots = np.nonzero(found)  # row by row
+    neighbour = near[sources, slots]
+    each = cast[neighbour]
+    pair = np.repeat(np.arange(len(sources)), each)
+    votes = first_vote[neighbour][pair] + _ranks(each)
+    rows = sources[pair]
+    return rows, _ranks(np.bincount(rows, minlength=len(valid))), slots[pair], votes
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[0]-1, 0, 1, ..., counts[1]-1, ...: each item's place within its group."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float,
@@ -159,24 +182,24 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     valid = np.isfinite(dist)
     if valid.sum() < 3:
         return np.zeros((n, 3))
-    votes = targets_um[np.minimum(idx, len(targets_um) - 1)] - sources_um[:, None]  # (n, k, 3)
-    flat = votes[valid][None]
-    common = _mean_shift(flat, np.ones(flat.shape[:2]), np.zeros((1, 3)), (1.0, 0.5, 0.3))[0]
+    cast = (targets_um[idx[valid]] - sources_um[np.nonzero(valid)[0]]).T  # (3, votes)
+    common = _mean_shift(cast[:, None], np.ones((1, cast.shape[1])), np.zeros((1, 3)), (1.0, 0.5, 0.3))[0]
     m = min(neighbours, n)
     near_dist, near = cKDTree(sources_um).query(sources_um, k=m, distance_upper_bound=3 * scale_um)
     near_dist, near = near_dist.reshape(n, m), near.reshape(n, m)
     found = np.isfinite(near_dist)
     near = np.where(found, near, 0)
-    spatial = np.where(found, np.exp(-np.where(found, near_dist, 0.0) ** 2 / (2 * scale_um**2)), 0.0)
-    # the votes each source hears from its neighbours, those of weight zero left out (most of them
-    # where neighbours hear few votes): (n, the most any source hears)
-    all_weights = (spatial[:, :, None] * valid[near]).reshape(n, m * k)
-    rows, columns, places = _gathered(all_weights)
-    width = int(places.max()) + 1 if len(places) else 0
-    heard_weights, heard_votes = np.zeros((n, width)), np.zeros((n, width, 3))
-    heard_weights[rows, places] = all_weights[rows, columns]
-    heard_votes[rows, places] = votes[near[rows, columns // k], columns % k]
-    return _mean_shift(heard_votes, heard_weights, np.repeat(common[None], n, axis=0), (1.0, 0.5))
+    spatial = np.exp(-np.where(found, near_dist, 0.0) ** 2 / (2 * scale_um**2))
+    # the votes each source hears from its neighbours, packed to the front of its row: (n, the most
+    # any source hears); a dense (n, m * k) array would be mostly empty where neighbours hear few
+    rows, places, slots, heard = _heard(valid, found, near)
+    width = int(places.max()) + 1
+    at = rows * width + places
+    heard_weights, heard_votes = np.zeros(n * width, np.float32), np.zeros((3, n * width), np.float32)
+    heard_weights[at] = spatial[rows, slots]
+    heard_votes[:, at] = cast[:, heard]
+    return _mean_shift(heard_votes.reshape(3, n, width), heard_weights.reshape(n, width),
+                       np.repeat(common[None], n, axis=0), (1.0, 0.5))
 
 
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,

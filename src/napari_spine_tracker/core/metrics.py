@@ -4,7 +4,7 @@ Every distance is in µm: z, y, x voxel coordinates are multiplied by the voxel 
 prediction and a true spine *match* when they lie within ``tol_um`` of each other in the same session.
 
 - **Detection** (precision, recall, F1): in each session, an optimal one-to-one matching
-  (Hungarian, :func:`scipy.optimize.linear_sum_assignment`) with the largest number of pairs within
+  (:func:`sparse_assignment`) with the largest number of pairs within
   the tolerance, ties broken by the smallest total distance; counts are summed over sessions
   (micro average).
 - **Identity** (IDP, IDR, IDF1; Ristani et al. 2016, "Performance measures and a data set for
@@ -31,9 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
 from ..errors import InputError
@@ -59,59 +58,43 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else 0.0
 
 
-def _components(pairs_a: np.ndarray, pairs_b: np.ndarray, n_a: int, n_b: int) -> list[tuple]:
-    """Connected components of a bipartite graph given as edge lists; yields (rows_a, rows_b, edge mask)."""
-    if len(pairs_a) == 0:
-        return []
-    graph = coo_matrix((np.ones(len(pairs_a)), (pairs_a, n_a + pairs_b)), shape=(n_a + n_b,) * 2)
-    _, labels = connected_components(graph, directed=False)
-    edge_label = labels[pairs_a]
-    comps = []
-    order = np.argsort(edge_label, kind="stable")
-    bounds = np.flatnonzero(np.diff(edge_label[order])) + 1
-    for edges in np.split(order, bounds):
-        comps.append(edges)
-    return comps
-
-
 def sparse_assignment(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
                       n_rows: int, n_cols: int, *, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Optimal one-to-one matching restricted to the given edges, solved per connected component.
+    """Optimal one-to-one matching restricted to the given edges.
 
-    ``rows[k], cols[k], weights[k]`` is one allowed pair; pairs not listed are never matched, so a
-    large sparse problem costs only as much as its largest cluster.
+    ``rows[k], cols[k], weights[k]`` is one allowed pair (each pair listed once); pairs not listed
+    are never matched, and any item may stay unmatched.
     ``maximize=True``: maximise the total weight (all weights must be > 0).
     ``maximize=False``: maximise the number of pairs first, then minimise the total weight.
     Returns the matched ``(rows, cols)``.
+
+    Solved as one sparse full matching (LAPJVsp, :func:`scipy.sparse.csgraph.
+    min_weight_full_bipartite_matching`) of a graph in which every item may pair with a stand-in
+    instead: row ``i`` with the stand-in of row ``i``, column ``j`` with the stand-in of column
+    ``j``, and the two stand-ins with each other wherever ``(i, j)`` is an edge, so that a full
+    matching exists for any set of real pairs. Every stand-in edge gains 1 and a real edge 1 + its
+    gain, and a full matching always holds ``n_rows + n_cols`` edges, so the stand-ins add the same
+    to every matching and the best one holds the best real pairs. A sparse problem costs about as
+    much as its largest cluster, without a loop over clusters in Python.
     """
-    out_r: list[np.ndarray] = []
-    out_c: list[np.ndarray] = []
-    for edges in _components(rows, cols, n_rows, n_cols):
-        if len(edges) == 1:  # a lone pair (most components): it is the matching
-            out_r.append(rows[edges])
-            out_c.append(cols[edges])
-            continue
-        r_ids, r_local = np.unique(rows[edges], return_inverse=True)
-        c_ids, c_local = np.unique(cols[edges], return_inverse=True)
-        w = weights[edges]
-        if maximize:
-            # absent edges weigh 0: never better than any real edge (all weights > 0)
-            cost = np.zeros((len(r_ids), len(c_ids)))
-            cost[r_local, c_local] = -w
-        else:
-            # an absent edge costs more than any set of real ones, so the count of pairs comes first
-            big = (float(w.max()) + 1.0) * (min(len(r_ids), len(c_ids)) + 1)
-            cost = np.full((len(r_ids), len(c_ids)), big)
-            cost[r_local, c_local] = w
-        ri, ci = linear_sum_assignment(cost)
-        real = np.zeros((len(r_ids), len(c_ids)), dtype=bool)
-        real[r_local, c_local] = True
-        keep = real[ri, ci]
-        out_r.append(r_ids[ri[keep]])
-        out_c.append(c_ids[ci[keep]])
-    if not out_r:
-        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
-    return np.concatenate(out_r), np.concatenate(out_c)
+    rows, cols = np.asarray(rows, dtype=int), np.asarray(cols, dtype=int)
+    if len(rows) == 0:
+        empty = np.zeros(0, dtype=int)
+        return empty, empty
+    weights = np.asarray(weights, dtype=float)
+    if maximize:
+        gain = weights
+    else:  # one more pair gains more than any set of pairs can lose in weight
+        gain = (float(weights.max()) + 1.0) * (min(n_rows, n_cols) + 1) - weights
+    # left: the rows, then a stand-in for each column; right: the columns, then a stand-in per row
+    left = np.concatenate([rows, np.arange(n_rows), n_rows + np.arange(n_cols), n_rows + cols])
+    right = np.concatenate([cols, n_cols + np.arange(n_rows), np.arange(n_cols), n_cols + rows])
+    value = np.concatenate([gain + 1.0, np.ones(n_rows + n_cols + len(rows))])
+    size = n_rows + n_cols
+    graph = csr_matrix((value, (left, right)), shape=(size, size))
+    matched_left, matched_right = min_weight_full_bipartite_matching(graph, maximize=True)
+    real = (matched_left < n_rows) & (matched_right < n_cols)
+    return matched_left[real], matched_right[real]
 
 
 def _pairs_within(a_um: np.ndarray, b_um: np.ndarray,
