@@ -28,7 +28,9 @@ whole rigid map from one session to the other.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -284,6 +286,20 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         disp = np.full((len(table), 3), np.nan)
     has_disp = np.isfinite(disp).all(axis=1)
 
+    # the local motion of session t against session t-1 depends only on their detections (every
+    # detection of t-1 is a track seen in t-1), so it is found for all sessions at once, in threads
+    # (NumPy and SciPy release the GIL in most of it)
+    of_session = [np.flatnonzero(t_all == t) for t in range(n_sessions)]
+    local_motion: dict[int, np.ndarray] = {}
+    if local_scale_um:
+        search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
+        jobs = {t: (between(pos[rows[~has_disp[rows]]], t, t - 1) * scale, pos[of_session[t - 1]] * scale)
+                for t, rows in enumerate(of_session)
+                if t and len(of_session[t - 1]) and (~has_disp[rows]).any()}
+        with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            found = pool.map(lambda job: _local_motion(*job, search_um, local_scale_um), jobs.values())
+            local_motion = dict(zip(jobs, found, strict=True))
+
     track_of_row = np.zeros(len(table), dtype=int)
     # active tracks: provisional key -> row index of its last detection
     last_row: dict[int, int] = {}
@@ -294,7 +310,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     for t in range(n_sessions):
         if should_stop is not None and should_stop():
             raise Cancelled("linking stopped")
-        rows = np.flatnonzero(t_all == t)
+        rows = of_session[t]
         # tracks that can no longer be continued
         for key in [k for k, r in last_row.items() if t_all[r] < t - 1 - max_gap]:
             del last_row[key]
@@ -312,9 +328,8 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             gates = np.full(len(keys), float(gate_um))
             by_registration = ~has_disp[rows]
             back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid) * scale
-            if local_scale_um and by_registration.any():
-                search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
-                back[by_registration] += _local_motion(back[by_registration], targets, search_um, local_scale_um)
+            if t in local_motion:
+                back[by_registration] += local_motion[t]
             src, dst = _assign(back, targets, gates)
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]
