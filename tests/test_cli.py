@@ -154,6 +154,34 @@ def test_detect_passes_the_linking_gate_and_gap(synth_dir, tmp_path, tiny_checkp
         assert message in capsys.readouterr().err
 
 
+def test_detect_passes_the_threshold_and_says_when_it_was_lowered(synth_dir, tmp_path, tiny_checkpoint, capsys,
+                                                                    monkeypatch):
+    from napari_spine_tracker.core import detect
+
+    seen = []
+    detector = detect.detect_series
+
+    def lowered(*args, **kwargs):
+        seen.append(kwargs["threshold"])
+        table = detector(*args, **kwargs)
+        table.attrs.update(threshold=0.21, threshold_adapted=kwargs["threshold"] == "auto")
+        return table
+
+    monkeypatch.setattr(detect, "detect_series", lowered)
+    out = tmp_path / "thresholds.csv"
+    for flag in ([], ["--threshold", "model"], ["--threshold", "0.25"]):
+        assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                     *flag, "-q"]) == 0
+        report = capsys.readouterr().out
+        said = "peak threshold 0.21, lowered from the model's 0.30 to this series' own split" in report
+        assert said == (not flag) and ("--threshold model keeps it" in report) == (not flag)
+    assert seen == ["auto", "model", 0.25]
+    for bad in ("high", "1.5"):
+        with pytest.raises(SystemExit) as exc:
+            main(["detect", str(synth_dir / "series.tif"), "--threshold", bad])
+        assert exc.value.code == 2 and "--threshold" in capsys.readouterr().err
+
+
 def test_train_passes_the_preset_mix_and_refuses_unknown_presets(tmp_path, capsys, monkeypatch):
     from napari_spine_tracker.core import train
 

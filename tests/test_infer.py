@@ -704,3 +704,61 @@ def test_a_series_held_on_cuda_gives_the_cpu_tiles(random_model):
             assert block.is_cuda
             np.testing.assert_allclose(block.cpu().numpy(), plain.read(sessions[t], t, (-1, -5, 7), (12, 60, 64), 3.0),
                                        atol=1e-3)
+
+
+def test_the_threshold_adapts_to_a_series_whose_spines_score_lower():
+    from napari_spine_tracker.core.decode import ADAPT_LOWEST, series_threshold
+
+    rng = np.random.default_rng(0)
+    background = 0.1 + rng.exponential(0.04, 600)  # many bumps just above the decoding floor
+    # spines scoring like on the training data: the split lies above the model's 0.40, which is kept
+    bright = np.concatenate([background, rng.uniform(0.6, 0.95, 150)])
+    assert series_threshold(bright, 0.4) == 0.4
+    # the same spines on a dimmer microscope (around 0.35): lowered to between the two groups
+    dim = np.concatenate([background, rng.uniform(0.27, 0.45, 150)])
+    lowered = series_threshold(dim, 0.4)
+    assert 0.2 < lowered < 0.3
+    assert (dim >= lowered).sum() >= 150 and (background >= lowered).mean() < 0.1
+    # never below the lowest, nor adapted on too few peaks or on one value
+    assert series_threshold(np.concatenate([background, rng.uniform(0.12, 0.2, 150)]), 0.4) == ADAPT_LOWEST
+    assert series_threshold(dim[::20], 0.4) == 0.4  # 38 peaks
+    assert series_threshold(np.full(100, 0.3), 0.4) == 0.4
+    assert series_threshold(dim, 0.4, lowest=0.1) < 0.3
+
+
+def test_the_threshold_choices_reach_the_peaks_kept(random_model):
+    from napari_spine_tracker.core.decode import series_threshold
+
+    series = np.random.default_rng(3).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
+    voxel = (0.5, 0.1, 0.1)
+
+    def peaks(threshold):
+        return predict_series(series, voxel, random_model, options=InferenceOptions(threshold=threshold))
+
+    floor = peaks(0.1)
+    assert floor.attrs == {"threshold": 0.1, "threshold_adapted": False} and floor["score"].min() >= 0.1
+    fixed = peaks("model")
+    assert fixed.attrs == {"threshold": 0.3, "threshold_adapted": False}
+    assert len(fixed) == (floor["score"] >= 0.3).sum() > 0
+    auto = peaks("auto")
+    assert auto.attrs == {"threshold": series_threshold(floor["score"], 0.3), "threshold_adapted": True}
+    assert len(auto) == (floor["score"] >= auto.attrs["threshold"]).sum()
+    table = detect_series(series, voxel, model=random_model)  # auto by default; the table says so
+    assert table.attrs["threshold_adapted"] and table.attrs["model_threshold"] == 0.3
+    assert table["score"].min() >= table.attrs["threshold"]
+    for bad in (0.0, 1.0, "low", True, float("nan")):
+        with pytest.raises(InputError, match="threshold must be a peak probability"):
+            detect_series(series, voxel, model=random_model, threshold=bad,
+                          should_stop=lambda: pytest.fail("detection started"))
+
+
+def test_a_lowered_threshold_is_told_to_the_user():
+    from napari_spine_tracker.core.detect import threshold_note
+
+    table = pd.DataFrame({"track_id": [1]})
+    table.attrs.update(threshold=0.23, threshold_adapted=True, model_threshold=0.4)
+    assert threshold_note(table) == "peak threshold 0.23, lowered from the model's 0.40 to this series' own split"
+    table.attrs.update(threshold=0.4)
+    assert threshold_note(table) == ""  # kept
+    table.attrs.update(threshold=0.3, threshold_adapted=False)
+    assert threshold_note(table) == ""  # the user's own choice

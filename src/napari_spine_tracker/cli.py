@@ -156,6 +156,19 @@ class _progress_bar:
             self.bar.close()
 
 
+def _threshold(text: str):
+    """--threshold: a probability, 'auto' or 'model'."""
+    if text in ("auto", "model"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability, 'auto' or 'model', got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a threshold is a probability between 0 and 1, got {text}")
+    return value
+
+
 def _voxel_size(parser_action_name: str = "--voxel-size", required: bool = False) -> dict:
     return dict(nargs=3, type=float, metavar=("Z", "Y", "X"), required=required,
                 help="voxel size in µm, z y x (overrides the file's metadata)")
@@ -177,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--voxel-size", **_voxel_size())
     p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
-    p.add_argument("--threshold", type=float, help="detection score threshold (default: the model's)")
+    p.add_argument("--threshold", type=_threshold, default="auto", metavar="P|auto|model",
+                   help="peak score threshold: a probability, 'model' (the model's, chosen on validation) or 'auto' "
+                        "(default): the model's, lowered to the split of the series' own peak scores where that is "
+                        "lower, as on another microscope (not below 0.2; it assumes the series has spines)")
     p.add_argument("--views", type=int, choices=[1, 2, 4], default=1,
                    help="test-time augmentation: average over this many mirror images of each tile (default 1); "
                         "4 finds more spines on data like the training series, at about 3.5x the network's time "

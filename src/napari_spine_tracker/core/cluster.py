@@ -96,7 +96,7 @@ class BatchReport:
         for r in self.results:
             if r.status == "done":
                 lines.append(f"{r.status:<8} {r.seconds:>8.1f} {r.spine_sessions:>7d} {r.tracks:>7d}  "
-                             f"{r.input} -> {r.output}")
+                             f"{r.input} -> {r.output}" + (f" ({r.message})" if r.message else ""))
             else:
                 seconds = f"{r.seconds:.1f}" if r.status == "failed" else "-"
                 lines.append(f"{r.status:<8} {seconds:>8} {'-':>7} {'-':>7}  {r.input}: {r.message}")
@@ -181,7 +181,7 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
     """Detect one series and write its table; every error but a cancel becomes a failed result."""
     from ..io.series import load_series
     from ..io.tables import write_spine_table
-    from .detect import detect_series
+    from .detect import detect_series, threshold_note
 
     started = time.perf_counter()
     result = SeriesResult(job.input, job.output, "failed", worker=_process_name())
@@ -207,7 +207,8 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
     else:
         result.status = "done"
         result.spine_sessions, result.tracks = len(table), int(table["track_id"].nunique())
-        result.message = job.note
+        lowered = threshold_note(table)
+        result.message = "; ".join(filter(None, [job.note, lowered and f"{lowered} (--threshold model keeps it)"]))
     result.seconds = time.perf_counter() - started
     if result.status == "failed":
         log.warning("%s failed: %s", job.input, result.message)

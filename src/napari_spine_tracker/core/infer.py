@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import Cancelled, InputError
-from .decode import decode_peaks, nms_kernel
+from ..errors import Cancelled, InputError, number_or_nan
+from .decode import ADAPT_FLOOR, decode_peaks, nms_kernel, series_threshold
 from .devices import (
     as_stored_on,
     free_memory,
@@ -140,7 +140,9 @@ class _SessionView:
 
 @dataclass
 class InferenceOptions:
-    threshold: float | None = None  # None: the model's own
+    # a peak probability, "model" (the model's own, chosen on validation) or "auto" (None): the
+    # model's, lowered where the series' own peak scores split lower (decode.series_threshold)
+    threshold: float | str | None = None
     max_tile: tuple[int, int, int] | None = None  # model-grid voxels; None: by device
     halo: tuple[int, int, int] = (4, 24, 24)
     batch_size: int | None = None  # tiles per batch
@@ -154,6 +156,23 @@ class InferenceOptions:
 
     def __post_init__(self):
         check_views(self.views)
+        check_threshold(self.threshold)
+
+    def decoding(self, model) -> tuple[float, bool]:
+        """(the threshold, or the ceiling of an adapted one; whether it adapts to the series)."""
+        if self.threshold is None or self.threshold in ("auto", "model"):
+            return float(model.decode["threshold"]), self.threshold != "model"
+        return float(self.threshold), False
+
+
+def check_threshold(threshold) -> None:
+    """An InputError unless ``threshold`` is a probability in (0, 1), "auto", "model" or None."""
+    if threshold is None or (isinstance(threshold, str) and threshold in ("auto", "model")):
+        return
+    value = number_or_nan(threshold)
+    if isinstance(threshold, bool) or not 0 < value < 1:
+        raise InputError(f"threshold must be a peak probability between 0 and 1, 'auto' (the model's, lowered "
+                         f"to the series' own split where that is lower) or 'model', got {threshold!r}.")
 
 
 def check_views(views) -> int:
@@ -176,6 +195,10 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     rotation; it replaces ``drift_vox``), see core/register.py. ``held``: ``data`` already held on
     the model's device (:meth:`DeviceSessions.for_run`), used unless ``options.resident`` is False.
 
+    Peaks are kept above ``options.threshold``; by default the model's threshold, lowered to the
+    split of this series' own peak scores where that is lower (``decode.series_threshold``). The
+    threshold used is in ``table.attrs["threshold"]`` (``"threshold_adapted"``: whether it adapted).
+
     On CUDA out-of-memory the run starts again with the series read from where it is (if it was
     held on the GPU), then with half the batch, then with smaller tiles; if reduced precision gives
     a result that is not finite, it starts again in float32.
@@ -190,8 +213,9 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     while True:
         try:
             with reuse_freed_memory():
-                return _predict(data, voxel_size_um, model, motion, session_shapes, options, progress, should_stop,
-                                held=held if options.resident else None)
+                table = _predict(data, voxel_size_um, model, motion, session_shapes, options, progress, should_stop,
+                                 held=held if options.resident else None)
+            break
         except _NotFinite:  # raised in reduced precision only
             log.warning("%s inference gave values that are not finite; running again in float32", options.precision)
             options = dataclasses.replace(options, precision="float32")
@@ -204,6 +228,15 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
                 raise
             log.warning("out of GPU memory; retrying with batch %s, tiles %s", smaller.batch_size, smaller.max_tile)
             options = smaller
+    threshold, adapt = options.decoding(model)
+    if adapt:
+        ceiling, threshold = threshold, series_threshold(table["score"], threshold)
+        table = table[table["score"] >= threshold].reset_index(drop=True)
+        if threshold < ceiling:
+            log.info("peak threshold %.2f: this series' peak scores split lower than on data like the model's "
+                     "training data (threshold %.2f)", threshold, ceiling)
+    table.attrs.update(threshold=threshold, threshold_adapted=adapt)
+    return table
 
 
 def _session_shapes(data, session_shapes) -> list[tuple[int, ...]]:
@@ -445,7 +478,9 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     plan = plan_tiles(high - low, max_tile, options.halo, net.output_stride if options.views > 1 else (1, 1, 1))
     plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
-    threshold = options.threshold if options.threshold is not None else model.decode["threshold"]
+    threshold, adapt = options.decoding(model)
+    if adapt:  # peaks down to the floor; predict_series keeps those above the series' threshold
+        threshold = min(threshold, ADAPT_FLOOR)
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
     ranges = [session_range(s, model.normalization) if frames.resident is None

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 DETECT_LABEL = "Detect spines"
 
 
-def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | None, views: int = 1,
-                  max_rotation_deg: float = 3.0, gate_um: float = DEFAULT_GATE_UM,
+def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | str | None,
+                  views: int = 1, max_rotation_deg: float = 3.0, gate_um: float = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, progress: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> pd.DataFrame:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
@@ -145,8 +145,10 @@ class DetectPanel(CancellableRun, QWidget):
         self.device.setToolTip("auto: the GPU when there is one, else the CPU")
         form.addRow("Device", self.device)
         self.threshold = _number_box(
-            QDoubleSpinBox(), 0.0, 1.0, step=0.05, special="model default",
-            tip="Detection score threshold: lower finds more spines (and more false ones)")
+            QDoubleSpinBox(), 0.0, 0.99, step=0.05, special="auto",
+            tip="Detection score threshold: lower finds more spines (and more false ones). auto: the model's, "
+                "lowered to the split of this image's own peak scores where that is lower (another microscope "
+                "shifts a model's scores), not below 0.2")
         form.addRow("Threshold", self.threshold)
         self.views = QComboBox()
         self.views.addItems(["1", "2", "4"])

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core import edits
+from ..core.detect import threshold_note
 from ..core.edits import SpineState
 from ..errors import InputError
 from ..io.autosave import Autosaver, find_autosave, safe_name
@@ -196,7 +197,9 @@ class SpineTrackerWidget(QWidget):
         self._bind_autosave(image)
         self.editor.show(state, scale=(1.0, *voxel_size_um), translate=self._points_translate(image))
         self._label_axes()
-        show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks.")
+        lowered = threshold_note(table)
+        show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks."
+                  + (f" The {lowered} (set Threshold to keep it)." if lowered else ""))
 
     def _label_axes(self) -> None:
         """Name the axes t, z, y, x when napari shows its default numbers (-4..-1)."""
