@@ -110,6 +110,23 @@ def test_mirror_views_reach_detection(viewer_widget, qtbot, fake_detect):
     assert fake_detect.calls[0]["views"] == 4 and fake_detect.calls[0]["max_rotation_deg"] == 0.0
 
 
+def test_the_threshold_reaches_detection_and_a_lowered_one_is_told(viewer_widget, qtbot, fake_detect, monkeypatch):
+    from napari_spine_tracker.widgets import main
+
+    shown = []
+    monkeypatch.setattr(main, "show_info", shown.append)
+    _viewer, widget = viewer_widget
+    assert widget.detect.threshold.text() == "auto"
+    fake_detect.table.attrs.update(threshold=0.23, threshold_adapted=True, model_threshold=0.4)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[-1]["threshold"] is None  # auto
+    assert "peak threshold 0.23, lowered from the model's 0.40" in shown[-1]
+    widget.detect.threshold.setValue(0.3)
+    fake_detect.table.attrs.update(threshold=0.3, threshold_adapted=False)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[-1]["threshold"] == pytest.approx(0.3) and "lowered" not in shown[-1]
+
+
 def test_coarse_voxels_with_the_default_model_suggest_the_coarse_one(viewer_widget, qtbot, fake_detect,
                                                                       monkeypatch):
     shown = []
