@@ -14,6 +14,7 @@ detection is false.
 
     python benchmarks/adaptive_threshold.py
     python benchmarks/adaptive_threshold.py --models spinenet-synth runs/m.pt --sets test second_held
+    python benchmarks/adaptive_threshold.py --models spinenet-synth --views 4
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["spinenet-synth", "spinenet-synth-coarse"])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--seeds", type=int, help="at most this many seeds per case (a quicker look)")
+    parser.add_argument("--views", type=int, choices=[1, 2, 4], default=1, help="mirror views (detect --views)")
     args = parser.parse_args(argv)
 
     import logging
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
     logging.getLogger("napari_spine_tracker").setLevel(logging.ERROR)  # the coarse-voxel hint, per series
-    print("F1 / IDF1 (means over seeds) with the model's threshold and with the adapted one; thresholds used")
+    print(f"F1 / IDF1 (means over seeds) with the model's threshold and with the adapted one; thresholds used; "
+          f"{args.views} view(s)")
     print(f"{'model':24s} {'set':16s} {'case':18s} {'model thr':>14s} {'adapted':>14s}  adapted thresholds")
     for name in args.models:
         model = load_model(name, device="cpu")
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
                     truth = series.truth[series.truth["t"] >= first]
                     row = []
                     for threshold in ("model", "auto"):
-                        table = detect_series(series.image, series.voxel_size_um, model=model, threshold=threshold)
+                        table = detect_series(series.image, series.voxel_size_um, model=model, threshold=threshold,
+                                              views=args.views)
                         table = table[table["t"] >= first]
                         if set_name == "no_spines":
                             row.append((len(table), len(table), table.attrs["threshold"]))

@@ -107,7 +107,7 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
     steps per width; a point stops climbing at a width once its step is below 1e-3 µm, so its mode
     does not depend on the other points. A point whose kernel holds no weight keeps its start.
     Votes of zero weight cost time and add nothing: leave them out where rows hear few (see
-    :func:`_modes`).
+    :func:`_heard`).
     """
     mode = np.array(start, dtype=float)
     votes = np.asarray(votes, dtype=np.float32)
@@ -133,7 +133,7 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
                 break
             if going.mean() < 0.5:  # fewer, smaller arrays from here on
                 climbing, v, wv = climbing[going], v[:, going], wv[going]
-            else:  # a point heard nowhere keeps its mode
+            else:  # the arrays as they are; a point that stopped hears nothing, so keeps its mode
                 wv = np.where(going[:, None], wv, np.float32(0))
     return mode
 
@@ -291,12 +291,12 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     # (NumPy and SciPy release the GIL in most of it)
     of_session = [np.flatnonzero(t_all == t) for t in range(n_sessions)]
     local_motion: dict[int, np.ndarray] = {}
-    if local_scale_um:
+    jobs = {t: (between(pos[rows[~has_disp[rows]]], t, t - 1) * scale, pos[of_session[t - 1]] * scale)
+            for t, rows in enumerate(of_session)
+            if local_scale_um and t and len(of_session[t - 1]) and (~has_disp[rows]).any()}
+    if jobs:
         search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
-        jobs = {t: (between(pos[rows[~has_disp[rows]]], t, t - 1) * scale, pos[of_session[t - 1]] * scale)
-                for t, rows in enumerate(of_session)
-                if t and len(of_session[t - 1]) and (~has_disp[rows]).any()}
-        with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
             found = pool.map(lambda job: _local_motion(*job, search_um, local_scale_um), jobs.values())
             local_motion = dict(zip(jobs, found, strict=True))
 
