@@ -103,7 +103,8 @@ def series_threshold(scores, ceiling: float, floor: float = ADAPT_FLOOR, lowest:
     scores = scores[scores >= floor]
     if len(scores) < min_peaks:
         return float(ceiling)
-    x = np.sort(np.log(np.clip(scores, 1e-6, 1 - 1e-6) / np.clip(1 - scores, 1e-6, 1)))
+    p = np.clip(scores, 1e-6, 1 - 1e-6)
+    x = np.sort(np.log(p / (1 - p)))
     n = len(x)
     below = np.arange(1, n)  # a cut after each of the first n - 1 values
     cumulative = np.cumsum(x)

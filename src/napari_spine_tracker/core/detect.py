@@ -71,7 +71,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         Peak probability threshold. ``None`` or ``"auto"`` (default): the model's (chosen on
         validation), lowered to the split of this series' own peak scores where that is lower, not
         below 0.2 (another microscope shifts a model's scores: on the ``second_microscope``
-        preset F1 0.58 -> 0.72 with the shipped model, unchanged on data like its training data;
+        preset F1 0.58 -> 0.71 with the shipped model, unchanged on data like its training data;
         it assumes the series has spines). ``"model"``: the model's as it is. A number: that.
         The threshold used is in ``table.attrs["threshold"]``, the model's in ``"model_threshold"``.
     register, gate_um, max_gap
