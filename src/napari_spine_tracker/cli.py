@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "lower, as on another microscope (not below 0.2; it assumes the series has spines)")
     p.add_argument("--views", type=int, choices=[1, 2, 4], default=1,
                    help="test-time augmentation: average over this many mirror images of each tile (default 1); "
-                        "4 finds more spines on data like the training series, at about 3.5x the network's time "
-                        "(most of a CPU run, little of a GPU's)")
+                        "4 finds more spines, on data like the training series and (with --threshold auto) on "
+                        "another microscope's, at about 3.5x the network's time (most of a CPU run, little of a "
+                        "GPU's)")
     p.add_argument("--max-rotation", type=float, default=3.0, metavar="DEG",
                    help="largest turn in the imaging plane registration looks for between consecutive sessions "
                         "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
