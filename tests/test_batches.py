@@ -121,6 +121,18 @@ def test_a_batch_without_spines_has_no_centres():
     batch = make_batch(patches, (8, 8, 8), (1, 2, 2), (0.5, 0.2, 0.2))
     assert batch["centre"].shape == (0, 5) and batch["offset"].shape == (0, 3) and batch["size"].shape == (0,)
     assert not batch["heatmap"].any()
+    # and the loss of such a batch (a fine-tuning patch drawn where nobody marked a spine) is the
+    # heatmap's alone: it once failed to reshape the empty size rows
+    import torch
+
+    from napari_spine_tracker.core.train import compute_loss
+
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    outputs = {name: torch.zeros((1, 2, c, 8, 8, 8)) for name, c in
+               (("heatmap", 1), ("offset", 3), ("displacement", 3), ("size", 1))}
+    loss, parts = compute_loss(outputs, tensors)
+    assert torch.isfinite(loss) and parts["offset"] == parts["displacement"] == parts["size"] == 0.0
+    assert parts["focal"] > 0
 
 
 def _batch_and_outputs(seed: int):

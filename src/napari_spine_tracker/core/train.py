@@ -411,7 +411,7 @@ def compute_loss(outputs: dict, batch: dict) -> tuple[Any, dict[str, float]]:
     def point_l1(name: str, flag: str | None = None):
         predicted = outputs[name][b, t, :, z, y, x].float()  # (N, C)
         weight = labelled if flag is None else labelled * batch[flag]
-        diff = (predicted - batch[name].reshape(len(b), -1)).abs() * weight[:, None]
+        diff = (predicted - batch[name].reshape(predicted.shape)).abs() * weight[:, None]
         return diff.sum() / weight.sum().clamp(min=1.0)
 
     parts = {
