@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--seeds", type=int, help="at most this many seeds per case (a quicker look)")
     parser.add_argument("--views", type=int, choices=[1, 2, 4], default=1, help="mirror views (detect --views)")
+    parser.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, ...")
     args = parser.parse_args(argv)
 
     import logging
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
           f"{args.views} view(s)")
     print(f"{'model':24s} {'set':16s} {'case':18s} {'model thr':>14s} {'adapted':>14s}  adapted thresholds")
     for name in args.models:
-        model = load_model(name, device="cpu")
+        model = load_model(name, device=args.device)
         for set_name in args.sets:
             for case, seeds, sessions, first in SETS[set_name]:
                 rows = []

@@ -19,7 +19,8 @@
 #   finetune  the fine-tuning benchmark with the GPU's default budget (finetune.txt); beside the
 #             training when both are asked for, alone otherwise
 #   compare   the new model on the benchmark's test series (compare.txt), then beside the shipped
-#             one on a second microscope's series (second_microscope.txt), the check a new default
+#             one on a second microscope's series, with the model's threshold and the adapted one
+#             (benchmarks/adaptive_threshold.py, second_microscope.txt), the check a new default
 #             must also pass
 #   compile   the cost and gain of torch.compile (benchmarks/speed.py)
 #
@@ -133,8 +134,9 @@ if wants compare && [ -f "$OUT/spinenet-synth.pt" ] && [ "$(left)" -gt 70 ]; the
     echo "exit status $?"; cat "$OUT/compare.txt"
     if [ "$(left)" -gt 60 ]; then
         stamp "the new model and the shipped one on a second microscope ($(left) s left)"
-        timeout $(( $(left) - 5 )) $PY benchmarks/second_microscope.py --models spinenet-synth \
-            "$OUT/spinenet-synth.pt" --views 1 ${QUICK:+--seeds 2000 --sessions 4} > "$OUT/second_microscope.txt" 2>&1
+        timeout $(( $(left) - 5 )) $PY benchmarks/adaptive_threshold.py --models spinenet-synth \
+            "$OUT/spinenet-synth.pt" --sets second_held second_tuning --device "$DEVICE" \
+            ${QUICK:+--seeds 1} > "$OUT/second_microscope.txt" 2>&1
         echo "exit status $?"; grep -v "^INFO" "$OUT/second_microscope.txt"
     fi
 fi
