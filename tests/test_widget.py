@@ -121,10 +121,13 @@ def test_the_threshold_reaches_detection_and_a_lowered_one_is_told(viewer_widget
     _detect(qtbot, widget)
     assert fake_detect.calls[-1]["threshold"] is None  # auto
     assert "peak threshold 0.23, lowered from the model's 0.40" in shown[-1]
+    assert widget.detect.threshold.text() == "auto (last: 0.23)"
     widget.detect.threshold.setValue(0.3)
     fake_detect.table.attrs.update(threshold=0.3, threshold_adapted=False)
     _detect(qtbot, widget)
     assert fake_detect.calls[-1]["threshold"] == pytest.approx(0.3) and "lowered" not in shown[-1]
+    widget.detect.threshold.setValue(0.0)
+    assert widget.detect.threshold.text() == "auto"  # a fixed threshold leaves no "last" auto choice
 
 
 def test_coarse_voxels_with_the_default_model_suggest_the_coarse_one(viewer_widget, qtbot, fake_detect,

@@ -269,6 +269,10 @@ class DetectPanel(CancellableRun, QWidget):
         if self._stop.is_set():  # cancelled while the model finished anyway
             show_info("Detection cancelled; nothing changed.")
             return
+        used = table.attrs.get("threshold")
+        # what auto chose last time, where the choice is shown
+        self.threshold.setSpecialValueText("auto" if used is None or not table.attrs.get("threshold_adapted")
+                                           else f"auto (last: {used:.2f})")
         self.detected.emit(table, layer, voxel)
 
     def _on_errored(self, exc: Exception) -> None:
