@@ -12,9 +12,9 @@ import numpy as np
 ADAPT_FLOOR = 0.1
 #: fewer peaks than this above the floor say too little about a series' scores: the ceiling is kept
 ADAPT_MIN_PEAKS = 50
-#: the lowest an adapted threshold goes (on series without spines the split falls among background
-#: peaks, as low as 0.15; series with spines split at 0.21 or more; benchmarks/adaptive_threshold.py)
-ADAPT_LOWEST = 0.2
+#: the lowest an adapted threshold goes (where spines are few or none the split falls among
+#: background peaks, as low as 0.15; benchmarks/adaptive_threshold.py)
+ADAPT_LOWEST = 0.25
 
 DEFAULT_DECODE = {
     "threshold": 0.35,  # peak probability; the shipped model stores the value chosen on validation
@@ -94,10 +94,13 @@ def series_threshold(scores, ceiling: float, floor: float = ADAPT_FLOOR, lowest:
     preset the shipped model's true spines score a median 0.35 against 0.8 on data like its
     training data, while background peaks stay at 0.1-0.25, so a threshold chosen on validation
     (0.40) keeps only the brightest spines there. The split is Otsu's (the cut that maximises the
-    between-class variance) on the logits of the scores. On series like the training data it
-    falls at or above the ceiling, which is then kept (``benchmarks/adaptive_threshold.py``).
-    The split assumes the series has spines: where it has none, background peaks are split and
-    a lowered threshold keeps more of them than the ceiling would.
+    between-class variance) on the logits of the scores. The threshold is lowered only where the
+    peaks above the split score a median below the ceiling, i.e. where the series' spines score
+    lower than the model's do: on series like the training data the split falls at or above the
+    ceiling, or, where spines are few among many background peaks, below it with the spines
+    still scoring above it; both keep the ceiling (``benchmarks/adaptive_threshold.py``). On a
+    series without spines whose background scores low, background peaks are split, and the
+    lowered threshold keeps more of them than the ceiling would.
     """
     scores = np.asarray(scores, dtype=float)
     scores = scores[scores >= floor]
@@ -114,6 +117,9 @@ def series_threshold(scores, ceiling: float, floor: float = ADAPT_FLOOR, lowest:
     between[x[1:] <= x[:-1]] = -1.0  # cut only between different values
     cut = int(np.argmax(between))
     if between[cut] <= 0:
+        return float(ceiling)
+    upper_median = 1.0 / (1.0 + np.exp(-np.median(x[cut + 1 :])))
+    if upper_median >= ceiling:  # the upper group scores as the model's spines do: keep its threshold
         return float(ceiling)
     split = 1.0 / (1.0 + np.exp(-(x[cut] + x[cut + 1]) / 2))
     return float(min(ceiling, max(split, lowest)))
