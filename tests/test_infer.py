@@ -716,9 +716,10 @@ def test_the_threshold_adapts_to_a_series_whose_spines_score_lower():
     assert series_threshold(bright, 0.4) == 0.4
     # the same spines on a dimmer microscope (around 0.35): lowered to between the two groups
     dim = np.concatenate([background, rng.uniform(0.27, 0.45, 150)])
-    lowered = series_threshold(dim, 0.4)
+    lowered = series_threshold(dim, 0.4, lowest=0.0)
     assert 0.2 < lowered < 0.3
     assert (dim >= lowered).sum() >= 150 and (background >= lowered).mean() < 0.1
+    assert series_threshold(dim, 0.4) == ADAPT_LOWEST == 0.3  # by default not below 0.3
     # a few bright spines among many background peaks with a long tail: the split falls below the
     # model's threshold, but the peaks above it score a median above it, as the model's spines do,
     # so the threshold stays
@@ -731,7 +732,7 @@ def test_the_threshold_adapts_to_a_series_whose_spines_score_lower():
     assert series_threshold(np.concatenate([background, rng.uniform(0.12, 0.2, 150)]), 0.4) == ADAPT_LOWEST
     assert series_threshold(dim[::20], 0.4) == 0.4  # 38 peaks
     assert series_threshold(np.full(100, 0.3), 0.4) == 0.4
-    assert series_threshold(dim, 0.4, lowest=0.1) < 0.25
+    assert series_threshold(dim, 0.4, lowest=0.1) == lowered
 
 
 def test_the_threshold_choices_reach_the_peaks_kept(random_model):
