@@ -10,9 +10,9 @@ Series: the synthetic test cases (like the training data); the ``second_microsco
 presets with few spines (0.1-0.6 per µm of dendrite); ``faint`` (low_snr's light, small heads
 only); ``other_microscope`` (far outside: camera-like detector, 1.5 µm z steps); and series without
 spines (the rule's weak side), where every detection is false. The ``_tuning`` sets were looked at
-while the rule was chosen (Otsu's split on seeds 2000-2005; the check on the upper group's median
-and the lowest bound, 0.3, on seeds 2000-2017 and the sparse seeds 11-22), the ``_held`` sets
-(seeds 2018-2023, sparse 31-32) only once, after it was fixed.
+while the rule was chosen (Otsu's split on seeds 2000-2005; the lowest bound, 0.3, on seeds
+2000-2017 and the sparse seeds 11-22), the ``_held`` sets (seeds 2018-2023, sparse 31-32) only
+once, after it was fixed.
 
     python benchmarks/adaptive_threshold.py
     python benchmarks/adaptive_threshold.py --models spinenet-synth runs/m.pt --sets test second_held

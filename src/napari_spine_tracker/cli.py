@@ -192,9 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
     p.add_argument("--threshold", type=_threshold, default="auto", metavar="P|auto|model",
                    help="peak score threshold: a probability, 'model' (the model's, chosen on validation) or 'auto' "
-                        "(default): the model's, lowered to the split of the series' own peak scores where the "
-                        "peaks above that split score lower than the model's threshold, as on another microscope "
-                        "(not below 0.3)")
+                        "(default): the model's, lowered to the split of the series' own peak scores where that is "
+                        "lower, as on another microscope (not below 0.3)")
     p.add_argument("--views", type=int, choices=[1, 2, 4], default=1,
                    help="test-time augmentation: average over this many mirror images of each tile (default 1); "
                         "4 finds more spines, on data like the training series and (with --threshold auto) on "

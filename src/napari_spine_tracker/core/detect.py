@@ -69,10 +69,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
     threshold
         Peak probability threshold. ``None`` or ``"auto"`` (default): the model's (chosen on
-        validation), lowered to the split of this series' own peak scores where the peaks above
-        that split score lower than it, not below 0.3 (another microscope shifts a model's
-        scores; README, "A threshold for each series"; ``decode.series_threshold``). ``"model"``:
-        the model's as it is. A number: that.
+        validation), lowered to the split of this series' own peak scores where that is lower,
+        not below 0.3 (another microscope shifts a model's scores; README, "A threshold for each
+        series"; ``decode.series_threshold``). ``"model"``: the model's as it is. A number: that.
         The threshold used is in ``table.attrs["threshold"]``, the model's in ``"model_threshold"``.
     register, gate_um, max_gap
         Rigid registration between sessions; linking gate in µm; sessions a spine may be missed

@@ -147,8 +147,8 @@ class DetectPanel(CancellableRun, QWidget):
         self.threshold = _number_box(
             QDoubleSpinBox(), 0.0, 0.99, step=0.05, special="auto",
             tip="Detection score threshold: lower finds more spines (and more false ones). auto: the model's, "
-                "lowered to the split of this image's own peak scores where the peaks above it score lower "
-                "(another microscope shifts a model's scores), not below 0.3")
+                "lowered to the split of this image's own peak scores where that is lower (another "
+                "microscope shifts a model's scores), not below 0.3")
         form.addRow("Threshold", self.threshold)
         self.views = QComboBox()
         self.views.addItems(["1", "2", "4"])
