@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, InputError
+from .devices import usable_cores
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -220,10 +221,7 @@ def _torch_threads_on_worker() -> int:
 
     A Dask nanny starts workers with OMP_NUM_THREADS=1, which would leave torch one core.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))  # what SLURM's --cpus-per-task allows this job
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         from distributed import get_worker
 

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import platform
 import threading
 
@@ -17,6 +18,15 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity (what a job scheduler such as SLURM's
+    --cpus-per-task allows), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def get_device(name: str = "auto"):

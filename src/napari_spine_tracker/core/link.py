@@ -28,7 +28,6 @@ whole rigid map from one session to the other.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +37,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import Cancelled, InputError, number_or_nan
 from ..io.tables import REQUIRED_COLUMNS, validate_spine_table
+from .devices import usable_cores
 from .metrics import parse_voxel_size, sparse_assignment
 from .register import as_motion
 
@@ -296,7 +296,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             if local_scale_um and t and len(of_session[t - 1]) and (~has_disp[rows]).any()}
     if jobs:
         search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
-        with ThreadPoolExecutor(min(len(jobs), _usable_cores())) as pool:
+        with ThreadPoolExecutor(min(len(jobs), usable_cores())) as pool:
             found = pool.map(lambda job: _local_motion(*job, search_um, local_scale_um), jobs.values())
             local_motion = dict(zip(jobs, found, strict=True))
 
@@ -374,14 +374,6 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
               table["track_id"].nunique())
     table = table.sort_values(["t", "track_id"], kind="stable")
     return validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)], source="linked detections")
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (a job scheduler's share, not the machine's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _extra(table: pd.DataFrame) -> list[str]:
