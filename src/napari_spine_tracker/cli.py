@@ -157,15 +157,17 @@ class _progress_bar:
 
 
 def _threshold(text: str):
-    """--threshold: a probability, 'auto' or 'model'."""
-    if text in ("auto", "model"):
-        return text
+    """--threshold: a probability, 'auto' or 'model' (``infer.check_threshold`` says what is valid)."""
+    from .core.infer import check_threshold
+
     try:
-        value = float(text)
+        value = text if text in ("auto", "model") else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability, 'auto' or 'model', got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"a threshold is a probability between 0 and 1, got {text}")
+        value = text
+    try:
+        check_threshold(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

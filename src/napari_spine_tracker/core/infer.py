@@ -467,7 +467,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     sessions = [_SessionView(data, t, shapes[t]) for t in range(t_count)]
     if options.resident and held is None:
         held = DeviceSessions(sessions, device)
-    frames = _Frames(motion, scale, data.shape[1:], device=device, resident=held if options.resident else None)
+    frames = _Frames(motion, scale, data.shape[1:], device=device, resident=held)
     max_tile = options.max_tile or _default_max_tile(device)
     # tile the union of the sessions' fields in the reference frame, so that what drifted into one
     # session's field is analysed too

@@ -290,10 +290,12 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     # detection of t-1 is a track seen in t-1), so it is found for all sessions at once, in threads
     # (NumPy and SciPy release the GIL in most of it)
     of_session = [np.flatnonzero(t_all == t) for t in range(n_sessions)]
+    # each detection of session t mapped into session t-1 by registration alone
+    rigid = {t: between(pos[rows], t, t - 1) for t, rows in enumerate(of_session) if t and len(rows)}
     local_motion: dict[int, np.ndarray] = {}
-    jobs = {t: (between(pos[rows[~has_disp[rows]]], t, t - 1) * scale, pos[of_session[t - 1]] * scale)
+    jobs = {t: (rigid[t][~has_disp[rows]] * scale, pos[of_session[t - 1]] * scale)
             for t, rows in enumerate(of_session)
-            if local_scale_um and t and len(of_session[t - 1]) and (~has_disp[rows]).any()}
+            if local_scale_um and t in rigid and len(of_session[t - 1]) and (~has_disp[rows]).any()}
     if jobs:
         search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
         with ThreadPoolExecutor(min(len(jobs), usable_cores())) as pool:
@@ -323,11 +325,10 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         # 1. frame-to-frame, to tracks seen in session t-1
         keys = [k for k, r in last_row.items() if t_all[r] == t - 1]
         if keys and len(rows):
-            rigid = between(pos[rows], t, t - 1)
             targets = pos[[last_row[k] for k in keys]] * scale
             gates = np.full(len(keys), float(gate_um))
             by_registration = ~has_disp[rows]
-            back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid) * scale
+            back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid[t]) * scale
             if t in local_motion:
                 back[by_registration] += local_motion[t]
             src, dst = _assign(back, targets, gates)
@@ -335,7 +336,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
                 track_of_row[rows[i]] = keys[j]
                 last_row[keys[j]] = rows[i]
             linked[src] = True
-            field_at, field = targets[dst], targets[dst] - rigid[src] * scale
+            field_at, field = targets[dst], targets[dst] - rigid[t][src] * scale
         # tracks seen in t-1 and not found now become ghosts at their last position
         for key in keys:
             if t_all[last_row[key]] == t - 1:
