@@ -35,3 +35,33 @@ def test_batch_preparation_benchmark_runs(monkeypatch, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "0 workers:" in out and "patches/s" in out
+
+
+def _table(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x"])
+
+
+def test_identity_errors_tells_the_kinds_apart():
+    identity_errors = runpy.run_path(str(BENCHMARKS / "identity_errors.py"))["identity_errors"]
+    # true spine 1 lives in sessions 0-3; spine 2 is lost after session 1; spine 3 is gained in session 2
+    # next to where spine 2 was; spine 4 lives in sessions 0-3 far away
+    truth = _table([(1, t, 5, 10, 10) for t in range(4)] + [(2, t, 5, 30, 30) for t in (0, 1)]
+                   + [(3, t, 5, 30, 34) for t in (2, 3)] + [(4, t, 5, 60, 60) for t in range(4)])
+    # predicted: spine 1 kept throughout; spines 2 and 3 read as one track (a gain and a loss merged);
+    # spine 4's track broken in session 2 and restarted (a fragment)
+    pred = _table([(1, t, 5, 10, 10) for t in range(4)] + [(7, 0, 5, 30, 30), (7, 1, 5, 30, 30),
+                   (7, 2, 5, 30, 34), (7, 3, 5, 30, 34)] + [(9, 0, 5, 60, 60), (9, 1, 5, 60, 60),
+                                                            (11, 2, 5, 60, 60), (11, 3, 5, 60, 60)])
+    counts = identity_errors(pred, truth, (0.5, 0.1, 0.1))
+    assert counts["tp"] == 12 and counts["idtp"] == 4 + 2 + 2  # one of 2 or 3; one fragment of 4
+    assert counts["kept"] == 3 + 1 + 1 + 2 and counts["fragment"] == 1 and counts["switch"] == 0
+    assert counts["gains"] == 1 and counts["gain merged"] == 1
+    assert counts["losses"] == 1 and counts["loss merged"] == 1
+    # the same spines linked right: nothing merged
+    pred.loc[pred["track_id"].eq(7) & pred["t"].ge(2), "track_id"] = 8
+    pred.loc[pred["track_id"].eq(11), "track_id"] = 9
+    counts = identity_errors(pred, truth, (0.5, 0.1, 0.1))
+    assert counts["idtp"] == 12 and counts["gain merged"] == 0 and counts["loss merged"] == 0
+    assert counts["fragment"] == 0 and counts["kept"] == 3 + 1 + 1 + 3
