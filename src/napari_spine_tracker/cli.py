@@ -158,10 +158,10 @@ class _progress_bar:
 
 def _threshold(text: str):
     """--threshold: a probability, 'auto' or 'model' (``infer.check_threshold`` says what is valid)."""
-    from .core.infer import check_threshold
+    from .core.infer import THRESHOLD_WORDS, check_threshold
 
     try:
-        value = text if text in ("auto", "model") else float(text)
+        value = text if text in THRESHOLD_WORDS else float(text)
     except ValueError:
         value = text
     try:

@@ -138,6 +138,10 @@ class _SessionView:
         return np.asarray(self.data[(self.t, *clipped)])
 
 
+#: the threshold's words: the model's lowered to the series' own split, and the model's as it is
+THRESHOLD_WORDS = ("auto", "model")
+
+
 @dataclass
 class InferenceOptions:
     # a peak probability, "model" (the model's own, chosen on validation) or "auto" (None): the
@@ -160,14 +164,14 @@ class InferenceOptions:
 
     def decoding(self, model) -> tuple[float, bool]:
         """(the threshold, or the ceiling of an adapted one; whether it adapts to the series)."""
-        if self.threshold is None or self.threshold in ("auto", "model"):
+        if self.threshold is None or self.threshold in THRESHOLD_WORDS:
             return float(model.decode["threshold"]), self.threshold != "model"
         return float(self.threshold), False
 
 
 def check_threshold(threshold) -> None:
     """An InputError unless ``threshold`` is a probability in (0, 1), "auto", "model" or None."""
-    if threshold is None or (isinstance(threshold, str) and threshold in ("auto", "model")):
+    if threshold is None or (isinstance(threshold, str) and threshold in THRESHOLD_WORDS):
         return
     value = number_or_nan(threshold)
     if isinstance(threshold, bool) or not 0 < value < 1:
