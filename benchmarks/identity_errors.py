@@ -26,6 +26,8 @@ import itertools
 import sys
 from collections import Counter
 
+from napari_spine_tracker.core.link import parse_gate
+
 KINDS = ("kept", "switch", "fragment", "gain merged", "gains", "loss merged", "losses")
 
 
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="spinenet-synth")
     parser.add_argument("--cases", nargs="+", default=["default", "large_drift", "low_snr", "crowded"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1000, 1001, 1002])
-    parser.add_argument("--gates", nargs="+", type=float, default=[1.2, 0.8])
+    parser.add_argument("--gates", nargs="+", type=parse_gate, default=["auto", 1.2, 0.8],
+                        help="µm, or auto (the default: chosen per series)")
     parser.add_argument("--quick", action="store_true", help="small series (a smoke test)")
     args = parser.parse_args(argv)
 
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
                 linked = link_detections(detections, series.voxel_size_um, motion=motion, gate_um=gate)
                 total += identity_errors(linked, series.truth, series.voxel_size_um)
             ratio = total["idtp"] / total["tp"] if total["tp"] else 0.0
-            print(f"{case:12s} {gate:5.2f} {ratio:8.3f}  " + "  ".join(f"{total[k]:11d}" for k in KINDS), flush=True)
+            label = gate if isinstance(gate, str) else f"{gate:.2f}"
+            print(f"{case:12s} {label:>5s} {ratio:8.3f}  " + "  ".join(f"{total[k]:11d}" for k in KINDS), flush=True)
     return 0
 
 

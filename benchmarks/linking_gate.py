@@ -16,13 +16,16 @@ import argparse
 import itertools
 import sys
 
+from napari_spine_tracker.core.link import parse_gate
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="spinenet-synth")
     parser.add_argument("--cases", nargs="+", default=["default", "large_drift", "low_snr", "crowded"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[2000, 2001, 2002])
-    parser.add_argument("--gates", nargs="+", type=float, default=[0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6])
+    parser.add_argument("--gates", nargs="+", type=parse_gate, default=["auto", 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6],
+                        help="µm, or auto (the default: chosen per series)")
     parser.add_argument("--max-gaps", nargs="+", type=int, default=[2])
     parser.add_argument("--threshold", type=float, help="peak threshold (default: the model's)")
     parser.add_argument("--sessions", type=int, help="sessions per series (default: the preset's)")
@@ -52,12 +55,16 @@ def main(argv=None) -> int:
     print("gate um  gap  " + "  ".join(f"{case:>11s}" for case in args.cases) + "         mean")
     for gate, gap in itertools.product(args.gates, args.max_gaps):
         scores = {case: [] for case in args.cases}
+        used = []
         for case, series, detections, motion in runs:
             linked = link_detections(detections, series.voxel_size_um, motion=motion, gate_um=gate, max_gap=gap)
             scores[case].append(evaluate_tracks(linked, series.truth, series.voxel_size_um)["idf1"])
+            used.append(linked.attrs["gate_um"])
         means = [float(np.mean(scores[case])) for case in args.cases]
-        print(f"{gate:7.2f}  {gap:3d}  " + "  ".join(f"{m:11.4f}" for m in means) + f"  {np.mean(means):11.4f}",
-              flush=True)
+        label = gate if isinstance(gate, str) else f"{gate:.2f}"
+        chose = f"   (chose {min(used):.2f}-{max(used):.2f})" if isinstance(gate, str) else ""
+        print(f"{label:>7s}  {gap:3d}  " + "  ".join(f"{m:11.4f}" for m in means) + f"  {np.mean(means):11.4f}"
+              + chose, flush=True)
     return 0
 
 

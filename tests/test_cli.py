@@ -144,14 +144,20 @@ def test_detect_passes_the_linking_gate_and_gap(synth_dir, tmp_path, tiny_checkp
     assert seen == [(0.9, 1)] and len(read_spine_table(out)) > 0
     assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
                  "-q"]) == 0
-    assert seen[1] == (1.2, 2)  # the defaults
+    assert seen[1] == ("auto", 2)  # the defaults
+    assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+                 "--gate-um", "auto", "-q"]) == 0
+    assert seen[2] == ("auto", 2)
     # refused before any detection runs
     monkeypatch.setattr(detect, "predict_series", lambda *a, **k: pytest.fail("detection ran"))
-    for flag, value, message in (("--gate-um", "0", "gate_um must be a positive distance"),
-                                 ("--max-gap", "-1", "max_gap must be a whole number")):
-        assert main(["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
-                     flag, value, "-q"]) == 2
-        assert message in capsys.readouterr().err
+    command = ["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint), "-q"]
+    for value in ("0", "far"):
+        with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+            main([*command, "--gate-um", value])
+        assert exc.value.code == 2
+        assert f"gate_um must be 'auto' or a positive distance in µm, got '{value}'" in capsys.readouterr().err
+    assert main([*command, "--max-gap", "-1"]) == 2
+    assert "max_gap must be a whole number" in capsys.readouterr().err
 
 
 def test_detect_passes_the_threshold_and_says_when_it_was_lowered(synth_dir, tmp_path, tiny_checkpoint, capsys,

@@ -294,7 +294,7 @@ def test_bad_inputs_are_explained(random_model):
                       max_rotation_deg=float("nan"))
     # linking choices are refused before the network runs, not after
     for bad in (dict(gate_um=0.0), dict(gate_um="far"), dict(max_gap=-1), dict(max_gap=1.5)):
-        with pytest.raises(InputError, match=r"gate_um must be a positive|max_gap must be a whole"):
+        with pytest.raises(InputError, match=r"gate_um must be 'auto' or a positive|max_gap must be a whole"):
             detect_series(np.zeros((2, 8, 32, 32), np.uint16), (0.5, 0.1, 0.1), model=random_model,
                           should_stop=lambda: pytest.fail("detection started"), **bad)
 
@@ -747,6 +747,9 @@ def test_the_threshold_choices_reach_the_peaks_kept(random_model):
     table = detect_series(series, voxel, model=random_model)  # auto by default; the table says so
     assert table.attrs["threshold_adapted"] and table.attrs["model_threshold"] == 0.3
     assert table["score"].min() >= table.attrs["threshold"]
+    assert table.attrs["gate_auto"] and 0.8 <= table.attrs["gate_um"] <= 1.4  # the linking gate, likewise
+    fixed_gate = detect_series(series, voxel, model=random_model, gate_um=1.1)
+    assert fixed_gate.attrs["gate_um"] == 1.1 and not fixed_gate.attrs["gate_auto"]
     for bad in (0.0, 1.0, "low", True, float("nan")):
         with pytest.raises(InputError, match="threshold must be a peak probability"):
             detect_series(series, voxel, model=random_model, threshold=bad,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_spine_tracker.core.link import link_detections
+from napari_spine_tracker.core.link import AUTO_GATE, FIXED_GATE_UM, link_detections, parse_gate
 from napari_spine_tracker.core.metrics import evaluate_tracks
 from napari_spine_tracker.errors import Cancelled, InputError
 from napari_spine_tracker.io.tables import REQUIRED_COLUMNS
@@ -112,10 +112,64 @@ def test_gating_rejects_far_jumps():
     assert linked["track_id"].tolist() == [1, 1, 2]
 
 
+def jittered_grid(sigma_um: float, sessions: int = 4, seed: int = 0) -> pd.DataFrame:
+    """A truth table: 36 spines 3 µm apart in y and x, found each session within ``sigma_um``
+    (per axis) of their place, without drift."""
+    rng = np.random.default_rng(seed)
+    place = np.array([[4.0, 30.0 * i, 30.0 * j] for i in range(6) for j in range(6)])
+    rows = []
+    for t in range(sessions):
+        found = place + rng.normal(0.0, sigma_um, place.shape) / np.array(VOXEL)
+        rows += [(k + 1, t, *p) for k, p in enumerate(found)]
+    return pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x"])
+
+
+def test_auto_gate_is_four_medians_of_the_series_links():
+    truth = jittered_grid(0.12)
+    linked = link_detections(detections_from(truth), VOXEL, local_scale_um=None)
+    assert same_partition(linked, truth)
+    # every probe link is right here, so the median is that of each spine's step between sessions
+    steps = truth.sort_values(["track_id", "t"]).groupby("track_id")[["z", "y", "x"]].diff().dropna()
+    median = float(np.median(np.linalg.norm(steps.to_numpy() * VOXEL, axis=1)))
+    assert 0.2 < 4 * median < 1.4 - 0.2  # inside the range, so the rule itself is what is checked
+    assert linked.attrs == {"gate_um": pytest.approx(4 * median), "gate_auto": True}
+    # within the range: tightly localised spines get the narrowest gate, poorly localised the widest
+    assert link_detections(detections_from(jittered_grid(0.02)), VOXEL).attrs["gate_um"] == 0.8
+    assert link_detections(detections_from(jittered_grid(0.4)), VOXEL).attrs["gate_um"] == 1.4
+    # too few links to measure: the fixed gate; a gate given is used as it is
+    few = detections_from(grid_truth(np.zeros((3, 3))))
+    assert link_detections(few, VOXEL).attrs == {"gate_um": FIXED_GATE_UM, "gate_auto": True}
+    assert link_detections(few, VOXEL, gate_um=0.9).attrs == {"gate_um": 0.9, "gate_auto": False}
+
+
+def test_auto_gate_keeps_a_new_spine_from_taking_a_lost_neighbours_id():
+    truth = jittered_grid(0.02)
+    # spine 8 is lost after session 1 and a new spine (37) grows 1 µm beside where it was
+    lost = (truth["track_id"] == 8) & (truth["t"] >= 2)
+    born = truth[lost].assign(track_id=37, x=lambda d: d["x"] + 10.0)
+    truth = pd.concat([truth[~lost], born], ignore_index=True)
+    auto = link_detections(detections_from(truth), VOXEL)
+    assert auto.attrs["gate_um"] == 0.8 and same_partition(auto, truth)
+    assert evaluate_tracks(auto, truth, VOXEL)["idf1"] == 1.0
+    # a fixed 1.2 µm gate hides both the loss and the gain: the new spine carries on the lost one's id
+    fixed = link_detections(detections_from(truth), VOXEL, gate_um=1.2)
+    assert not same_partition(fixed, truth)
+    assert fixed["track_id"].nunique() == 36
+
+
+def test_parse_gate():
+    assert parse_gate("auto") == parse_gate(" AUTO ") == AUTO_GATE
+    assert parse_gate("0.9") == 0.9
+    for bad in ("0", "-1", "far", "nan"):
+        with pytest.raises(InputError, match=rf"gate_um must be 'auto' or a positive distance in µm, got '{bad}'"):
+            parse_gate(bad)
+
+
 def test_empty_input_gives_empty_table():
     empty = pd.DataFrame({"t": [], "z": [], "y": [], "x": [], "score": []})
     linked = link_detections(empty, VOXEL)
     assert len(linked) == 0 and list(linked.columns[:7]) == list(REQUIRED_COLUMNS)
+    assert linked.attrs == {"gate_um": FIXED_GATE_UM, "gate_auto": True}
 
 
 def test_progress_cancel_and_bad_input():

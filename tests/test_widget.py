@@ -151,6 +151,21 @@ def test_linking_choices_reach_detection(viewer_widget, qtbot, fake_detect):
     _detect(qtbot, widget)
     assert fake_detect.calls[0]["gate_um"] == pytest.approx(0.8) and fake_detect.calls[0]["max_gap"] == 0
 
+
+def test_the_auto_gate_is_shown_with_its_last_choice(viewer_widget, qtbot, fake_detect):
+    _viewer, widget = viewer_widget
+    assert widget.detect.gate.text() == "auto"
+    fake_detect.table.attrs.update(gate_um=0.93, gate_auto=True)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[-1]["gate_um"] == "auto"
+    assert widget.detect.gate.text() == "auto (last: 0.93 µm)"
+    widget.detect.gate.setValue(1.1)
+    fake_detect.table.attrs.update(gate_um=1.1, gate_auto=False)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[-1]["gate_um"] == pytest.approx(1.1)
+    widget.detect.gate.setValue(0.0)
+    assert widget.detect.gate.text() == "auto"  # a fixed gate leaves no "last" auto choice
+
 def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     viewer, widget = viewer_widget
     assert widget.detect.run_button.text() == "Detect spines"
@@ -160,7 +175,7 @@ def test_detect_makes_points_and_tracks(viewer_widget, qtbot, fake_detect):
     assert fake_detect.calls[0]["voxel_size_um"] == pytest.approx(VOXEL)
     assert fake_detect.calls[0]["threshold"] is None and fake_detect.calls[0]["views"] == 1
     assert fake_detect.calls[0]["max_rotation_deg"] == 3.0
-    assert fake_detect.calls[0]["gate_um"] == pytest.approx(1.2) and fake_detect.calls[0]["max_gap"] == 2
+    assert fake_detect.calls[0]["gate_um"] == "auto" and fake_detect.calls[0]["max_gap"] == 2
     spines = viewer.layers["spines"]
     assert spines.ndim == 4 and len(spines.data) == 8
     assert spines.features["track_id"].dtype == np.int64 and spines.features["score"].dtype == np.float64

@@ -171,6 +171,16 @@ def _threshold(text: str):
     return value
 
 
+def _gate(text: str):
+    """--gate-um: 'auto' or a distance in µm (``link.parse_gate``)."""
+    from .core.link import parse_gate
+
+    try:
+        return parse_gate(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _voxel_size(parser_action_name: str = "--voxel-size", required: bool = False) -> dict:
     return dict(nargs=3, type=float, metavar=("Z", "Y", "X"), required=required,
                 help="voxel size in µm, z y x (overrides the file's metadata)")
@@ -205,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest turn in the imaging plane registration looks for between consecutive sessions "
                         "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
                         "by 2 µm (up to about 54 µm across at 3 degrees) are not searched")
-    p.add_argument("--gate-um", type=float, metavar="UM",
+    p.add_argument("--gate-um", type=_gate, metavar="UM|auto",
                    help="linking gate: the farthest a spine is followed from one session to the next, after "
-                        "registration and the local motion of its neighbours (default 1.2 µm)")
+                        "registration and the local motion of its neighbours, in µm, or 'auto' (default): 4x the "
+                        "median distance of the series' own links, within 0.8-1.4 µm")
     p.add_argument("--max-gap", type=int, metavar="N",
                    help="sessions a spine may be missed and keep its id (default 2)")
     p.add_argument("--scheduler", metavar="local|ADDRESS",

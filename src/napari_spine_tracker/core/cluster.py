@@ -123,7 +123,7 @@ class _Job:
     torch_threads: int | None = None
     views: int | None = None
     max_rotation_deg: float | None = None
-    gate_um: float | None = None
+    gate_um: float | str | None = None
     max_gap: int | None = None
 
 
@@ -307,7 +307,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 model: Any = DEFAULT_MODEL, device: str = "auto",
                 voxel_size_um: Sequence[float] | None = None, channel: int | None = None,
                 threshold: float | None = None, views: int | None = None,
-                max_rotation_deg: float | None = None, gate_um: float | None = None,
+                max_rotation_deg: float | None = None, gate_um: float | str | None = None,
                 max_gap: int | None = None, skip_done: bool = True,
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> BatchReport:

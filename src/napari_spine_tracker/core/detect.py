@@ -49,7 +49,8 @@ def _as_series(series, voxel_size_um):
 
 def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   model: str | LoadedModel = DEFAULT_MODEL, device: str = "auto",
-                  threshold: float | str | None = None, register: bool = True, gate_um: float = DEFAULT_GATE_UM,
+                  threshold: float | str | None = None, register: bool = True,
+                  gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, max_rotation_deg: float = 3.0, views: int | None = None,
                   options: InferenceOptions | None = None,
                   progress: Callable[[int, int], None] | None = None,
@@ -74,8 +75,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         series"; ``decode.series_threshold``). ``"model"``: the model's as it is. A number: that.
         The threshold used is in ``table.attrs["threshold"]``, the model's in ``"model_threshold"``.
     register, gate_um, max_gap
-        Rigid registration between sessions; linking gate in µm; sessions a spine may be missed
-        and keep its id.
+        Rigid registration between sessions; linking gate in µm, or ``"auto"`` (default): from the
+        series' own link distances (``link.link_detections``); sessions a spine may be missed and
+        keep its id. The gate used is in ``table.attrs["gate_um"]``.
     max_rotation_deg
         The largest turn in the imaging plane that registration looks for between consecutive
         sessions (0: translation only).
@@ -142,8 +144,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
             held.release()
         free_memory(loaded.device)
     drop = [c for c in ("dz", "dy", "dx") if c in table.columns]
-    log.info("detected %d spine-sessions in %d tracks (peak threshold %.2f)", len(table),
-             table["track_id"].nunique(), detections.attrs["threshold"])
+    log.info("detected %d spine-sessions in %d tracks (peak threshold %.2f, linking gate %.2f µm)", len(table),
+             table["track_id"].nunique(), detections.attrs["threshold"], table.attrs["gate_um"])
     table = table.drop(columns=drop)
     table.attrs.update(detections.attrs, model_threshold=float(loaded.decode["threshold"]))
     return table

@@ -6,6 +6,12 @@ sessions ``t-2 .. t-1-max_gap`` (gap closing), so a spine missed in one or two s
 id. Each step is one optimal assignment (Hungarian) maximising the sum of ``gate - cost`` over the
 links made: a link costs its distance in µm, and a pair farther apart than the gate is never linked.
 
+The gate is, by default, chosen for each series from how far its spines land from where they were
+expected ("auto"): 4 times the median distance of the frame-to-frame links made under a wide probe
+gate, within 0.8-1.4 µm. Series whose spines are found where expected get a narrow gate, which
+keeps a new spine from taking the id of a neighbour lost in the same session; series that deform
+more, or whose spines are localised less well (another microscope), a wider one.
+
 Where a detection came from (its expected position in session ``t-1``):
 
 - with the network's displacement ``d = (dz, dy, dx)`` known:  ``p + d``;
@@ -43,26 +49,52 @@ from .register import as_motion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GATE_UM", "DEFAULT_MAX_GAP", "check_linking", "link_detections"]
+__all__ = ["AUTO_GATE", "DEFAULT_GATE_UM", "DEFAULT_MAX_GAP", "FIXED_GATE_UM", "check_linking",
+           "link_detections", "parse_gate"]
 
 DISPLACEMENT_COLUMNS = ("dz", "dy", "dx")
 #: µm: pairs of detections this close (after registration) vote on the local motion; registration
 #: errs by up to ~1.5 µm on large drift (benchmarks: tuning seeds 2000-2002)
 MOTION_SEARCH_UM = 3.0
-#: µm: the farthest a spine is followed from one session to the next (``benchmarks/linking_gate.py``)
-DEFAULT_GATE_UM = 1.2
+#: the gate word: chosen for each series from its own link distances
+AUTO_GATE = "auto"
+#: the default gate (``benchmarks/linking_gate.py``)
+DEFAULT_GATE_UM = AUTO_GATE
+#: µm: the gate where a series has too few links to measure (and the fixed default before "auto")
+FIXED_GATE_UM = 1.2
+#: "auto": this many times the median distance of the frame-to-frame links made at PROBE_GATE_UM,
+#: within AUTO_GATE_RANGE_UM; chosen on the tuning seeds 2000-2002 and the second microscope's
+#: 2000-2011 (README, "A linking gate for each series")
+AUTO_GATE_PER_MEDIAN = 4.0
+AUTO_GATE_RANGE_UM = (0.8, 1.4)
+PROBE_GATE_UM = 1.6
+#: "auto" measures a series with at least this many probe links; fewer: FIXED_GATE_UM
+MIN_PROBE_LINKS = 20
 #: sessions a spine may be missed and keep its id
 DEFAULT_MAX_GAP = 2
 
 
 def check_linking(gate_um=None, max_gap=None) -> None:
-    """An InputError unless the gate (if given) is a positive distance in µm and the gap (if
-    given) a whole number of sessions >= 0."""
+    """An InputError unless the gate (if given) is ``"auto"`` or a positive distance in µm and the
+    gap (if given) a whole number of sessions >= 0."""
     gate, gap = number_or_nan(gate_um), number_or_nan(max_gap)
-    if gate_um is not None and not (np.isfinite(gate) and gate > 0):
-        raise InputError(f"gate_um must be a positive distance in µm, got {gate_um!r}.")
+    if gate_um is not None and not _is_auto(gate_um) and not (np.isfinite(gate) and gate > 0):
+        raise InputError(f"gate_um must be 'auto' or a positive distance in µm, got {gate_um!r}.")
     if max_gap is not None and not (np.isfinite(gap) and gap >= 0 and gap == int(gap)):
         raise InputError(f"max_gap must be a whole number of sessions >= 0, got {max_gap!r}.")
+
+
+def parse_gate(text: str) -> float | str:
+    """A gate written as text (a command line): ``"auto"`` or a distance in µm; an InputError
+    unless it is one."""
+    if text.strip().lower() == AUTO_GATE:
+        return AUTO_GATE
+    check_linking(text)  # says what was wrong in the words given
+    return float(text)
+
+
+def _is_auto(gate_um) -> bool:
+    return isinstance(gate_um, str) and gate_um == AUTO_GATE
 
 
 def _assign(sources_um: np.ndarray, targets_um: np.ndarray,
@@ -205,7 +237,7 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
 
 
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
-                    drift_vox: np.ndarray | None = None, motion=None, gate_um: float = DEFAULT_GATE_UM,
+                    drift_vox: np.ndarray | None = None, motion=None, gate_um: float | str = DEFAULT_GATE_UM,
                     max_gap: int = DEFAULT_MAX_GAP,
                     gap_gate_growth_um: float = 0.25, local_scale_um: float | None = 4.0,
                     progress: Callable[[int, int], None] | None = None,
@@ -227,12 +259,13 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         A ``RigidMotion`` (translation and rotation); replaces ``drift_vox``.
     gate_um
         Largest distance in µm for a frame-to-frame link, after registration and the local motion
-        correction. 1.2 µm was chosen on the tuning seeds 2000-2002 with an earlier model (best
-        among 1.0-1.8); with the shipped one, narrower gates score a little higher on synthetic
-        series (0.8 µm: mean IDF1 0.905 -> 0.912 there, ``benchmarks/linking_gate.py``), and 1.2
-        is kept as margin for real tissue, whose deformation and localisation error the synthetic
-        engine may understate: on the second microscope's series (our stand-in for such data)
-        1.2-1.4 µm score best (0.8 µm: IDF1 0.595 -> 0.551).
+        correction, or ``"auto"`` (default): 4 times the median distance of this series' links under
+        a 1.6 µm probe gate, within 0.8-1.4 µm (1.2 when fewer than 20 links are made). Chosen on
+        the tuning seeds against fixed gates: the best fixed gate differs between series like the
+        training data (0.8-0.9 µm; wider gates let a new spine take the id of a neighbour lost in
+        the same session) and a second microscope's series (1.2-1.4 µm: its spines are localised
+        less well, most of all in z); README, "A linking gate for each series". The gate used is in
+        ``table.attrs["gate_um"]``.
     max_gap
         Largest number of consecutive sessions a spine may be missing and keep its id (2: on the
         second microscope's series IDF1 +0.03 over 1, on the synthetic tuning series +0.002; 3
@@ -254,7 +287,9 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     """
     scale = parse_voxel_size(voxel_size_um)
     check_linking(gate_um, max_gap)
-    gate_um, max_gap = float(gate_um), int(max_gap)
+    auto, max_gap = _is_auto(gate_um), int(max_gap)
+    # the widest gate this call may use: how far the local motion looks
+    reach_um = AUTO_GATE_RANGE_UM[1] if auto else float(gate_um)
     missing = [c for c in ("t", "z", "y", "x") if c not in detections.columns]
     if missing:
         raise InputError(f"detections lack the column(s) {', '.join(missing)}; they need t, z, y, x "
@@ -266,7 +301,9 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         table["status"] = "predicted"
     if len(table) == 0:
         table["track_id"] = pd.Series(dtype="int64")
-        return validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)])
+        table = validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)])
+        table.attrs.update(gate_um=FIXED_GATE_UM if auto else float(gate_um), gate_auto=auto)
+        return table
 
     t_all = pd.to_numeric(table["t"], errors="coerce").to_numpy()
     if np.isnan(t_all).any() or (t_all < 0).any() or (t_all != np.round(t_all)).any():
@@ -297,10 +334,18 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             for t, rows in enumerate(of_session)
             if local_scale_um and t in rigid and len(of_session[t - 1]) and (~has_disp[rows]).any()}
     if jobs:
-        search_um = max(MOTION_SEARCH_UM, 2 * gate_um)
+        search_um = max(MOTION_SEARCH_UM, 2 * reach_um)
         with ThreadPoolExecutor(min(len(jobs), usable_cores())) as pool:
             found = pool.map(lambda job: _local_motion(*job, search_um, local_scale_um), jobs.values())
             local_motion = dict(zip(jobs, found, strict=True))
+    # where each detection of session t is expected in session t-1, µm
+    expected: dict[int, np.ndarray] = {}
+    for t, back in rigid.items():
+        rows = of_session[t]
+        expected[t] = np.where(has_disp[rows, None], pos[rows] + disp[rows], back) * scale
+        if t in local_motion:
+            expected[t][~has_disp[rows]] += local_motion[t]
+    gate_um = _series_gate(expected, [pos[rows] * scale for rows in of_session]) if auto else float(gate_um)
 
     track_of_row = np.zeros(len(table), dtype=int)
     # active tracks: provisional key -> row index of its last detection
@@ -326,12 +371,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         keys = [k for k, r in last_row.items() if t_all[r] == t - 1]
         if keys and len(rows):
             targets = pos[[last_row[k] for k in keys]] * scale
-            gates = np.full(len(keys), float(gate_um))
-            by_registration = ~has_disp[rows]
-            back = np.where(has_disp[rows, None], pos[rows] + disp[rows], rigid[t]) * scale
-            if t in local_motion:
-                back[by_registration] += local_motion[t]
-            src, dst = _assign(back, targets, gates)
+            src, dst = _assign(expected[t], targets, np.full(len(keys), gate_um))
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]
                 last_row[keys[j]] = rows[i]
@@ -371,10 +411,33 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             progress(t + 1, n_sessions)
 
     table["track_id"] = _renumber(track_of_row, t_all)
-    log.debug("linked %d detections in %d sessions into %d tracks", len(table), n_sessions,
-              table["track_id"].nunique())
+    log.debug("linked %d detections in %d sessions into %d tracks (gate %.2f µm%s)", len(table), n_sessions,
+              table["track_id"].nunique(), gate_um, ", auto" if auto else "")
     table = table.sort_values(["t", "track_id"], kind="stable")
-    return validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)], source="linked detections")
+    table = validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)], source="linked detections")
+    table.attrs.update(gate_um=gate_um, gate_auto=auto)
+    return table
+
+
+def _series_gate(expected_um: dict[int, np.ndarray], found_um: list[np.ndarray]) -> float:
+    """The ``"auto"`` gate in µm: ``AUTO_GATE_PER_MEDIAN`` times the median distance between where
+    each session's detections were expected in the session before (``expected_um[t]``) and the
+    detections there (``found_um[t - 1]``) they are linked to under the probe gate, within
+    ``AUTO_GATE_RANGE_UM``; ``FIXED_GATE_UM`` when fewer than ``MIN_PROBE_LINKS`` links are made.
+
+    The median is that of the right links as long as most links are right, and it measures what a
+    gate must tolerate: how well this series' spines are localised and how much its tissue
+    deforms beyond what registration and the local motion follow.
+    """
+    distances = []
+    for t, expected in expected_um.items():
+        found = found_um[t - 1]
+        src, dst = _assign(expected, found, np.full(len(found), PROBE_GATE_UM))
+        distances.append(np.linalg.norm(expected[src] - found[dst], axis=1))
+    distances = np.concatenate(distances) if distances else np.zeros(0)
+    if len(distances) < MIN_PROBE_LINKS:
+        return FIXED_GATE_UM
+    return float(np.clip(AUTO_GATE_PER_MEDIAN * np.median(distances), *AUTO_GATE_RANGE_UM))
 
 
 def _extra(table: pd.DataFrame) -> list[str]:

@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP
+from ..core.link import AUTO_GATE, DEFAULT_GATE_UM, DEFAULT_MAX_GAP
 from ..core.models import coarse_model_hint
 from ..errors import Cancelled, InputError
 from . import _dialogs
@@ -40,7 +40,7 @@ DETECT_LABEL = "Detect spines"
 
 
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | str | None,
-                  views: int = 1, max_rotation_deg: float = 3.0, gate_um: float = DEFAULT_GATE_UM,
+                  views: int = 1, max_rotation_deg: float = 3.0, gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, progress: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> pd.DataFrame:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
@@ -162,10 +162,11 @@ class DetectPanel(CancellableRun, QWidget):
                 "at 3°) are not searched")
         form.addRow("Max rotation", self.max_rotation)
         self.gate = _number_box(
-            QDoubleSpinBox(), 0.1, 20.0, step=0.1, value=DEFAULT_GATE_UM, suffix=" µm",
+            QDoubleSpinBox(), 0.0, 20.0, step=0.1, suffix=" µm", special=AUTO_GATE,
             tip="Linking gate: the farthest a spine is followed from one session to the next, after registration "
-                "and the local motion of its neighbours. Raise it for tissue that deforms more than the "
-                "registration follows; lower it where spines are crowded")
+                "and the local motion of its neighbours. auto: 4x the median distance of this series' own links, "
+                "within 0.8-1.4 µm (narrow where spines are found where expected, so a new spine does not take a "
+                "lost neighbour's id). Raise it for tissue that deforms more than the registration follows")
         form.addRow("Linking gate", self.gate)
         self.max_gap = _number_box(
             QSpinBox(), 0, 20, value=DEFAULT_MAX_GAP, suffix=" sessions",
@@ -258,7 +259,8 @@ class DetectPanel(CancellableRun, QWidget):
         self.worker = create_worker(
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
             threshold=self.threshold.value() or None, views=int(self.views.currentText()),
-            max_rotation_deg=self.max_rotation.value(), gate_um=self.gate.value(), max_gap=self.max_gap.value(),
+            max_rotation_deg=self.max_rotation.value(), gate_um=self.gate.value() or AUTO_GATE,
+            max_gap=self.max_gap.value(),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
             _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
@@ -273,6 +275,9 @@ class DetectPanel(CancellableRun, QWidget):
         # what auto chose last time, where the choice is shown
         self.threshold.setSpecialValueText("auto" if used is None or not table.attrs.get("threshold_adapted")
                                            else f"auto (last: {used:.2f})")
+        gate = table.attrs.get("gate_um")
+        self.gate.setSpecialValueText(f"auto (last: {gate:.2f} µm)" if table.attrs.get("gate_auto") and gate
+                                      else AUTO_GATE)
         self.detected.emit(table, layer, voxel)
 
     def _on_errored(self, exc: Exception) -> None:
