@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                                        threshold=args.threshold).drop(columns=["track_id"])
             motion = estimate_motion(series.image, series.voxel_size_um)
             runs.append((case, series, detections, motion))
-    print(f"model {args.model}, seeds {args.seeds}, threshold {args.threshold or 'stored'}; "
+    print(f"model {args.model}, seeds {args.seeds}, threshold {args.threshold or 'auto (the default)'}; "
           "mean IDF1 over seeds per case (detections fixed)")
     print("gate um  gap  " + "  ".join(f"{case:>11s}" for case in args.cases) + "         mean")
     for gate, gap in itertools.product(args.gates, args.max_gaps):
