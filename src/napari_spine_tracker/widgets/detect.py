@@ -129,11 +129,11 @@ class DetectPanel(CancellableRun, QWidget):
             box.setDecimals(3)
             box.setRange(0.001, 100.0)
             box.setSingleStep(0.01)
-            box.setSuffix(" µm")
             box.setToolTip(f"voxel size along {axis} in µm (from the layer scale or the file; editable)")
             voxel_row.addWidget(box)
             self.voxel.append(box)
-        form.addRow("Voxel z,y,x", voxel_row)
+        # the unit in the row's name: a suffix in each box left too little room for 0.065 at a dock's width
+        form.addRow("Voxel z,y,x µm", voxel_row)
         self.model = QComboBox()
         self.model.addItem(BROWSE)
         refresh_model_choice(self.model)
