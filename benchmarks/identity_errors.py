@@ -15,6 +15,11 @@ spine's matched predicted ids are followed over its sessions:
 ``IDTP/TP`` is how much of the detection score identity keeps (IDF1 = F1 x IDTP / TP). Each gate relinks
 the same detections (``link_detections(gate_um=...)``, registration as in ``detect``).
 
+How fast a reviewer finds the wrong links: ``wrong links`` counts the links between consecutive
+points of a predicted track that both match true spines, but different ones; ``in top 10%`` how many
+of them lie among the tenth of all links that reached farthest (``link_um``, the order in which the
+review's J key visits them), and ``top 10%`` how many links that tenth holds.
+
     python benchmarks/identity_errors.py                       # shipped model, test seeds, gates 1.2 and 0.8
     python benchmarks/identity_errors.py --cases crowded --seeds 2000 2001 2002 --gates 1.2
 """
@@ -28,7 +33,9 @@ from collections import Counter
 
 from napari_spine_tracker.core.link import parse_gate
 
-KINDS = ("kept", "switch", "fragment", "gain merged", "gains", "loss merged", "losses")
+KINDS = ("kept", "switch", "fragment", "gain merged", "gains", "loss merged", "losses", "wrong links",
+         "in top 10%", "top 10%")
+TOP = 0.1
 
 
 def identity_errors(pred, truth, voxel_size_um) -> Counter:
@@ -42,12 +49,15 @@ def identity_errors(pred, truth, voxel_size_um) -> Counter:
     counts = Counter(tp=scores["tp"], idtp=scores["idtp"])
     pred_t, true_t = pred["t"].to_numpy(), truth["t"].to_numpy()
     matched = {}  # (true id, t) -> predicted id
+    true_of_row = np.full(len(pred), -1)  # the true id each predicted point matches (-1: none)
     for t in np.unique(true_t):
         p, q = np.flatnonzero(pred_t == t), np.flatnonzero(true_t == t)
         rows_p, rows_q = match_points(pred.iloc[p][["z", "y", "x"]].to_numpy(float) * scale,
                                       truth.iloc[q][["z", "y", "x"]].to_numpy(float) * scale, 1.0)
+        true_of_row[p[rows_p]] = truth["track_id"].to_numpy()[q[rows_q]]
         for a, b in zip(pred["track_id"].to_numpy()[p[rows_p]], truth["track_id"].to_numpy()[q[rows_q]], strict=True):
             matched[(int(b), int(t))] = int(a)
+    counts.update(_doubtful_links(pred, true_of_row))
     born = pred.groupby("track_id")["t"].min().to_dict()
     last = pred.groupby("track_id")["t"].max().to_dict()
     first_session, last_session = int(true_t.min()), int(true_t.max())
@@ -63,6 +73,20 @@ def identity_errors(pred, truth, voxel_size_um) -> Counter:
             counts["losses"] += 1
             counts["loss merged"] += last[seen[-1][1]] > sessions[-1]
     return counts
+
+
+def _doubtful_links(pred, true_of_row) -> Counter:
+    """Wrong links, and how many of them the farthest tenth of the links (by ``link_um``) holds."""
+    import numpy as np
+
+    order = np.lexsort((pred["t"].to_numpy(), pred["track_id"].to_numpy()))
+    ids, true_ids = pred["track_id"].to_numpy()[order], true_of_row[order]
+    distance = pred["link_um"].to_numpy(float)[order]
+    linked = np.flatnonzero(ids[1:] == ids[:-1]) + 1  # points linked to the point before them
+    wrong = linked[(true_ids[linked] >= 0) & (true_ids[linked - 1] >= 0) & (true_ids[linked] != true_ids[linked - 1])]
+    flagged = np.argsort(-np.nan_to_num(distance, nan=-1.0), kind="stable")[:int(np.ceil(TOP * len(linked)))]
+    return Counter({"wrong links": len(wrong), "in top 10%": len(np.intersect1d(wrong, flagged)),
+                    "top 10%": len(flagged)})
 
 
 def main(argv=None) -> int:

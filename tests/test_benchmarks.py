@@ -54,8 +54,13 @@ def test_identity_errors_tells_the_kinds_apart():
     pred = _table([(1, t, 5, 10, 10) for t in range(4)] + [(7, 0, 5, 30, 30), (7, 1, 5, 30, 30),
                    (7, 2, 5, 30, 34), (7, 3, 5, 30, 34)] + [(9, 0, 5, 60, 60), (9, 1, 5, 60, 60),
                                                             (11, 2, 5, 60, 60), (11, 3, 5, 60, 60)])
+    # the tracker's link distances: the merging link (track 7, session 2) reached 0.4 µm, the others 0-0.05
+    pred["link_um"] = [float("nan"), 0.0, 0.05, 0.0, float("nan"), 0.0, 0.4, 0.0, float("nan"), 0.0,
+                       float("nan"), 0.0]
     counts = identity_errors(pred, truth, (0.5, 0.1, 0.1))
     assert counts["tp"] == 12 and counts["idtp"] == 4 + 2 + 2  # one of 2 or 3; one fragment of 4
+    # 8 links; the farthest tenth (one link) is the wrong one
+    assert counts["wrong links"] == 1 and counts["top 10%"] == 1 and counts["in top 10%"] == 1
     assert counts["kept"] == 3 + 1 + 1 + 2 and counts["fragment"] == 1 and counts["switch"] == 0
     assert counts["gains"] == 1 and counts["gain merged"] == 1
     assert counts["losses"] == 1 and counts["loss merged"] == 1
@@ -64,4 +69,5 @@ def test_identity_errors_tells_the_kinds_apart():
     pred.loc[pred["track_id"].eq(11), "track_id"] = 9
     counts = identity_errors(pred, truth, (0.5, 0.1, 0.1))
     assert counts["idtp"] == 12 and counts["gain merged"] == 0 and counts["loss merged"] == 0
+    assert counts["wrong links"] == 0 and counts["in top 10%"] == 0
     assert counts["fragment"] == 0 and counts["kept"] == 3 + 1 + 1 + 3

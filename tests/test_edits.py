@@ -113,6 +113,44 @@ def test_next_unconfirmed_in_rising_score(two_spines):
     assert edits.next_unconfirmed(features) is None
 
 
+def _with_links(two_spines, link_um=(np.nan, 0.2, 0.9, np.nan, 0.5)):
+    data, features = two_spines
+    return data, features.assign(link_um=list(link_um))
+
+
+def test_next_doubtful_link_farthest_first_and_only_predicted(two_spines):
+    data, features = _with_links(two_spines, (np.nan, 0.2, 0.9, np.nan, 0.5))
+    order, after = [], None
+    for _ in range(3):
+        index = edits.next_doubtful_link(features, after=after)
+        order.append(index)
+        after = (features["link_um"].iloc[index], index)
+    # predicted links: 1 (0.2 µm) and 2 (0.9); 4 is confirmed, 0 and 3 start their tracks
+    assert order == [2, 1, 2]
+    # ties: in index order; a table without link distances has no links to visit
+    tied = features.assign(link_um=[np.nan, 0.5, 0.5, np.nan, np.nan])
+    assert edits.next_doubtful_link(tied) == 1 and edits.next_doubtful_link(tied, after=(0.5, 1)) == 2
+    assert edits.next_doubtful_link(features.drop(columns="link_um")) is None
+    _, confirmed = edits.confirm_spines(data, features, [1, 2])
+    assert edits.next_doubtful_link(confirmed) is None
+
+
+def test_a_corrected_identity_loses_its_link_distance(two_spines):
+    data, features = _with_links(two_spines)
+    # split spine 1 before session 2: point 2 starts a new track, so its link is gone
+    _, split = edits.split_track(data, features, 1, 2)
+    assert np.isnan(split["link_um"].iloc[2]) and split["link_um"].iloc[1] == 0.2
+    assert edits.next_doubtful_link(split) == 1
+    # re-assigned points (both sides of the swap) and merged tracks likewise
+    _, assigned = edits.assign_track(data, features, 1, 2)
+    assert assigned["link_um"].isna().tolist() == [True, True, False, True, True]
+    _, merged = edits.merge_tracks(*edits.split_track(data, features, 1, 2), 1, 3)
+    assert np.isnan(merged["link_um"].iloc[2])
+    # a pasted point is the user's: it does not take the copied point's link
+    _, pasted = edits.paste_spines(data, features, data[[2]], features.iloc[[2]], session=3)
+    assert np.isnan(pasted["link_um"].iloc[-1]) and pasted["status"].iloc[-1] == "added"
+
+
 def test_paste_into_next_session_keeps_free_ids(two_spines):
     data, features = two_spines
     copied = [0, 3]  # session 0 of spines 1 and 2

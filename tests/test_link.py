@@ -110,6 +110,17 @@ def test_gating_rejects_far_jumps():
     linked = link_detections(det, VOXEL, gate_um=1.5)
     # 1.4 µm: linked; then 2.0 µm: a new track
     assert linked["track_id"].tolist() == [1, 1, 2]
+    # how far each link reached: NaN where a track starts
+    np.testing.assert_allclose(linked["link_um"], [np.nan, 1.4, np.nan])
+
+
+def test_link_distance_of_gap_closing():
+    # one spine seen in sessions 0 and 2 (missed in 1), 0.3 µm further along x
+    det = pd.DataFrame({"t": [0, 2, 0, 1, 2], "z": 0.0, "y": [0.0, 0.0, 50.0, 50.0, 50.0],
+                        "x": [0.0, 3.0, 0.0, 0.0, 0.0], "score": 1.0})
+    linked = link_detections(det, VOXEL, gate_um=1.0)
+    assert linked["track_id"].tolist() == [1, 2, 2, 1, 2]
+    np.testing.assert_allclose(linked["link_um"], [np.nan, np.nan, 0.0, 0.3, 0.0], atol=1e-9)
 
 
 def jittered_grid(sigma_um: float, sessions: int = 4, seed: int = 0) -> pd.DataFrame:
@@ -155,6 +166,10 @@ def test_auto_gate_keeps_a_new_spine_from_taking_a_lost_neighbours_id():
     fixed = link_detections(detections_from(truth), VOXEL, gate_um=1.2)
     assert not same_partition(fixed, truth)
     assert fixed["track_id"].nunique() == 36
+    # and that link is the one that reached farthest, the first the review's J key visits
+    merged = fixed.merge(truth, on=["t", "z", "y", "x"], suffixes=("", "_true"))
+    assert merged.loc[merged["link_um"].idxmax(), ["t", "track_id_true"]].tolist() == [2, 37]
+    assert merged["link_um"].max() == pytest.approx(1.0, abs=0.1)
 
 
 def test_parse_gate():

@@ -290,6 +290,35 @@ def test_corrections_with_keys_and_undo(viewer_widget, qtbot, fake_detect):
     assert rows.shape == (8, 7)
 
 
+def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbot, monkeypatch):
+    from napari_spine_tracker.widgets import review
+
+    viewer, widget = viewer_widget
+    table = _predictions()
+    # spine 3's point in session 2 lay 0.9 µm from where its track was expected; the others closer
+    table["link_um"] = [np.nan, 0.1, 0.2, np.nan, 0.3, 0.15, np.nan, 0.9]
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(table=table))
+    _detect(qtbot, widget)
+    spines = viewer.layers["spines"]
+    assert "link_um" in spines.features.columns
+    qtbot.mouseClick(widget.review.buttons["jump_to_next_link"], Qt.MouseButton.LeftButton)
+    (index,) = spines.selected_data
+    assert spines.features["link_um"].iloc[index] == 0.9 and viewer.dims.current_step[0] == 2
+    # the user splits it off: a new spine, and the link is no longer the tracker's
+    spines.keymap[coerce_keybinding("X")](spines)
+    assert spines.features["track_id"].iloc[index] == 4 and np.isnan(spines.features["link_um"].iloc[index])
+    spines.keymap[coerce_keybinding("J")](spines)
+    assert spines.features["link_um"].iloc[next(iter(spines.selected_data))] == 0.3
+    # the table saved from the layer carries the distances, the split point's cleared
+    saved = _table(viewer).set_index(["track_id", "t"])["link_um"]
+    assert np.isnan(saved[(4, 2)]) and saved[(2, 1)] == 0.3
+    shown = []
+    monkeypatch.setattr(review, "show_info", shown.append)
+    spines.features = spines.features.drop(columns="link_um")
+    widget.editor.jump_to_next_link()
+    assert "no link distances" in shown[-1]
+
+
 def test_napari_tools_add_move_delete(viewer_widget, qtbot, fake_detect):
     viewer, widget = viewer_widget
     _detect(qtbot, widget)

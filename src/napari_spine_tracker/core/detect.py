@@ -94,8 +94,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     Returns
     -------
     pd.DataFrame
-        ``track_id, t, z, y, x, score, status`` (status ``predicted``) and ``head_radius_um``;
-        coordinates in voxels of each session's own image.
+        ``track_id, t, z, y, x, score, status`` (status ``predicted``), ``head_radius_um`` and
+        ``link_um`` (``link.link_detections``); coordinates in voxels of each session's own image.
     """
     from .devices import free_memory
     from .register import check_max_rotation, estimate_motion

@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import InputError
-from ..io.tables import HUMAN_STATUSES, REQUIRED_COLUMNS, empty_spine_table, validate_spine_table
+from ..io.tables import HUMAN_STATUSES, LINK_COLUMN, REQUIRED_COLUMNS, empty_spine_table, validate_spine_table
 
 #: coordinate columns of the layer data, in order
 POINT_COLUMNS = ("t", "z", "y", "x")
@@ -125,15 +125,40 @@ def next_unconfirmed(features: pd.DataFrame, after: int | None = None) -> int | 
     ``after`` is the index of the point reviewed last; the search continues after it in that order
     and wraps around. None when no prediction is left.
     """
-    order = np.lexsort((np.arange(len(features)), features["score"].to_numpy()))
-    order = order[(features["status"].to_numpy() == "predicted")[order]]
+    scores = features["score"].to_numpy(float)
+    last = None if after is None or after >= len(features) else (scores[after], after)
+    return _next_predicted(features, scores, last)
+
+
+def next_doubtful_link(features: pd.DataFrame, after: tuple[float, int] | None = None) -> int | None:
+    """Index of the next ``predicted`` point in order of falling ``link_um``: the spines found
+    farthest from where their track was expected first.
+
+    Those are the links most likely wrong: in dense tissue a new spine can take the id of a
+    neighbour lost in the same session, which hides both from a turnover count. ``after`` is
+    ``(link_um, index)`` of the link reviewed last (kept by the caller: a correction clears the
+    point's ``link_um``); the search continues after it and wraps around. None when no predicted
+    link is left, or the table has no ``link_um`` (it was not made by the tracker).
+    """
+    if LINK_COLUMN not in features.columns:
+        return None
+    distances = -pd.to_numeric(features[LINK_COLUMN], errors="coerce").to_numpy(float)
+    return _next_predicted(features, distances, None if after is None else (-after[0], after[1]))
+
+
+def _next_predicted(features: pd.DataFrame, keys: np.ndarray, after: tuple[float, int] | None) -> int | None:
+    """The first ``predicted`` point with a finite key in rising ``(key, index)`` order that comes
+    after ``after`` (wrapping around; from the start when None)."""
+    candidates = (features["status"].to_numpy() == "predicted") & np.isfinite(keys)
+    order = np.lexsort((np.arange(len(features)), keys))
+    order = order[candidates[order]]
     if len(order) == 0:
         return None
-    if after is None or after >= len(features):
-        return int(order[0])
-    key = (features["score"].iloc[after], after)
-    later = [i for i in order if (features["score"].iloc[i], i) > key]
-    return int(later[0] if later else order[0])
+    if after is not None:
+        later = [i for i in order if (keys[i], i) > after]
+        if later:
+            return int(later[0])
+    return int(order[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +231,10 @@ def confirm_spines(data: np.ndarray, features: pd.DataFrame, indices: Iterable[i
 
 
 def _vetted(features: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
-    """Predictions at ``rows`` become ``edited``: a human changed their identity."""
+    """Predictions at ``rows`` become ``edited``: a human changed their identity, so the tracker's
+    link distance no longer describes them."""
+    if LINK_COLUMN in features.columns:
+        features.loc[rows, LINK_COLUMN] = np.nan
     rows = rows & (features["status"] == "predicted").to_numpy()
     features.loc[rows, "status"] = "edited"
     return features
@@ -285,7 +313,8 @@ def paste_spines(data: np.ndarray, features: pd.DataFrame, copied_data: np.ndarr
     for point, (_, row) in zip(_as_data(copied_data), copied.iterrows(), strict=True):
         tid = int(row["track_id"])
         free = tid >= 1 and not track_has_point(data, features, tid, session)
-        extra = {k: row[k] for k in _extra(features) if k in row}
+        # the tracker's link distance belongs to the copied point's link, not to the pasted one
+        extra = {k: row[k] for k in _extra(features) if k in row and k != LINK_COLUMN}
         data, features = add_spine(data, features, [session, *point[1:]],
                                    track_id=tid if free else None, **extra)
     return data, features

@@ -42,7 +42,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from ..errors import Cancelled, InputError, number_or_nan
-from ..io.tables import REQUIRED_COLUMNS, validate_spine_table
+from ..io.tables import LINK_COLUMN, REQUIRED_COLUMNS, validate_spine_table
 from .devices import usable_cores
 from .metrics import parse_voxel_size, sparse_assignment
 from .register import as_motion
@@ -281,9 +281,12 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     Returns
     -------
     pd.DataFrame
-        A spine table (``track_id, t, z, y, x, score, status`` then the extra input columns),
-        ``track_id`` numbered from 1 in order of first appearance, sorted by ``t, track_id``.
-        ``status`` is ``predicted`` unless the input carries one.
+        A spine table (``track_id, t, z, y, x, score, status`` then the extra input columns and
+        ``link_um``), ``track_id`` numbered from 1 in order of first appearance, sorted by ``t,
+        track_id``. ``status`` is ``predicted`` unless the input carries one. ``link_um`` is how
+        far in µm each detection lay from where its track was expected (NaN where a track
+        starts): the links farthest from it are where the tracker most likely gave a new spine a
+        lost neighbour's id (the review's **J** key visits them first).
     """
     scale = parse_voxel_size(voxel_size_um)
     check_linking(gate_um, max_gap)
@@ -301,6 +304,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         table["status"] = "predicted"
     if len(table) == 0:
         table["track_id"] = pd.Series(dtype="int64")
+        table[LINK_COLUMN] = pd.Series(dtype="float64")
         table = validate_spine_table(table[list(REQUIRED_COLUMNS) + _extra(table)])
         table.attrs.update(gate_um=FIXED_GATE_UM if auto else float(gate_um), gate_auto=auto)
         return table
@@ -354,6 +358,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     # frame, carried forward with the motion of the spines around it
     ghost: dict[int, np.ndarray] = {}
     next_key = 1
+    link_um = np.full(len(table), np.nan)  # how far each linked detection lay from where it was expected
     for t in range(n_sessions):
         if should_stop is not None and should_stop():
             raise Cancelled("linking stopped")
@@ -372,6 +377,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         if keys and len(rows):
             targets = pos[[last_row[k] for k in keys]] * scale
             src, dst = _assign(expected[t], targets, np.full(len(keys), gate_um))
+            link_um[rows[src]] = np.linalg.norm(expected[t][src] - targets[dst], axis=1)
             for i, j in zip(src, dst, strict=True):
                 track_of_row[rows[i]] = keys[j]
                 last_row[keys[j]] = rows[i]
@@ -396,6 +402,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
                 last_t = np.array([t_all[last_row[k]] for k in keys])
                 gates = gate_um + gap_gate_growth_um * (t - 1 - last_t)
                 src, dst = _assign(pos[rows[free]] * scale, ahead * scale, gates.astype(float))
+                link_um[rows[free[src]]] = np.linalg.norm((pos[rows[free[src]]] - ahead[dst]) * scale, axis=1)
                 for i, j in zip(src, dst, strict=True):
                     track_of_row[rows[free[i]]] = keys[j]
                     last_row[keys[j]] = rows[free[i]]
@@ -411,6 +418,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             progress(t + 1, n_sessions)
 
     table["track_id"] = _renumber(track_of_row, t_all)
+    table[LINK_COLUMN] = link_um
     log.debug("linked %d detections in %d sessions into %d tracks (gate %.2f µm%s)", len(table), n_sessions,
               table["track_id"].nunique(), gate_um, ", auto" if auto else "")
     table = table.sort_values(["t", "track_id"], kind="stable")

@@ -31,6 +31,9 @@ STATUSES = ("predicted", "confirmed", "added", "edited")
 #: statuses a human has vouched for; detection never overwrites them silently
 HUMAN_STATUSES = ("confirmed", "added", "edited")
 TABLE_SUFFIX = ".spines.csv"
+#: optional column written by the tracker: how far (µm) a spine was found from where its track was
+#: expected, NaN where a track starts; cleared where a human changed the spine's identity
+LINK_COLUMN = "link_um"
 
 
 def empty_spine_table() -> pd.DataFrame:

@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 from ..core import edits
 from ..core.edits import SpineState
 from ..errors import InputError
+from ..io.tables import LINK_COLUMN
 from . import _layers
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 KEYS: list[tuple[str, str, str]] = [
     ("C", "confirm_selected", "Confirm the selected prediction(s)"),
     ("N", "jump_to_next", "Jump to the next unconfirmed prediction, least certain first"),
+    ("J", "jump_to_next_link", "Jump to the next doubtful link: the spine found farthest from where its "
+                               "track was expected first (a new spine may have taken a lost neighbour's id)"),
     ("T", "assign_selected", "Assign the selected point to track N (re-link; swaps with N's point "
                              "in this session). N is the spine selected before this one"),
     ("M", "merge_selected", "Merge: the selected spine joins track N (or the two selected spines join)"),
@@ -73,6 +76,7 @@ class SpineEditor(QObject):
         self._current_track_id: int | None = None
         self._clipboard: tuple[np.ndarray, object] | None = None
         self._last_jump: int | None = None
+        self._last_link: tuple[float, int] | None = None  # (link_um, index) of the link visited last
         self._syncing = False
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -337,6 +341,24 @@ class SpineEditor(QObject):
             show_info("no unconfirmed prediction left.")
             return None
         self._last_jump = index
+        return self._go_to(index)
+
+    def jump_to_next_link(self) -> int | None:
+        """Select the predicted spine whose link to its track is the next most doubtful (found
+        farthest from where the track was expected) and move time, z and camera to it."""
+        if self.layer is None:
+            return None
+        features = self.layer.features
+        index = edits.next_doubtful_link(features, after=self._last_link)
+        if index is None:
+            show_info("no predicted link left to check." if LINK_COLUMN in features.columns
+                      else "these spines carry no link distances (link_um): run detection to get them.")
+            return None
+        self._last_link = (float(features[LINK_COLUMN].iloc[index]), index)
+        return self._go_to(index)
+
+    def _go_to(self, index: int) -> int:
+        """Select point ``index`` and move time, z and camera to it."""
         world = np.asarray(self.layer.data_to_world(self.layer.data[index]), float)
         ndim = self.viewer.dims.ndim
         self.viewer.dims.set_point(list(range(ndim - 4, ndim)), list(world))
@@ -394,18 +416,18 @@ class ReviewPanel(QWidget):
         layout.addLayout(grid)
         self.buttons: dict[str, QPushButton] = {}
 
-        def button(label: str, method: str, row: int, col: int, call: Callable | None = None) -> None:
+        def button(label: str, method: str, row: int, col: int, call: Callable | None = None, span: int = 1) -> None:
             key, text = helps.get(method, ("Delete", "Delete the selected spine(s) (napari: Delete, 1)"))
             widget = QPushButton(f"{label} ({key.replace('Control-', 'Ctrl+').replace('Shift-', 'Shift+')})")
             widget.setToolTip(text)
             widget.clicked.connect(call or getattr(editor, method))
-            grid.addWidget(widget, row, col)
+            grid.addWidget(widget, row, col, 1, span)
             self.buttons[method] = widget
 
         button("Next", "jump_to_next", 0, 0)
-        button("Confirm", "confirm_selected", 0, 1)
-        button("Delete", "delete_selected", 1, 0)
-        button("Reviewed", "toggle_reviewed", 1, 1, lambda: editor.toggle_reviewed())
+        button("Next link", "jump_to_next_link", 0, 1)
+        button("Confirm", "confirm_selected", 1, 0)
+        button("Delete", "delete_selected", 1, 1)
         button("Split", "split_selected", 2, 0)
         button("Merge", "merge_selected", 2, 1, lambda: editor.merge_selected(self.track.value() or None))
         button("Assign", "assign_selected", 3, 0, lambda: editor.assign_selected(self.track.value() or None))
@@ -417,6 +439,7 @@ class ReviewPanel(QWidget):
         grid.addWidget(self.track, 3, 1)
         button("Undo", "undo", 4, 0)
         button("Redo", "redo", 4, 1)
+        button("Reviewed", "toggle_reviewed", 5, 0, lambda: editor.toggle_reviewed(), span=2)
         self.link = QCheckBox("Link new points to the selected spine (L)")
         self.link.setToolTip(helps["toggle_link"][1])
         self.link.toggled.connect(self._on_link_toggled)
