@@ -84,9 +84,10 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     views
         Test-time augmentation: average the heatmap over 1, 2 or 4 mirror images of each tile
         (default 1), at about 3.5 times the network's time with 4: most of a CPU run, a few per
-        cent of a GPU run. On the synthetic test series 4 views raised F1 / IDF1 from 0.928 / 0.915
-        to 0.938 / 0.921, and with the adapted threshold on a second microscope's series from 0.714
-        / 0.666 to 0.721 / 0.676 (at a fixed threshold they found fewer spines there; README).
+        cent of a GPU run. With the weights shipped before stage 5, on the synthetic test series 4
+        views raised F1 / IDF1 from 0.928 / 0.915 to 0.938 / 0.921, and with the adapted threshold
+        on a second microscope's series from 0.714 / 0.666 to 0.721 / 0.676 (at a fixed threshold
+        they found fewer spines there; README).
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).
