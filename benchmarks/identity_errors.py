@@ -48,15 +48,14 @@ def identity_errors(pred, truth, voxel_size_um) -> Counter:
     scores = evaluate_tracks(pred, truth, scale)
     counts = Counter(tp=scores["tp"], idtp=scores["idtp"])
     pred_t, true_t = pred["t"].to_numpy(), truth["t"].to_numpy()
-    matched = {}  # (true id, t) -> predicted id
     true_of_row = np.full(len(pred), -1)  # the true id each predicted point matches (-1: none)
     for t in np.unique(true_t):
         p, q = np.flatnonzero(pred_t == t), np.flatnonzero(true_t == t)
         rows_p, rows_q = match_points(pred.iloc[p][["z", "y", "x"]].to_numpy(float) * scale,
                                       truth.iloc[q][["z", "y", "x"]].to_numpy(float) * scale, 1.0)
         true_of_row[p[rows_p]] = truth["track_id"].to_numpy()[q[rows_q]]
-        for a, b in zip(pred["track_id"].to_numpy()[p[rows_p]], truth["track_id"].to_numpy()[q[rows_q]], strict=True):
-            matched[(int(b), int(t))] = int(a)
+    found = np.flatnonzero(true_of_row >= 0)
+    matched = {(int(true_of_row[r]), int(pred_t[r])): int(pred["track_id"].iloc[r]) for r in found}  # -> predicted id
     counts.update(_doubtful_links(pred, true_of_row))
     born = pred.groupby("track_id")["t"].min().to_dict()
     last = pred.groupby("track_id")["t"].max().to_dict()

@@ -156,29 +156,20 @@ class _progress_bar:
             self.bar.close()
 
 
-def _threshold(text: str):
-    """--threshold: a probability, 'auto' or 'model' (``infer.check_threshold`` says what is valid)."""
-    from .core.infer import THRESHOLD_WORDS, check_threshold
+def _checked(module: str, parser: str):
+    """An argparse type from a core parser (``core.MODULE.PARSER``, imported when first used):
+    its InputError becomes argparse's usage error, with the core's message."""
+    def convert(text: str):
+        import importlib
 
-    try:
-        value = text if text in THRESHOLD_WORDS else float(text)
-    except ValueError:
-        value = text
-    try:
-        check_threshold(value)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+        parse = getattr(importlib.import_module(f".core.{module}", __package__), parser)
+        try:
+            return parse(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _gate(text: str):
-    """--gate-um: 'auto' or a distance in µm (``link.parse_gate``)."""
-    from .core.link import parse_gate
-
-    try:
-        return parse_gate(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parser
+    return convert
 
 
 def _voxel_size(parser_action_name: str = "--voxel-size", required: bool = False) -> dict:
@@ -202,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--voxel-size", **_voxel_size())
     p.add_argument("--channel", type=int, help="channel index for multi-channel TIFFs")
-    p.add_argument("--threshold", type=_threshold, default="auto", metavar="P|auto|model",
+    p.add_argument("--threshold", type=_checked("infer", "parse_threshold"), default="auto", metavar="P|auto|model",
                    help="peak score threshold: a probability, 'model' (the model's, chosen on validation) or 'auto' "
                         "(default): the model's, lowered to the split of the series' own peak scores where that is "
                         "lower, as on another microscope (not below 0.3)")
@@ -215,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest turn in the imaging plane registration looks for between consecutive sessions "
                         "(default 3; 0: translation only). Fields too small for such a turn to move their corners "
                         "by 2 µm (up to about 54 µm across at 3 degrees) are not searched")
-    p.add_argument("--gate-um", type=_gate, metavar="UM|auto",
+    p.add_argument("--gate-um", type=_checked("link", "parse_gate"), metavar="UM|auto",
                    help="linking gate: the farthest a spine is followed from one session to the next, after "
                         "registration and the local motion of its neighbours, in µm, or 'auto' (default): 4x the "
                         "median distance of the series' own links, within 0.8-1.4 µm")

@@ -179,6 +179,15 @@ def check_threshold(threshold) -> None:
                          f"to the series' own split where that is lower) or 'model', got {threshold!r}.")
 
 
+def parse_threshold(text: str) -> float | str:
+    """A threshold written as text (a command line): a probability, "auto" or "model"; an
+    InputError unless it is one."""
+    if text in THRESHOLD_WORDS:
+        return text
+    check_threshold(text)  # says what was wrong in the words given
+    return float(text)
+
+
 def check_views(views) -> int:
     """``views`` if it is a valid number of mirror images (1, 2 or 4), else an InputError."""
     if views not in (1, 2, 4) or isinstance(views, bool):
