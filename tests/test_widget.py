@@ -312,6 +312,12 @@ def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbo
     # the table saved from the layer carries the distances, the split point's cleared
     saved = _table(viewer).set_index(["track_id", "t"])["link_um"]
     assert np.isnan(saved[(4, 2)]) and saved[(2, 1)] == 0.3
+    # a new detection replaces the table: J starts again from its farthest link
+    monkeypatch.setattr(_dialogs, "ask_merge_or_replace", lambda parent, n: "replace")
+    _detect(qtbot, widget)
+    assert viewer.layers["spines"] is spines and spines.features["link_um"].max() == 0.9
+    spines.keymap[coerce_keybinding("J")](spines)
+    assert spines.features["link_um"].iloc[next(iter(spines.selected_data))] == 0.9
     shown = []
     monkeypatch.setattr(review, "show_info", shown.append)
     spines.features = spines.features.drop(columns="link_um")

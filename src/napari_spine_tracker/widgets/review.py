@@ -113,6 +113,7 @@ class SpineEditor(QObject):
             if translate is not None:
                 self.layer.translate = translate
             self._apply(state, selected=set())
+            self._forget_visits()  # a new table: N and J start from its top again
             return self.layer
         kwargs = _layers.spine_points_kwargs(state.data, state.features, scale=scale, translate=translate,
                                              reviewed_sessions=state.reviewed_sessions)
@@ -142,6 +143,7 @@ class SpineEditor(QObject):
                          "feature); open a spine table or run detection.")
             return
         self.layer = layer
+        self._forget_visits()
         layer.events.data.connect(self._on_data)
         layer.selected_data.events.items_changed.connect(self._on_selection)
         for key, method, _ in KEYS:
@@ -157,6 +159,11 @@ class SpineEditor(QObject):
             self.layer.selected_data.events.items_changed.disconnect(self._on_selection)
         self.layer = None
         self.history = edits.EditHistory()
+        self._forget_visits()
+
+    def _forget_visits(self) -> None:
+        """N and J continue after the spine they visited last; another table starts them over."""
+        self._last_jump, self._last_link = None, None
 
     def _key_handler(self, method: str) -> Callable:
         def handler(layer):
