@@ -1,5 +1,6 @@
 """Tiled inference engine: tile geometry, resampling, cancel, out-of-memory retry, devices."""
 
+import copy
 import dataclasses
 import itertools
 import os
@@ -754,6 +755,44 @@ def test_the_threshold_choices_reach_the_peaks_kept(random_model):
         with pytest.raises(InputError, match="threshold must be a peak probability"):
             detect_series(series, voxel, model=random_model, threshold=bad,
                           should_stop=lambda: pytest.fail("detection started"))
+
+
+def test_suggestions_are_the_peaks_below_the_threshold_apart_from_the_spines(random_model):
+    from napari_spine_tracker.core.decode import SUGGEST_APART_UM, SUGGEST_FLOOR
+
+    # the random network's scores spread over 0.05-0.9, its threshold in the middle
+    net = copy.deepcopy(random_model.net)
+    with torch.no_grad():
+        net.heads["heatmap"].weight.mul_(300.0)
+    random_model = dataclasses.replace(random_model, net=net, decode=dict(random_model.decode, threshold=0.5))
+    series = np.random.default_rng(3).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
+    voxel = np.array([0.5, 0.1, 0.1])
+    every = predict_series(series, voxel, random_model, options=InferenceOptions(threshold=SUGGEST_FLOOR))
+    for threshold in (None, 0.45):
+        # unregistered, so that the peaks are where predict_series put them
+        plain = detect_series(series, voxel, model=random_model, threshold=threshold, register=False)
+        table, suggestions = detect_series(series, voxel, model=random_model, threshold=threshold,
+                                           register=False, return_suggestions=True)
+        pd.testing.assert_frame_equal(table, plain)  # asking for suggestions changes nothing else
+        assert table.attrs == plain.attrs
+        cut = table.attrs["threshold"]
+        assert list(suggestions.columns) == ["t", "z", "y", "x", "score"] and len(suggestions) > 0
+        assert suggestions["score"].between(SUGGEST_FLOOR, cut, inclusive="left").all()
+        assert suggestions["score"].is_monotonic_decreasing
+        # each one apart from every spine of its session; the peaks left out are near one
+        below = every[(every["score"] < cut)]
+        for t in range(2):
+            spines = table.loc[table["t"] == t, ["z", "y", "x"]].to_numpy() * voxel
+            mine = suggestions.loc[suggestions["t"] == t, ["z", "y", "x"]].to_numpy() * voxel
+            assert (cKDTree(spines).query(mine)[0] >= SUGGEST_APART_UM).all()
+            left_out = below.loc[below["t"] == t, ["z", "y", "x"]].to_numpy() * voxel
+            distance = cKDTree(spines).query(left_out)[0]
+            assert (distance >= SUGGEST_APART_UM).sum() == len(mine)
+    # a threshold at or below the floor leaves nothing to suggest
+    _, none = detect_series(series, voxel, model=random_model, threshold=SUGGEST_FLOOR, return_suggestions=True)
+    assert len(none) == 0 and list(none.columns) == ["t", "z", "y", "x", "score"]
+    with pytest.raises(InputError, match="suggest_floor"):
+        InferenceOptions(suggest_floor=1.5)
 
 
 def test_a_lowered_threshold_is_told_to_the_user():

@@ -16,6 +16,14 @@ ADAPT_MIN_PEAKS = 50
 #: background peaks, as low as 0.15; a second microscope's spines are best found at 0.25-0.30;
 #: 0.3 lost least on its series with few spines; benchmarks/adaptive_threshold.py)
 ADAPT_LOWEST = 0.3
+#: peaks from this probability up to the threshold are offered to the review as suggestions of
+#: missed spines (``detect_series(return_suggestions=True)``): on the tuning seeds 2000-2002 they hold
+#: half to two-thirds of the spines the threshold misses (low_snr 46 of 69, crowded 99 of 194, a second
+#: microscope 125 of 252), at 21-45 % precision; README, "Suggestions of missed spines"
+SUGGEST_FLOOR = 0.2
+#: a suggestion this close (µm) to a kept detection of its session is that spine's shoulder, not
+#: another spine
+SUGGEST_APART_UM = 0.5
 
 DEFAULT_DECODE = {
     "threshold": 0.35,  # peak probability; the shipped model stores the value chosen on validation

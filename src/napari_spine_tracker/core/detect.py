@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .decode import SUGGEST_APART_UM, SUGGEST_FLOOR
 from .infer import DeviceSessions, InferenceOptions, check_threshold, predict_series
 from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
 from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
@@ -52,9 +53,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   threshold: float | str | None = None, register: bool = True,
                   gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, max_rotation_deg: float = 3.0, views: int | None = None,
-                  options: InferenceOptions | None = None,
+                  options: InferenceOptions | None = None, return_suggestions: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
+                  should_stop: Callable[[], bool] | None = None) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Detect and track spines in a series; returns a spine table (DESIGN §3).
 
     Parameters
@@ -88,6 +89,13 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         views raised F1 / IDF1 from 0.928 / 0.915 to 0.938 / 0.921, and with the adapted threshold
         on a second microscope's series from 0.714 / 0.666 to 0.721 / 0.676 (at a fixed threshold
         they found fewer spines there; README).
+    return_suggestions
+        Also return the suggestions of missed spines: the peaks scoring from
+        ``decode.SUGGEST_FLOOR`` (0.2; ``options.suggest_floor`` where set) up to the threshold, at
+        least ``decode.SUGGEST_APART_UM`` from every spine of their session, most likely first
+        (``t, z, y, x, score``). They hold half to two-thirds of the spines the threshold misses,
+        among many that are not spines; the review offers them one by one (README, "Suggestions of
+        missed spines").
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).
@@ -97,6 +105,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     pd.DataFrame
         ``track_id, t, z, y, x, score, status`` (status ``predicted``), ``head_radius_um`` and
         ``link_um`` (``link.link_detections``); coordinates in voxels of each session's own image.
+        With ``return_suggestions``: ``(table, suggestions)``.
     """
     from .devices import free_memory
     from .register import check_max_rotation, estimate_motion
@@ -124,6 +133,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         opts = dataclasses.replace(opts, threshold=threshold)
     if views is not None:
         opts = dataclasses.replace(opts, views=views)
+    if return_suggestions and opts.suggest_floor is None:
+        opts = dataclasses.replace(opts, suggest_floor=SUGGEST_FLOOR)
     held = None
     try:
         # on a GPU the series crosses once, held there for registration and inference alike
@@ -138,6 +149,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                                     held=held, progress=stage(register_units, 100), should_stop=should_stop)
         if not loaded.decode.get("use_displacement", True):  # validation found registration links better
             detections = detections.drop(columns=["dz", "dy", "dx"])
+        below = detections["score"].to_numpy() < detections.attrs["threshold"]
+        suggestions = detections[below]
+        detections = detections[~below].reset_index(drop=True)
         table = link_detections(detections, voxel, motion=motion, gate_um=gate_um, max_gap=max_gap,
                                 should_stop=should_stop)
     finally:
@@ -149,7 +163,30 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
              table["track_id"].nunique(), detections.attrs["threshold"], table.attrs["gate_um"])
     table = table.drop(columns=drop)
     table.attrs.update(detections.attrs, model_threshold=float(loaded.decode["threshold"]))
+    if return_suggestions:
+        return table, _apart_from(suggestions, detections, voxel)
     return table
+
+
+def _apart_from(suggestions: pd.DataFrame, kept: pd.DataFrame, voxel_size_um) -> pd.DataFrame:
+    """``suggestions`` (``t, z, y, x, score``) at least ``SUGGEST_APART_UM`` from every ``kept``
+    point of their session, highest score first."""
+    from scipy.spatial import cKDTree
+
+    scale = np.asarray(voxel_size_um, float)
+    columns = ["t", "z", "y", "x", "score"]
+    apart = np.ones(len(suggestions), bool)
+    t_s, t_k = suggestions["t"].to_numpy(), kept["t"].to_numpy()
+    for t in np.unique(t_s):
+        near = kept.loc[t_k == t, ["z", "y", "x"]].to_numpy(float) * scale
+        if len(near):
+            mine = t_s == t
+            dist, _ = cKDTree(near).query(suggestions.loc[mine, ["z", "y", "x"]].to_numpy(float) * scale)
+            apart[mine] = dist >= SUGGEST_APART_UM
+    out = suggestions.loc[apart, columns].sort_values("score", ascending=False, kind="stable")
+    out = out.reset_index(drop=True)
+    out.attrs = {}
+    return out
 
 
 def threshold_note(table: pd.DataFrame) -> str:

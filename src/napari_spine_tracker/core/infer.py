@@ -157,10 +157,15 @@ class InferenceOptions:
     # hold the series in the device's memory and cut tiles there (see DeviceSessions); None: on a
     # CUDA device when the series takes at most a quarter of its free memory
     resident: bool | None = None
+    # also keep the peaks from this probability up to the threshold (suggestions of missed spines);
+    # None: only those above the threshold
+    suggest_floor: float | None = None
 
     def __post_init__(self):
         check_views(self.views)
         check_threshold(self.threshold)
+        if self.suggest_floor is not None and not 0 < self.suggest_floor < 1:
+            raise InputError(f"suggest_floor must be a peak probability between 0 and 1, got {self.suggest_floor!r}.")
 
     def decoding(self, model) -> tuple[float, bool]:
         """(the threshold, or the ceiling of an adapted one; whether it adapts to the series)."""
@@ -211,6 +216,8 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     Peaks are kept above ``options.threshold``; by default the model's threshold, lowered to the
     split of this series' own peak scores where that is lower (``decode.series_threshold``). The
     threshold used is in ``table.attrs["threshold"]`` (``"threshold_adapted"``: whether it adapted).
+    With ``options.suggest_floor`` the peaks from there up to the threshold are kept too (the
+    caller tells them apart by ``attrs["threshold"]``).
 
     On CUDA out-of-memory the run starts again with the series read from where it is (if it was
     held on the GPU), then with half the batch, then with smaller tiles; if reduced precision gives
@@ -244,7 +251,8 @@ def predict_series(data, voxel_size_um: Sequence[float], model, *, drift_vox: np
     threshold, adapt = options.decoding(model)
     if adapt:
         ceiling, threshold = threshold, series_threshold(table["score"], threshold)
-        table = table[table["score"] >= threshold].reset_index(drop=True)
+        kept_from = threshold if options.suggest_floor is None else min(threshold, options.suggest_floor)
+        table = table[table["score"] >= kept_from].reset_index(drop=True)
         if threshold < ceiling:
             log.info("peak threshold %.2f: this series' peak scores split lower than on data like the model's "
                      "training data (threshold %.2f)", threshold, ceiling)
@@ -494,6 +502,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     threshold, adapt = options.decoding(model)
     if adapt:  # peaks down to the floor; predict_series keeps those above the series' threshold
         threshold = min(threshold, ADAPT_FLOOR)
+    if options.suggest_floor is not None:
+        threshold = min(threshold, options.suggest_floor)
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
     ranges = [session_range(s, model.normalization) if frames.resident is None
