@@ -44,7 +44,7 @@ def main() -> int:
         table = table_from_points(truth.data, truth.features)
         table["score"] = np.round(np.random.default_rng(0).uniform(0.3, 1.0, len(table)), 2)
         table["status"] = "predicted"
-        detect.run_detection = lambda *a, progress, should_stop, **k: table
+        detect.run_detection = lambda *a, progress, should_stop, **k: (table, table.iloc[:0, 1:6])
     widget = SpineTrackerWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Spine Tracker", area="right")
     app = QApplication.instance()
@@ -68,6 +68,8 @@ def main() -> int:
     # a thick slab (max projection over 4 µm of z) shows more spines at once
     image.projection_mode = "max"
     spines.projection_mode = "all"
+    if "spine suggestions" in viewer.layers:
+        viewer.layers["spine suggestions"].projection_mode = "all"
     viewer.dims.thickness = (1, 4.0, 0, 0)
     spines.selected_data = set()
     viewer.reset_view()

@@ -214,3 +214,21 @@ def test_history_undo_redo_and_merge_key(two_spines):
     while history.undo() is not None:
         steps += 1
     assert steps == 3, "history keeps at most `limit` undo steps"
+
+
+def test_a_suggestion_is_open_until_a_spine_lies_near_it_in_its_session():
+    voxel = (0.5, 0.1, 0.1)
+    suggestions = pd.DataFrame({"t": [0, 0, 1], "z": [2.0, 2.0, 2.0], "y": [10.0, 30.0, 10.0],
+                                "x": [10.0, 10.0, 10.0], "score": [0.3, 0.3, 0.3]})
+    assert edits.open_suggestions(np.zeros((0, 4)), suggestions, voxel).all()
+    # a spine 0.4 µm (4 pixels) from the first, in its session: closed; the same place in session 2: no matter
+    data = np.array([[0, 2, 14, 10], [2, 2, 10, 10]], float)
+    np.testing.assert_array_equal(edits.open_suggestions(data, suggestions, voxel), [False, True, True])
+    # 0.5 µm away (one z step) is far enough
+    np.testing.assert_array_equal(edits.open_suggestions(np.array([[1, 3, 10, 10]], float), suggestions, voxel),
+                                  [True, True, True])
+    point = suggestions.loc[2, ["t", "z", "y", "x"]].to_numpy(float)
+    added, _ = edits.add_spine(data, pd.DataFrame({"track_id": [1, 2], "score": [0.9, 0.9],
+                                                   "status": ["predicted"] * 2}), point)
+    np.testing.assert_array_equal(edits.open_suggestions(added, suggestions, voxel), [False, True, False])
+    np.testing.assert_array_equal(point, [1, 2, 10, 10])  # add_spine leaves the caller's point as it was

@@ -34,8 +34,10 @@ def _predictions():
 class FakeDetect:
     """Stands in for run_detection: reports progress, honours should_stop, records its call."""
 
-    def __init__(self, table=None, wait_for_stop=False, error=None):
+    def __init__(self, table=None, wait_for_stop=False, error=None, suggestions=None):
         self.table = _predictions() if table is None else table
+        self.suggestions = (pd.DataFrame({c: pd.Series(dtype=float) for c in ("t", "z", "y", "x", "score")})
+                            if suggestions is None else suggestions)
         self.wait_for_stop, self.error = wait_for_stop, error
         self.calls = []
         self.started = threading.Event()
@@ -56,7 +58,7 @@ class FakeDetect:
         if self.error is not None:
             raise self.error
         progress(image.shape[0], image.shape[0])
-        return self.table.copy()
+        return self.table.copy(), self.suggestions.copy()
 
 
 @pytest.fixture(autouse=True)
@@ -323,6 +325,79 @@ def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbo
     spines.features = spines.features.drop(columns="link_um")
     widget.editor.jump_to_next_link()
     assert "no link distances" in shown[-1]
+
+
+def _suggestions():
+    """Suggestions of missed spines, most likely first: two open ones (sessions 2 and 0) and one
+    where spine 1 already is (hidden)."""
+    return pd.DataFrame({"t": [2, 0, 1], "z": [2.0, 3.0, 3.0], "y": [28.0, 25.0, 10.0], "x": [5.0, 6.0, 11.2],
+                         "score": [0.38, 0.31, 0.25]})
+
+
+def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qtbot, monkeypatch):
+    from napari_spine_tracker.widgets import _layers, review
+
+    viewer, widget = viewer_widget
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
+    _detect(qtbot, widget)
+    spines = viewer.layers["spines"]
+    shown = viewer.layers["spine suggestions"]
+    # the two open ones, under the spines, which stay active
+    np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 25, 6]])
+    assert list(shown.features["score"]) == [0.38, 0.31]
+    assert viewer.layers.index(shown) < viewer.layers.index(spines) and viewer.layers.selection.active is spines
+    assert "2 suggestions of missed spines" in widget.review.status.text()
+    press = lambda key: spines.keymap[coerce_keybinding(key)](spines)  # noqa: E731
+    info = []
+    monkeypatch.setattr(review, "show_info", info.append)
+    press("Y")  # nothing shown yet
+    assert "press G" in info[-1] and len(spines.data) == 8
+    press("G")  # the most likely first, outlined white
+    assert viewer.dims.current_step[0] == 2 and viewer.dims.point[1] == pytest.approx(2 * VOXEL[0])
+    np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
+    np.testing.assert_allclose(shown.border_color[1], _layers.SUGGESTION_BORDER)
+    press("Y")  # a spine now, with a new id; the next one is shown
+    added = spines.features.iloc[-1]
+    np.testing.assert_allclose(spines.data[-1], [2, 2, 28, 5])
+    assert added["status"] == "added" and added["score"] == 1.0 and added["track_id"] == 4
+    np.testing.assert_allclose(shown.data, [[0, 3, 25, 6]])
+    assert viewer.dims.current_step[0] == 0
+    np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
+    # undo takes the spine away and offers its suggestion again
+    press("Control-Z")
+    assert len(spines.data) == 8 and len(shown.data) == 2
+    press("Control-Shift-Z")
+    assert len(spines.data) == 9 and len(shown.data) == 1
+    # in link mode an accepted suggestion continues the selected spine (3 is first seen in session 1)
+    s3 = int(np.flatnonzero((spines.features["track_id"] == 3).to_numpy() & (spines.data[:, 0] == 1))[0])
+    spines.selected_data = {s3}
+    widget.review.link.click()
+    qtbot.mouseClick(widget.review.buttons["accept_suggestion"], Qt.MouseButton.LeftButton)
+    assert spines.features["track_id"].iloc[-1] == 3 and spines.data[-1, 0] == 0
+    assert len(shown.data) == 0
+    qtbot.mouseClick(widget.review.buttons["jump_to_next_suggestion"], Qt.MouseButton.LeftButton)
+    assert "no suggestion left" in info[-1]
+    # the saved table holds the accepted spines like any added by hand
+    saved = _table(viewer)
+    assert (saved["status"] == "added").sum() == 2
+    # closing the layer ends the offer; a table opened later starts without one
+    viewer.layers.remove(shown)
+    press("G")
+    assert "no suggestions" in info[-1]
+
+
+def test_suggestions_go_with_the_table_they_came_with(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
+    _detect(qtbot, widget)
+    assert "spine suggestions" in viewer.layers
+    monkeypatch.setattr(detect, "run_detection", FakeDetect())  # a detection that suggests nothing
+    _detect(qtbot, widget)
+    assert "spine suggestions" not in viewer.layers
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
+    _detect(qtbot, widget)
+    viewer.layers.remove(viewer.layers["spines"])  # the table goes, and its suggestions with it
+    assert "spine suggestions" not in viewer.layers and "spine tracks" not in viewer.layers
 
 
 def test_napari_tools_add_move_delete(viewer_widget, qtbot, fake_detect):

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .decode import SUGGEST_APART_UM, SUGGEST_FLOOR
+from .decode import SUGGEST_FLOOR
+from .edits import open_suggestions
 from .infer import DeviceSessions, InferenceOptions, check_threshold, predict_series
 from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
 from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
@@ -171,19 +172,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
 def _apart_from(suggestions: pd.DataFrame, kept: pd.DataFrame, voxel_size_um) -> pd.DataFrame:
     """``suggestions`` (``t, z, y, x, score``) at least ``SUGGEST_APART_UM`` from every ``kept``
     point of their session, highest score first."""
-    from scipy.spatial import cKDTree
-
-    scale = np.asarray(voxel_size_um, float)
-    columns = ["t", "z", "y", "x", "score"]
-    apart = np.ones(len(suggestions), bool)
-    t_s, t_k = suggestions["t"].to_numpy(), kept["t"].to_numpy()
-    for t in np.unique(t_s):
-        near = kept.loc[t_k == t, ["z", "y", "x"]].to_numpy(float) * scale
-        if len(near):
-            mine = t_s == t
-            dist, _ = cKDTree(near).query(suggestions.loc[mine, ["z", "y", "x"]].to_numpy(float) * scale)
-            apart[mine] = dist >= SUGGEST_APART_UM
-    out = suggestions.loc[apart, columns].sort_values("score", ascending=False, kind="stable")
+    is_open = open_suggestions(kept[["t", "z", "y", "x"]].to_numpy(float), suggestions, voxel_size_um)
+    out = suggestions.loc[is_open, ["t", "z", "y", "x", "score"]].sort_values("score", ascending=False, kind="stable")
     out = out.reset_index(drop=True)
     out.attrs = {}
     return out

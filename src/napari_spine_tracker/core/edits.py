@@ -22,6 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import InputError
 from ..io.tables import HUMAN_STATUSES, LINK_COLUMN, REQUIRED_COLUMNS, empty_spine_table, validate_spine_table
+from .decode import SUGGEST_APART_UM
 
 #: coordinate columns of the layer data, in order
 POINT_COLUMNS = ("t", "z", "y", "x")
@@ -165,6 +166,27 @@ def _next_predicted(features: pd.DataFrame, keys: np.ndarray, after: tuple[float
 # edits
 
 
+def open_suggestions(data: np.ndarray, suggestions: pd.DataFrame, voxel_size_um: Sequence[float]) -> np.ndarray:
+    """Which ``suggestions`` (``t, z, y, x`` voxels, as ``detect_series(return_suggestions=True)``
+    gives them) are still open: no spine of ``data`` (N, 4) lies within ``SUGGEST_APART_UM`` of
+    them in their session. One accepted, added by hand or pasted there closes it; undoing that
+    opens it again."""
+    from scipy.spatial import cKDTree
+
+    data = _as_data(data)
+    scale = np.asarray(voxel_size_um, dtype=float).reshape(3)
+    points = suggestions[["t", "z", "y", "x"]].to_numpy(dtype=float).reshape(-1, 4)
+    is_open = np.ones(len(points), dtype=bool)
+    spine_sessions, their_sessions = sessions_of(data), np.round(points[:, 0]).astype(int)
+    for session in np.unique(their_sessions):
+        spines = data[spine_sessions == session, 1:] * scale
+        if len(spines):
+            mine = their_sessions == session
+            distance, _ = cKDTree(spines).query(points[mine, 1:] * scale)
+            is_open[mine] = distance >= SUGGEST_APART_UM
+    return is_open
+
+
 def _check_indices(features: pd.DataFrame, indices: Iterable[int]) -> list[int]:
     indices = sorted({int(i) for i in indices})
     if not indices:
@@ -182,7 +204,7 @@ def add_spine(data: np.ndarray, features: pd.DataFrame, point: Sequence[float], 
     fills extra feature columns (others get NaN).
     """
     data, features = _as_data(data), typed_features(features)
-    point = np.asarray(point, dtype=float).reshape(4)
+    point = np.array(point, dtype=float).reshape(4)  # a copy: the caller's point stays as given
     session = round(float(point[0]))
     point[0] = session
     if track_id is None:

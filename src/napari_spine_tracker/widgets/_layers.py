@@ -20,6 +20,10 @@ from ..core.edits import HAND_DEFAULTS, human_vetted
 
 SPINES_LAYER = "spines"
 TRACKS_LAYER = "spine tracks"
+#: the detection's suggestions of missed spines (squares under the spines; not a spine table)
+SUGGESTIONS_LAYER = "spine suggestions"
+SUGGESTION_BORDER = (1.0, 0.75, 0.1, 1.0)  # amber
+CURRENT_SUGGESTION_BORDER = (1.0, 1.0, 1.0, 1.0)  # the one the review visits
 #: ``layer.metadata["spine_tracker"]`` schema
 METADATA_SCHEMA = "spine-points/1"
 
@@ -85,6 +89,15 @@ def spine_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequ
     if translate is not None:
         kwargs["translate"] = tuple(translate)
     return kwargs
+
+
+def suggestion_points_kwargs(data: np.ndarray, scores: np.ndarray, *, scale: Sequence[float],
+                             translate: Sequence[float], size: float = 9.0) -> dict:
+    """Keyword arguments for the Points layer of suggestions: ``data`` (N, 4) t, z, y, x voxels,
+    amber squares, their score as a feature."""
+    return dict(data=data, ndim=4, name=SUGGESTIONS_LAYER, features=pd.DataFrame({"score": scores}),
+                symbol="square", face_color="transparent", border_color=np.asarray(SUGGESTION_BORDER), border_width=0.12,
+                border_width_is_relative=True, size=size, scale=tuple(scale), translate=tuple(translate))
 
 
 def tracks_data(data: np.ndarray, features: pd.DataFrame) -> tuple[np.ndarray, dict]:

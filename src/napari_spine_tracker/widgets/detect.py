@@ -42,8 +42,9 @@ DETECT_LABEL = "Detect spines"
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | str | None,
                   views: int = 1, max_rotation_deg: float = 3.0, gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, progress: Callable[[int, int], None],
-                  should_stop: Callable[[], bool]) -> pd.DataFrame:
+                  should_stop: Callable[[], bool]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
+    Returns (spine table, suggestions of missed spines).
 
     Module-level so that tests can replace it with a fake.
     """
@@ -51,7 +52,7 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
 
     return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold, views=views,
                          max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap, progress=progress,
-                         should_stop=should_stop)
+                         should_stop=should_stop, return_suggestions=True)
 
 
 def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
@@ -102,9 +103,9 @@ class _ProgressRelay(QObject):
 
 
 class DetectPanel(CancellableRun, QWidget):
-    """Controls for a detection run; emits ``detected(table, image_layer, voxel_size_um)``."""
+    """Controls for a detection run; emits ``detected(table, suggestions, image_layer, voxel_size_um)``."""
 
-    detected = Signal(object, object, object)
+    detected = Signal(object, object, object, object)
     #: another image layer was chosen (or the first one appeared)
     image_changed = Signal()
 
@@ -263,11 +264,11 @@ class DetectPanel(CancellableRun, QWidget):
             max_gap=self.max_gap.value(),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
-            _connect={"returned": lambda table: self._on_returned(table, layer, voxel),
+            _connect={"returned": lambda result: self._on_returned(*result, layer, voxel),
                       "errored": self._on_errored, "finished": self._on_finished},
         )
 
-    def _on_returned(self, table: pd.DataFrame, layer: Image, voxel) -> None:
+    def _on_returned(self, table: pd.DataFrame, suggestions: pd.DataFrame, layer: Image, voxel) -> None:
         if self._stop.is_set():  # cancelled while the model finished anyway
             show_info("Detection cancelled; nothing changed.")
             return
@@ -278,7 +279,7 @@ class DetectPanel(CancellableRun, QWidget):
         gate = table.attrs.get("gate_um")
         self.gate.setSpecialValueText(f"auto (last: {gate:.2f} µm)" if table.attrs.get("gate_auto") and gate
                                       else AUTO_GATE)
-        self.detected.emit(table, layer, voxel)
+        self.detected.emit(table, suggestions, layer, voxel)
 
     def _on_errored(self, exc: Exception) -> None:
         if isinstance(exc, Cancelled):

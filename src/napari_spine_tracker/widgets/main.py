@@ -180,7 +180,8 @@ class SpineTrackerWidget(QWidget):
     # ---------------------------------------------------------------------------------------
     # detection results
 
-    def _on_detected(self, table: pd.DataFrame, image: Image, voxel_size_um: Sequence[float]) -> None:
+    def _on_detected(self, table: pd.DataFrame, suggestions: pd.DataFrame, image: Image,
+                     voxel_size_um: Sequence[float]) -> None:
         data, features = edits.points_from_table(table)
         state = SpineState(data, features)
         current = self.editor.state
@@ -196,9 +197,11 @@ class SpineTrackerWidget(QWidget):
                 state = SpineState(data, features, current.reviewed_sessions)
         self._bind_autosave(image)
         self.editor.show(state, scale=(1.0, *voxel_size_um), translate=self._points_translate(image))
+        offered = self.editor.set_suggestions(suggestions)
         self._label_axes()
         lowered = threshold_note(table)
-        show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks."
+        show_info(f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks"
+                  + (f"; {offered} suggestions of missed spines (G visits them, Y accepts one)." if offered else ".")
                   + (f" The {lowered} (set Threshold to keep it)." if lowered else ""))
 
     def _label_axes(self) -> None:

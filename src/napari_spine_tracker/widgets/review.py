@@ -8,7 +8,10 @@ spine (or continues the selected one with "link"), a dragged prediction becomes 
 point deleted with napari's Delete key is recorded for undo.
 
 :class:`ReviewPanel` is the button panel. Keys work when the ``spines`` layer is the active layer;
-none of them clashes with napari's Points keys (1-5, P, S, Z, A, Delete, Backspace).
+none of them clashes with napari's Points keys (1-5, P, S, Z, A, Delete, Backspace). The detection's
+suggestions of missed spines sit in a Points layer of their own under the spines: G visits them,
+most likely first, and Y makes the one shown a spine; a suggestion where a spine now lies is
+hidden, so undo brings it back.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import pandas as pd
 from napari.layers import Points
 from napari.layers.base._base_constants import ActionType
 from napari.utils.notifications import show_info, show_warning
@@ -47,6 +51,9 @@ KEYS: list[tuple[str, str, str]] = [
     ("N", "jump_to_next", "Jump to the next unconfirmed prediction, least certain first"),
     ("J", "jump_to_next_link", "Jump to the next doubtful link: the spine found farthest from where its "
                                "track was expected first (a new spine may have taken a lost neighbour's id)"),
+    ("G", "jump_to_next_suggestion", "Go to the next suggestion of a missed spine (amber squares), most likely first"),
+    ("Y", "accept_suggestion", "Yes: the suggestion shown is a spine (added with a new id, or continuing the "
+                               "selected spine in link mode); then go to the next"),
     ("T", "assign_selected", "Assign the selected point to track N (re-link; swaps with N's point "
                              "in this session). N is the spine selected before this one"),
     ("M", "merge_selected", "Merge: the selected spine joins track N (or the two selected spines join)"),
@@ -63,7 +70,8 @@ KEYS: list[tuple[str, str, str]] = [
 class SpineEditor(QObject):
     """The edit loop of the ``spines`` layer (see module docstring). Main thread only."""
 
-    #: after every edit, undo, redo, or when a spines layer appears; carries nothing, read ``state``
+    #: after every edit, undo, redo, when a spines layer appears or suggestions are set; carries
+    #: nothing, read ``state``
     changed = Signal()
 
     def __init__(self, viewer) -> None:
@@ -77,6 +85,9 @@ class SpineEditor(QObject):
         self._clipboard: tuple[np.ndarray, object] | None = None
         self._last_jump: int | None = None
         self._last_link: tuple[float, int] | None = None  # (link_um, index) of the link visited last
+        #: the detection's suggestions of missed spines (t, z, y, x voxels, score), most likely first
+        self._suggestions: pd.DataFrame | None = None
+        self._last_suggestion: int | None = None  # its row visited last
         self._syncing = False
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -131,6 +142,9 @@ class SpineEditor(QObject):
             self._attach(layer)
 
     def _on_layer_removed(self, event) -> None:
+        if event.value.name == _layers.SUGGESTIONS_LAYER and event.value is not self.layer:
+            self._suggestions = None  # the user closed them
+            return
         if event.value is self.layer:
             self._detach()
             if _layers.TRACKS_LAYER in self.viewer.layers:
@@ -144,6 +158,7 @@ class SpineEditor(QObject):
             return
         self.layer = layer
         self._forget_visits()
+        self._suggestions = None  # they belong to the detection that made another table
         layer.events.data.connect(self._on_data)
         layer.selected_data.events.items_changed.connect(self._on_selection)
         for key, method, _ in KEYS:
@@ -151,6 +166,7 @@ class SpineEditor(QObject):
         state = self.state
         self.history.reset(state)
         self._sync_tracks(state)
+        self._sync_suggestions()
         self.changed.emit()
 
     def _detach(self) -> None:
@@ -160,10 +176,12 @@ class SpineEditor(QObject):
         self.layer = None
         self.history = edits.EditHistory()
         self._forget_visits()
+        self._suggestions = None
+        self._sync_suggestions()
 
     def _forget_visits(self) -> None:
-        """N and J continue after the spine they visited last; another table starts them over."""
-        self._last_jump, self._last_link = None, None
+        """N, J and G continue after what they visited last; another table starts them over."""
+        self._last_jump, self._last_link, self._last_suggestion = None, None, None
 
     def _key_handler(self, method: str) -> Callable:
         def handler(layer):
@@ -198,6 +216,7 @@ class SpineEditor(QObject):
                               **_layers.spine_layer_metadata(state.reviewed_sessions)}
             layer.selected_data = keep
         self._sync_tracks(state)
+        self._sync_suggestions()
         if record:
             self.history.push(state, merge_key=merge_key)
             self.changed.emit()
@@ -222,6 +241,84 @@ class SpineEditor(QObject):
             # keep the spines layer on top and active, so that its keys work
             layers.move(layers.index(self.layer), len(layers))
             layers.selection.active = self.layer
+
+    # ---------------------------------------------------------------------------------------
+    # suggestions of missed spines
+
+    def set_suggestions(self, suggestions: pd.DataFrame | None) -> int:
+        """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``; most likely
+        first, as ``detect_series(return_suggestions=True)`` gives them) beside the spines. Returns
+        how many are open (not where a spine already is)."""
+        empty = suggestions is None or not len(suggestions)
+        self._suggestions = None if empty else suggestions.reset_index(drop=True)
+        self._last_suggestion = None
+        offered = len(self._sync_suggestions())
+        self.changed.emit()
+        return offered
+
+    def _sync_suggestions(self) -> np.ndarray:
+        """Show the open suggestions (edits.open_suggestions; the one visited last outlined white)
+        under the spines, or no suggestions layer when there is nothing to offer. Returns the open
+        rows, most likely first."""
+        layers = self.viewer.layers
+        if self.layer is None or self._suggestions is None:
+            if _layers.SUGGESTIONS_LAYER in layers:
+                layers.remove(_layers.SUGGESTIONS_LAYER)
+            return np.zeros(0, dtype=int)
+        rows = np.flatnonzero(edits.open_suggestions(np.asarray(self.layer.data, float), self._suggestions,
+                                                     self.layer.scale[1:]))
+        points = self._suggestions.loc[rows, ["t", "z", "y", "x"]].to_numpy(float).reshape(-1, 4)
+        borders = np.tile(_layers.SUGGESTION_BORDER, (len(rows), 1))
+        borders[rows == self._last_suggestion] = _layers.CURRENT_SUGGESTION_BORDER
+        scores = self._suggestions["score"].to_numpy(float)[rows]
+        if _layers.SUGGESTIONS_LAYER in layers:
+            layer = layers[_layers.SUGGESTIONS_LAYER]
+            layer.data = points
+            layer.features = pd.DataFrame({"score": scores})
+            layer.border_color = borders if len(rows) else np.asarray(_layers.SUGGESTION_BORDER)
+            layer.scale, layer.translate = self.layer.scale, self.layer.translate
+        else:
+            kwargs = _layers.suggestion_points_kwargs(points, scores, scale=self.layer.scale,
+                                                      translate=self.layer.translate)
+            if len(rows):
+                kwargs["border_color"] = borders
+            self.viewer.add_points(**kwargs)
+            # under the spines, which stay active so that their keys work
+            layers.move(layers.index(self.layer), len(layers))
+            layers.selection.active = self.layer
+        return rows
+
+    def jump_to_next_suggestion(self) -> int | None:
+        """Move time, z and camera to the next open suggestion of a missed spine, most likely first
+        (outlined white); Y accepts it. Returns its row in the suggestions."""
+        if self.layer is None or self._suggestions is None:
+            show_info("no suggestions of missed spines: they come with a detection run.")
+            return None
+        rows = self._sync_suggestions()
+        if not len(rows):
+            show_info("no suggestion left: each one is a spine now, or the layer was closed.")
+            return None
+        later = rows[rows > self._last_suggestion] if self._last_suggestion is not None else rows
+        row = int(later[0] if len(later) else rows[0])
+        self._last_suggestion = row
+        self._sync_suggestions()
+        self._look_at(self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float))
+        self.viewer.layers.selection.active = self.layer
+        return row
+
+    def accept_suggestion(self) -> None:
+        """The suggestion visited last is a spine: add it (a new id, or continuing the selected
+        spine in link mode), then go to the next suggestion."""
+        row = self._last_suggestion
+        if self.layer is None or self._suggestions is None or row is None or row not in self._sync_suggestions():
+            show_info("no suggestion shown: press G to go to one.")
+            return
+        selected = self._selection()
+        link = (int(self.layer.features["track_id"].iloc[selected[0]])
+                if self.link_new_points and len(selected) == 1 else None)
+        point = self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float)
+        if self._edit(edits.add_spine, point, track_id=link, selected=set()):
+            self.jump_to_next_suggestion()
 
     def _edit(self, function: Callable, *args, merge_key: object = None, selected=None, **kwargs) -> bool:
         """Run a pure edit on the current state and apply it; a user error becomes a warning."""
@@ -366,13 +463,17 @@ class SpineEditor(QObject):
 
     def _go_to(self, index: int) -> int:
         """Select point ``index`` and move time, z and camera to it."""
-        world = np.asarray(self.layer.data_to_world(self.layer.data[index]), float)
-        ndim = self.viewer.dims.ndim
-        self.viewer.dims.set_point(list(range(ndim - 4, ndim)), list(world))
-        self.viewer.camera.center = tuple(world[-3:]) if self.viewer.dims.ndisplay == 3 else tuple(world[-2:])
+        self._look_at(self.layer.data[index])
         self.layer.selected_data = {index}
         self.viewer.layers.selection.active = self.layer
         return index
+
+    def _look_at(self, point) -> None:
+        """Move time, z and camera to ``point`` (t, z, y, x in the spines layer's voxels)."""
+        world = np.asarray(self.layer.data_to_world(np.asarray(point, float)), float)
+        ndim = self.viewer.dims.ndim
+        self.viewer.dims.set_point(list(range(ndim - 4, ndim)), list(world))
+        self.viewer.camera.center = tuple(world[-3:]) if self.viewer.dims.ndisplay == 3 else tuple(world[-2:])
 
     def copy_selected(self) -> None:
         selected = self._selection()
@@ -433,20 +534,22 @@ class ReviewPanel(QWidget):
 
         button("Next", "jump_to_next", 0, 0)
         button("Next link", "jump_to_next_link", 0, 1)
-        button("Confirm", "confirm_selected", 1, 0)
-        button("Delete", "delete_selected", 1, 1)
-        button("Split", "split_selected", 2, 0)
-        button("Merge", "merge_selected", 2, 1, lambda: editor.merge_selected(self.track.value() or None))
-        button("Assign", "assign_selected", 3, 0, lambda: editor.assign_selected(self.track.value() or None))
+        button("Suggestion", "jump_to_next_suggestion", 1, 0)
+        button("Accept", "accept_suggestion", 1, 1)
+        button("Confirm", "confirm_selected", 2, 0)
+        button("Delete", "delete_selected", 2, 1)
+        button("Split", "split_selected", 3, 0)
+        button("Merge", "merge_selected", 3, 1, lambda: editor.merge_selected(self.track.value() or None))
+        button("Assign", "assign_selected", 4, 0, lambda: editor.assign_selected(self.track.value() or None))
         self.track = QSpinBox()
         self.track.setRange(0, 10**9)
         self.track.setSpecialValueText("N: previous")
         self.track.setToolTip("N for Assign and Merge; 'previous' means the spine selected before the "
                               "current one")
-        grid.addWidget(self.track, 3, 1)
-        button("Undo", "undo", 4, 0)
-        button("Redo", "redo", 4, 1)
-        button("Reviewed", "toggle_reviewed", 5, 0, lambda: editor.toggle_reviewed(), span=2)
+        grid.addWidget(self.track, 4, 1)
+        button("Undo", "undo", 5, 0)
+        button("Redo", "redo", 5, 1)
+        button("Reviewed", "toggle_reviewed", 6, 0, lambda: editor.toggle_reviewed(), span=2)
         self.link = QCheckBox("Link new points to the selected spine (L)")
         self.link.setToolTip(helps["toggle_link"][1])
         self.link.toggled.connect(self._on_link_toggled)
@@ -478,9 +581,12 @@ class ReviewPanel(QWidget):
         statuses = state.features["status"]
         session = editor.current_session()
         reviewed = sorted(state.reviewed_sessions)
+        layers = editor.viewer.layers
+        offered = len(layers[_layers.SUGGESTIONS_LAYER].data) if _layers.SUGGESTIONS_LAYER in layers else 0
         self.status.setText(
             f"{len(state.data)} spine points in {state.features['track_id'].nunique()} tracks, "
-            f"{int((statuses == 'predicted').sum())} unconfirmed.\n"
+            f"{int((statuses == 'predicted').sum())} unconfirmed"
+            f"{f', {offered} suggestions of missed spines (G)' if offered else ''}.\n"
             f"Session {session}: {'reviewed' if session in reviewed else 'not reviewed'}"
             f"{'; reviewed: ' + ', '.join(map(str, reviewed)) if reviewed else ''}."
         )
