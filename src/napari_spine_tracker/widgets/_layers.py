@@ -96,8 +96,9 @@ def suggestion_points_kwargs(data: np.ndarray, scores: np.ndarray, *, scale: Seq
     """Keyword arguments for the Points layer of suggestions: ``data`` (N, 4) t, z, y, x voxels,
     amber squares, their score as a feature."""
     return dict(data=data, ndim=4, name=SUGGESTIONS_LAYER, features=pd.DataFrame({"score": scores}),
-                symbol="square", face_color="transparent", border_color=np.asarray(SUGGESTION_BORDER), border_width=0.12,
-                border_width_is_relative=True, size=size, scale=tuple(scale), translate=tuple(translate))
+                symbol="square", face_color="transparent", border_color=np.asarray(SUGGESTION_BORDER),
+                border_width=0.12, border_width_is_relative=True, size=size, scale=tuple(scale),
+                translate=tuple(translate))
 
 
 def tracks_data(data: np.ndarray, features: pd.DataFrame) -> tuple[np.ndarray, dict]:

@@ -123,8 +123,9 @@ class SpineEditor(QObject):
                 self.layer.scale = scale
             if translate is not None:
                 self.layer.translate = translate
+            self._suggestions = None  # those of the table replaced (a detection sets its own after this)
             self._apply(state, selected=set())
-            self._forget_visits()  # a new table: N and J start from its top again
+            self._forget_visits()  # a new table: N, J and G start from its top again
             return self.layer
         kwargs = _layers.spine_points_kwargs(state.data, state.features, scale=scale, translate=translate,
                                              reviewed_sessions=state.reviewed_sessions)
@@ -296,7 +297,7 @@ class SpineEditor(QObject):
             return None
         rows = self._sync_suggestions()
         if not len(rows):
-            show_info("no suggestion left: each one is a spine now, or the layer was closed.")
+            show_info("no suggestion left: a spine lies at each one now.")
             return None
         later = rows[rows > self._last_suggestion] if self._last_suggestion is not None else rows
         row = int(later[0] if len(later) else rows[0])
