@@ -1,7 +1,8 @@
 """What the shipped model finds on real tissue: the bundled DeepD3 stack (one session, no labels).
 
-Writes one figure: the stack's max projection with the detections on top (colour = score), a
-side view (x-z) of the same, and a zoom on the densest stretch; prints the detections.
+Writes one figure: the stack's max projection with the detections on top (colour = score) and the
+suggestions of missed spines (cyan squares; ``detect_series(return_suggestions=True)``), and a side
+view (x-z) of the same; prints both.
 
     python benchmarks/real_stack.py [--model spinenet-synth] [--out docs/real_predictions.png]
 """
@@ -38,9 +39,11 @@ def main(argv=None) -> int:
     series = load_series(path, voxel_size_um=REAL_VOXEL_UM)
     image = np.asarray(series.data[0], dtype=np.float32)
     model = load_model(args.model, device="cpu")
-    spines = detect_series(series, model=model, threshold=args.threshold)
-    print(f"{len(spines)} spines detected (threshold {args.threshold or model.decode['threshold']:.2f})")
+    spines, suggestions = detect_series(series, model=model, threshold=args.threshold, return_suggestions=True)
+    print(f"{len(spines)} spines detected (threshold {spines.attrs['threshold']:.2f})")
     print(spines[["z", "y", "x", "score", "head_radius_um"]].round(2).to_string(index=False))
+    print(f"{len(suggestions)} suggestions of missed spines")
+    print(suggestions[["z", "y", "x", "score"]].round(2).to_string(index=False))
 
     low, high = np.percentile(image, [1, 99.8])
     ratios = [image.shape[1], image.shape[0] * REAL_VOXEL_UM[0] / REAL_VOXEL_UM[2]]
@@ -49,13 +52,17 @@ def main(argv=None) -> int:
     top.imshow(image.max(0), cmap="gray", vmin=low, vmax=high, interpolation="nearest")
     colours = plt.get_cmap("autumn")(spines["score"].to_numpy())
     top.scatter(spines["x"], spines["y"], s=110, facecolors="none", edgecolors=colours, linewidths=1.4)
+    top.scatter(suggestions["x"], suggestions["y"], s=110, marker="s", facecolors="none", edgecolors="cyan",
+                linewidths=1.0)
     top.set_title(f"DeepD3 real stack, max projection over z: {len(spines)} detections of {args.model} "
-                  "(ring colour = score)")
+                  f"(ring colour = score), {len(suggestions)} suggestions (cyan squares)")
     top.set_axis_off()
     mappable = plt.cm.ScalarMappable(cmap="autumn", norm=plt.Normalize(0, 1))
     fig.colorbar(mappable, ax=[top, side], fraction=0.02, pad=0.01, label="score")
     side.imshow(image.max(1), cmap="gray", vmin=low, vmax=high, aspect=0.5 / 0.094, interpolation="nearest")
     side.scatter(spines["x"], spines["z"], s=50, facecolors="none", edgecolors=colours, linewidths=1.2)
+    side.scatter(suggestions["x"], suggestions["z"], s=50, marker="s", facecolors="none", edgecolors="cyan",
+                 linewidths=0.8)
     side.set_title("side view (max over y; z stretched to scale)")
     side.set_axis_off()
     out = Path(args.out)
