@@ -71,3 +71,31 @@ def test_identity_errors_tells_the_kinds_apart():
     assert counts["idtp"] == 12 and counts["gain merged"] == 0 and counts["loss merged"] == 0
     assert counts["wrong links"] == 0 and counts["in top 10%"] == 0
     assert counts["fragment"] == 0 and counts["kept"] == 3 + 1 + 1 + 3
+
+
+def test_an_ensemble_of_a_model_with_itself_finds_what_the_model_finds():
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from napari_spine_tracker.core.decode import DEFAULT_DECODE
+    from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION
+    from napari_spine_tracker.core.model import SpineNet, build_config
+    from napari_spine_tracker.core.models import LoadedModel
+
+    ensemble_model = runpy.run_path(str(BENCHMARKS / "weight_average.py"))["ensemble_model"]
+    torch.manual_seed(0)
+    net = SpineNet(build_config("tiny")).eval()
+    with torch.no_grad():
+        net.heads["heatmap"].bias.fill_(0.0)
+        net.heads["heatmap"].weight.mul_(300.0)  # scores spread over 0.05-0.9
+    model = LoadedModel(net, torch.device("cpu"), (0.5, 0.1, 0.1), dict(DEFAULT_NORMALIZATION),
+                        dict(DEFAULT_DECODE, threshold=0.5))
+    series = np.random.default_rng(3).poisson(5, (2, 8, 48, 48)).astype(np.uint16)
+    alone = detect_series(series, (0.5, 0.1, 0.1), model=model, threshold=0.5)
+    pair = ensemble_model([model, model])
+    assert pair.name == "model+model" and len(pair.net.nets) == 2
+    together = detect_series(series, (0.5, 0.1, 0.1), model=pair, threshold=0.5)
+    assert len(alone) > 0
+    pd.testing.assert_frame_equal(together, alone, atol=1e-5)
