@@ -776,7 +776,8 @@ def test_suggestions_are_the_peaks_below_the_threshold_apart_from_the_spines(ran
         pd.testing.assert_frame_equal(table, plain)  # asking for suggestions changes nothing else
         assert table.attrs == plain.attrs
         cut = table.attrs["threshold"]
-        assert list(suggestions.columns) == ["t", "z", "y", "x", "score"] and len(suggestions) > 0
+        assert list(suggestions.columns) == ["t", "z", "y", "x", "score", "track_id"] and len(suggestions) > 0
+        assert suggestions["track_id"].dtype.kind == "i" and (suggestions["track_id"] >= 0).all()
         assert suggestions["score"].between(SUGGEST_FLOOR, cut, inclusive="left").all()
         assert suggestions["score"].is_monotonic_decreasing
         # each one apart from every spine of its session; the peaks left out are near one
@@ -790,7 +791,7 @@ def test_suggestions_are_the_peaks_below_the_threshold_apart_from_the_spines(ran
             assert (distance >= SUGGEST_APART_UM).sum() == len(mine)
     # a threshold at or below the floor leaves nothing to suggest
     _, none = detect_series(series, voxel, model=random_model, threshold=SUGGEST_FLOOR, return_suggestions=True)
-    assert len(none) == 0 and list(none.columns) == ["t", "z", "y", "x", "score"]
+    assert len(none) == 0 and list(none.columns) == ["t", "z", "y", "x", "score", "track_id"]
     with pytest.raises(InputError, match="suggest_floor"):
         InferenceOptions(suggest_floor=1.5)
 

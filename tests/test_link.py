@@ -319,3 +319,33 @@ def test_votes_heard_are_packed_row_by_row():
     np.testing.assert_array_equal(packed, [[0, 1, 3, 4, 5], [2, -1, -1, -1, -1],
                                            [-1, -1, -1, -1, -1], [3, 4, 5, -1, -1]])
     np.testing.assert_array_equal(slots, [0, 0, 1, 1, 1, 1, 0, 0, 0])
+
+
+def test_a_suggestion_takes_the_track_expected_where_it_lies():
+    from napari_spine_tracker.core.link import suggested_tracks
+    from napari_spine_tracker.core.register import RigidMotion
+
+    voxel = (0.5, 0.1, 0.1)
+    # spine 1 is missed in session 1; spine 2 is seen throughout; spine 3 is lost after session 0;
+    # spine 4 is first seen in session 3: expected in session 1 only if one session may be missed between
+    spines = pd.DataFrame({"track_id": [1, 1, 2, 2, 2, 3, 4], "t": [0, 2, 0, 1, 2, 0, 3],
+                           "z": [5.0] * 7, "y": [10.0, 14.0, 40.0, 40.0, 40.0, 70.0, 100.0],
+                           "x": [10.0] * 7})
+    suggestions = pd.DataFrame({"t": [1, 1, 1, 1, 1], "z": [5.0] * 5, "y": [12.5, 40.0, 71.0, 100.0, 150.0],
+                                "x": [10.0] * 5, "score": [0.3] * 5})
+    # spine 1 expected at y 12 (between 10 and 14); 2 has a point there; 3 where it was; 4 too far in time
+    found = suggested_tracks(spines, suggestions, voxel, gate_um=1.0, max_gap=0)
+    np.testing.assert_array_equal(found, [1, 0, 3, 0, 0])
+    np.testing.assert_array_equal(suggested_tracks(spines, suggestions, voxel, gate_um=1.0, max_gap=1),
+                                  [1, 0, 3, 4, 0])
+    # one suggestion per track: of two near spine 1's expected place, the nearer takes it
+    two = pd.concat([suggestions.iloc[:1], suggestions.iloc[:1].assign(y=12.1)], ignore_index=True)
+    np.testing.assert_array_equal(suggested_tracks(spines, two, voxel, gate_um=1.0, max_gap=0), [0, 1])
+    # the field moved 30 pixels in y in session 1: registration moves the expected places with it
+    motion = RigidMotion.translation(np.array([[0, 0, 0], [0, 30, 0], [0, 0, 0], [0, 0, 0]], float), voxel)
+    moved = suggestions.assign(y=suggestions["y"] + 30)
+    np.testing.assert_array_equal(suggested_tracks(spines, moved, voxel, motion=motion, gate_um=1.0, max_gap=0),
+                                  [1, 0, 3, 0, 0])
+    # without it, the one moved onto spine 3's old place would be taken for spine 3
+    np.testing.assert_array_equal(suggested_tracks(spines, moved, voxel, gate_um=1.0, max_gap=0), [0, 3, 0, 0, 0])
+    assert len(suggested_tracks(spines, suggestions.iloc[:0], voxel)) == 0

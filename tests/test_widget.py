@@ -328,10 +328,12 @@ def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbo
 
 
 def _suggestions():
-    """Suggestions of missed spines, most likely first: two open ones (sessions 2 and 0) and one
-    where spine 1 already is (hidden)."""
-    return pd.DataFrame({"t": [2, 0, 1], "z": [2.0, 3.0, 3.0], "y": [28.0, 25.0, 10.0], "x": [5.0, 6.0, 11.2],
-                         "score": [0.38, 0.31, 0.25]})
+    """Suggestions of missed spines, most likely first: a new spine (session 2), one where spine 3,
+    first seen in session 1, was expected in session 0, one where spine 1 already is (hidden), and
+    a new one in session 0."""
+    return pd.DataFrame({"t": [2, 0, 1, 0], "z": [2.0, 3.0, 3.0, 3.0], "y": [28.0, 5.0, 10.0, 28.0],
+                         "x": [5.0, 24.0, 11.2, 28.0], "score": [0.38, 0.31, 0.25, 0.22],
+                         "track_id": [0, 3, 1, 0]})
 
 
 def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qtbot, monkeypatch):
@@ -342,11 +344,11 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     _detect(qtbot, widget)
     spines = viewer.layers["spines"]
     shown = viewer.layers["spine suggestions"]
-    # the two open ones, under the spines, which stay active
-    np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 25, 6]])
-    assert list(shown.features["score"]) == [0.38, 0.31]
+    # the three open ones, under the spines, which stay active
+    np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 5, 24], [0, 3, 28, 28]])
+    assert list(shown.features["score"]) == [0.38, 0.31, 0.22]
     assert viewer.layers.index(shown) < viewer.layers.index(spines) and viewer.layers.selection.active is spines
-    assert "2 suggestions of missed spines" in widget.review.status.text()
+    assert "3 suggestions of missed spines" in widget.review.status.text()
     press = lambda key: spines.keymap[coerce_keybinding(key)](spines)  # noqa: E731
     info = []
     monkeypatch.setattr(review, "show_info", info.append)
@@ -356,34 +358,48 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     assert viewer.dims.current_step[0] == 2 and viewer.dims.point[1] == pytest.approx(2 * VOXEL[0])
     np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
     np.testing.assert_allclose(shown.border_color[1], _layers.SUGGESTION_BORDER)
-    press("Y")  # a spine now, with a new id; the next one is shown
+    press("Y")  # a spine now, with a new id (no track was expected there); the next one is shown
     added = spines.features.iloc[-1]
     np.testing.assert_allclose(spines.data[-1], [2, 2, 28, 5])
     assert added["status"] == "added" and added["score"] == 1.0 and added["track_id"] == 4
-    np.testing.assert_allclose(shown.data, [[0, 3, 25, 6]])
+    np.testing.assert_allclose(shown.data, [[0, 3, 5, 24], [0, 3, 28, 28]])
     assert viewer.dims.current_step[0] == 0
     np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
     # undo takes the spine away and offers its suggestion again
     press("Control-Z")
-    assert len(spines.data) == 8 and len(shown.data) == 2
+    assert len(spines.data) == 8 and len(shown.data) == 3
     press("Control-Shift-Z")
-    assert len(spines.data) == 9 and len(shown.data) == 1
-    # in link mode an accepted suggestion continues the selected spine (3 is first seen in session 1)
-    s3 = int(np.flatnonzero((spines.features["track_id"] == 3).to_numpy() & (spines.data[:, 0] == 1))[0])
-    spines.selected_data = {s3}
+    assert len(spines.data) == 9 and len(shown.data) == 2
+    press("Y")  # where spine 3 was expected before it was first seen: it continues spine 3
+    assert spines.features["track_id"].iloc[-1] == 3 and spines.data[-1, 0] == 0
+    # in link mode an accepted suggestion continues the selected spine (4 has no point in session 0)
+    s4 = int(np.flatnonzero(spines.features["track_id"].to_numpy() == 4)[0])
+    spines.selected_data = {s4}
     widget.review.link.click()
     qtbot.mouseClick(widget.review.buttons["accept_suggestion"], Qt.MouseButton.LeftButton)
-    assert spines.features["track_id"].iloc[-1] == 3 and spines.data[-1, 0] == 0
+    assert spines.features["track_id"].iloc[-1] == 4 and spines.data[-1, 0] == 0
     assert len(shown.data) == 0
     qtbot.mouseClick(widget.review.buttons["jump_to_next_suggestion"], Qt.MouseButton.LeftButton)
     assert "no suggestion left" in info[-1]
     # the saved table holds the accepted spines like any added by hand
     saved = _table(viewer)
-    assert (saved["status"] == "added").sum() == 2
+    assert (saved["status"] == "added").sum() == 3
     # closing the layer ends the offer; a table opened later starts without one
     viewer.layers.remove(shown)
     press("G")
     assert "no suggestions" in info[-1]
+
+
+def test_a_suggested_track_that_already_has_a_point_there_gives_a_new_id(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    # spine 2 is expected here, but it has a point in session 0 already (placed since, say)
+    suggestions = pd.DataFrame({"t": [0], "z": [3.0], "y": [28.0], "x": [28.0], "score": [0.3], "track_id": [2]})
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=suggestions))
+    _detect(qtbot, widget)
+    widget.editor.jump_to_next_suggestion()
+    widget.editor.accept_suggestion()
+    spines = viewer.layers["spines"]
+    assert spines.features["track_id"].iloc[-1] == 4 and spines.data[-1, 0] == 0
 
 
 def test_suggestions_go_with_the_table_they_came_with(viewer_widget, qtbot, monkeypatch):

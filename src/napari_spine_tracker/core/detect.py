@@ -17,7 +17,7 @@ from ..errors import InputError
 from .decode import SUGGEST_FLOOR
 from .edits import open_suggestions
 from .infer import DeviceSessions, InferenceOptions, check_threshold, predict_series
-from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections
+from .link import DEFAULT_GATE_UM, DEFAULT_MAX_GAP, check_linking, link_detections, suggested_tracks
 from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,11 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     table = table.drop(columns=drop)
     table.attrs.update(detections.attrs, model_threshold=float(loaded.decode["threshold"]))
     if return_suggestions:
-        return table, _apart_from(suggestions, detections, voxel)
+        suggestions = _apart_from(suggestions, detections, voxel)
+        # the track each would continue, where the tracker had to close a gap or end a track there
+        suggestions["track_id"] = suggested_tracks(table, suggestions, voxel, motion=motion,
+                                                   gate_um=table.attrs["gate_um"], max_gap=max_gap)
+        return table, suggestions
     return table
 
 

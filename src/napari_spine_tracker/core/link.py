@@ -460,3 +460,46 @@ def _renumber(keys: np.ndarray, t: np.ndarray) -> np.ndarray:
     rank[np.argsort(first)] = np.arange(1, len(first) + 1)
     uniq = np.unique(keys)
     return rank[np.searchsorted(uniq, keys)]
+
+
+def suggested_tracks(spines: pd.DataFrame, suggestions: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
+                     motion=None, gate_um: float = FIXED_GATE_UM, max_gap: int = DEFAULT_MAX_GAP) -> np.ndarray:
+    """For each suggestion of a missed spine (``t, z, y, x`` voxels), the id of the track it would
+    continue, or 0 (a new spine).
+
+    A track is a candidate in a session where it has no point and was seen within ``max_gap + 1``
+    sessions before or after it: a spine missed there, in the middle of its track or next to one
+    end. Its expected place is the mean of its nearest points before and after, each moved into
+    the session by ``motion`` (registration). Suggestions and candidates are paired one to one
+    (Hungarian, as in linking) within ``gate_um``."""
+    scale = parse_voxel_size(voxel_size_um)
+    found = np.zeros(len(suggestions), dtype=int)
+    if not len(suggestions) or not len(spines):
+        return found
+    columns = ["z", "y", "x"]
+    t_spine = spines["t"].to_numpy(int)
+    t_suggested = suggestions["t"].to_numpy(int)
+    between = as_motion(motion, None, int(max(t_spine.max(), t_suggested.max())) + 1, scale).between
+    points = pd.DataFrame({"track": spines["track_id"].to_numpy(int), "t": t_spine,
+                           "row": np.arange(len(spines))}).sort_values(["track", "t"], kind="stable")
+    positions = spines[columns].to_numpy(float)
+    for t in np.unique(t_suggested):
+        absent = points[~points["track"].isin(points.loc[points["t"] == t, "track"])]
+        before = absent[(absent["t"] < t) & (absent["t"] >= t - 1 - max_gap)].groupby("track").last()
+        after = absent[(absent["t"] > t) & (absent["t"] <= t + 1 + max_gap)].groupby("track").first()
+        tracks = np.union1d(before.index, after.index)
+        if not len(tracks):
+            continue
+        total, count = np.zeros((len(tracks), 3)), np.zeros(len(tracks))
+        for side in (before, after):
+            at = np.searchsorted(tracks, side.index.to_numpy())
+            for source in np.unique(side["t"]):
+                mine = side["t"].to_numpy() == source
+                total[at[mine]] += between(positions[side["row"].to_numpy()[mine]], int(source), int(t))
+                count[at[mine]] += 1
+        expected_um = total / count[:, None] * scale
+        rows = np.flatnonzero(t_suggested == t)
+        src, dst = _assign(suggestions[columns].to_numpy(float)[rows] * scale, expected_um,
+                           np.full(len(tracks), float(gate_um)))
+        found[rows[src]] = tracks[dst]
+    return found

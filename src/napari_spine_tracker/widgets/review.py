@@ -52,8 +52,8 @@ KEYS: list[tuple[str, str, str]] = [
     ("J", "jump_to_next_link", "Jump to the next doubtful link: the spine found farthest from where its "
                                "track was expected first (a new spine may have taken a lost neighbour's id)"),
     ("G", "jump_to_next_suggestion", "Go to the next suggestion of a missed spine (amber squares), most likely first"),
-    ("Y", "accept_suggestion", "Yes: the suggestion shown is a spine (added with a new id, or continuing the "
-                               "selected spine in link mode); then go to the next"),
+    ("Y", "accept_suggestion", "Yes: the suggestion shown is a spine; it continues the track expected there "
+                               "(or the selected spine in link mode, or gets a new id); then go to the next"),
     ("T", "assign_selected", "Assign the selected point to track N (re-link; swaps with N's point "
                              "in this session). N is the spine selected before this one"),
     ("M", "merge_selected", "Merge: the selected spine joins track N (or the two selected spines join)"),
@@ -308,17 +308,24 @@ class SpineEditor(QObject):
         return row
 
     def accept_suggestion(self) -> None:
-        """The suggestion visited last is a spine: add it (a new id, or continuing the selected
-        spine in link mode), then go to the next suggestion."""
+        """The suggestion visited last is a spine: add it, then go to the next suggestion. Its id:
+        the selected spine's in link mode, else the track the tracker expected there (the
+        suggestion's ``track_id``, where that track still has no point in the session), else a new
+        one."""
         row = self._last_suggestion
         if self.layer is None or self._suggestions is None or row is None or row not in self._sync_suggestions():
             show_info("no suggestion shown: press G to go to one.")
             return
         selected = self._selection()
-        link = (int(self.layer.features["track_id"].iloc[selected[0]])
-                if self.link_new_points and len(selected) == 1 else None)
         point = self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float)
-        if self._edit(edits.add_spine, point, track_id=link, selected=set()):
+        if self.link_new_points and len(selected) == 1:
+            track_id = int(self.layer.features["track_id"].iloc[selected[0]])
+        else:
+            expected = int(self._suggestions["track_id"].iloc[row]) if "track_id" in self._suggestions else 0
+            free = expected > 0 and not edits.track_has_point(self.layer.data, self.layer.features, expected,
+                                                              round(point[0]))
+            track_id = expected if free else None
+        if self._edit(edits.add_spine, point, track_id=track_id, selected=set()):
             self.jump_to_next_suggestion()
 
     def _edit(self, function: Callable, *args, merge_key: object = None, selected=None, **kwargs) -> bool:
