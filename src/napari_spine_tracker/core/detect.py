@@ -94,7 +94,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         Also return the suggestions of missed spines: the peaks scoring from
         ``decode.SUGGEST_FLOOR`` (0.2; ``options.suggest_floor`` where set) up to the threshold, at
         least ``decode.SUGGEST_APART_UM`` from every spine of their session, most likely first
-        (``t, z, y, x, score``). They hold about half of the spines the threshold misses (53-60 %
+        (``t, z, y, x, score, track_id``: the track each would continue, 0 for a new spine;
+        ``link.suggested_tracks``). They hold about half of the spines the threshold misses (53-60 %
         on held-out synthetic series), among many that are not spines; the review offers them one
         by one (README, "Suggestions of missed spines").
     progress, should_stop
