@@ -347,6 +347,7 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     # the three open ones, under the spines, which stay active
     np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 5, 24], [0, 3, 28, 28]])
     assert list(shown.features["score"]) == [0.38, 0.31, 0.22]
+    assert list(shown.features["expected"]) == ["", "3", ""]  # the id Y would give, written by each square
     assert viewer.layers.index(shown) < viewer.layers.index(spines) and viewer.layers.selection.active is spines
     assert "3 suggestions of missed spines" in widget.review.status.text()
     press = lambda key: spines.keymap[coerce_keybinding(key)](spines)  # noqa: E731

@@ -91,14 +91,23 @@ def spine_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequ
     return kwargs
 
 
-def suggestion_points_kwargs(data: np.ndarray, scores: np.ndarray, *, scale: Sequence[float],
+def suggestion_features(scores: np.ndarray, track_ids: np.ndarray) -> pd.DataFrame:
+    """Features of the suggestions layer: the score, and the id **Y** would give ("" for a new one),
+    written next to each square."""
+    return pd.DataFrame({"score": np.asarray(scores, float),
+                         "expected": [str(int(i)) if i > 0 else "" for i in np.asarray(track_ids)]})
+
+
+def suggestion_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequence[float],
                              translate: Sequence[float], size: float = 9.0) -> dict:
     """Keyword arguments for the Points layer of suggestions: ``data`` (N, 4) t, z, y, x voxels,
-    amber squares, their score as a feature."""
-    return dict(data=data, ndim=4, name=SUGGESTIONS_LAYER, features=pd.DataFrame({"score": scores}),
+    amber squares with the id of the track each would continue (``suggestion_features``)."""
+    return dict(data=data, ndim=4, name=SUGGESTIONS_LAYER, features=features,
                 symbol="square", face_color="transparent", border_color=np.asarray(SUGGESTION_BORDER),
                 border_width=0.12, border_width_is_relative=True, size=size, scale=tuple(scale),
-                translate=tuple(translate))
+                translate=tuple(translate),
+                text={"string": "{expected}", "size": 8, "color": np.asarray(SUGGESTION_BORDER),
+                      "anchor": "lower_right", "translation": [0, 0, size / 2, -size / 2]})
 
 
 def tracks_data(data: np.ndarray, features: pd.DataFrame) -> tuple[np.ndarray, dict]:

@@ -271,15 +271,17 @@ class SpineEditor(QObject):
         points = self._suggestions.loc[rows, ["t", "z", "y", "x"]].to_numpy(float).reshape(-1, 4)
         borders = np.tile(_layers.SUGGESTION_BORDER, (len(rows), 1))
         borders[rows == self._last_suggestion] = _layers.CURRENT_SUGGESTION_BORDER
-        scores = self._suggestions["score"].to_numpy(float)[rows]
+        expected = (self._suggestions["track_id"].to_numpy(int) if "track_id" in self._suggestions
+                    else np.zeros(len(self._suggestions), int))
+        features = _layers.suggestion_features(self._suggestions["score"].to_numpy(float)[rows], expected[rows])
         if _layers.SUGGESTIONS_LAYER in layers:
             layer = layers[_layers.SUGGESTIONS_LAYER]
             layer.data = points
-            layer.features = pd.DataFrame({"score": scores})
+            layer.features = features
             layer.border_color = borders if len(rows) else np.asarray(_layers.SUGGESTION_BORDER)
             layer.scale, layer.translate = self.layer.scale, self.layer.translate
         else:
-            kwargs = _layers.suggestion_points_kwargs(points, scores, scale=self.layer.scale,
+            kwargs = _layers.suggestion_points_kwargs(points, features, scale=self.layer.scale,
                                                       translate=self.layer.translate)
             if len(rows):
                 kwargs["border_color"] = borders
