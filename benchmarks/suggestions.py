@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import numpy as np
     import pandas as pd
 
-    from napari_spine_tracker.core import decode
+    from napari_spine_tracker.core import decode, edits
     from napari_spine_tracker.core.detect import detect_series
     from napari_spine_tracker.core.infer import InferenceOptions
     from napari_spine_tracker.core.metrics import evaluate_tracks, match_points
@@ -52,18 +52,13 @@ def main(argv=None) -> int:
     review = lowest == decode.SUGGEST_FLOOR  # the track ids are those of the shipped floor's suggestions
 
     def with_accepted(table, accepted, suggested_ids: bool) -> pd.DataFrame:
-        """``table`` and the ``accepted`` suggestions as spines: suggested ids where free, else new."""
-        taken = set(zip(table["track_id"], table["t"]))
-        ids, next_id = [], int(table["track_id"].to_numpy().max(initial=0)) + 1
-        for track, t in zip(accepted["track_id"], accepted["t"]):
-            if suggested_ids and track > 0 and (track, t) not in taken:
-                ids.append(track)
-                taken.add((track, t))
-            else:
-                ids.append(next_id)
-                next_id += 1
-        added = accepted.assign(track_id=ids, status="added")
-        return pd.concat([table, added], ignore_index=True)[["track_id", "t", "z", "y", "x", "score", "status"]]
+        """``table`` with the ``accepted`` suggestions added as the review's Y adds them (without
+        ``suggested_ids``: each with a new id)."""
+        data, features = edits.points_from_table(table)
+        for row in accepted.itertuples():
+            data, features = edits.accept_suggestion(data, features, (row.t, row.z, row.y, row.x),
+                                                     int(row.track_id) if suggested_ids else 0)
+        return edits.table_from_points(data, features)
 
     for case in args.cases:
         counts = {floor: [0, 0] for floor in args.floors}  # misses matched, suggestions

@@ -232,3 +232,16 @@ def test_a_suggestion_is_open_until_a_spine_lies_near_it_in_its_session():
                                                    "status": ["predicted"] * 2}), point)
     np.testing.assert_array_equal(edits.open_suggestions(added, suggestions, voxel), [False, True, False])
     np.testing.assert_array_equal(point, [1, 2, 10, 10])  # add_spine leaves the caller's point as it was
+
+
+def test_an_accepted_suggestion_continues_its_expected_track_where_that_track_is_free():
+    data = np.array([[0, 2, 10, 10], [1, 2, 10, 11], [1, 2, 30, 30]], float)
+    features = pd.DataFrame({"track_id": [1, 1, 2], "score": [0.9] * 3, "status": ["predicted"] * 3})
+    # track 2 has no point in session 0: the suggestion there continues it
+    data2, features2 = edits.accept_suggestion(data, features, (0, 2, 30, 31), track_id=2)
+    np.testing.assert_array_equal(data2[-1], [0, 2, 30, 31])
+    assert features2["track_id"].iloc[-1] == 2 and features2["status"].iloc[-1] == "added"
+    # track 1 has one in session 1 already, and 0 means none was expected: new ids
+    _, features3 = edits.accept_suggestion(data, features, (1, 2, 50, 50), track_id=1)
+    _, features4 = edits.accept_suggestion(data, features, (1, 2, 50, 50))
+    assert features3["track_id"].iloc[-1] == 3 and features4["track_id"].iloc[-1] == 3

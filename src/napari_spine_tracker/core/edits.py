@@ -219,6 +219,16 @@ def add_spine(data: np.ndarray, features: pd.DataFrame, point: Sequence[float], 
     return np.vstack([data, point]), typed_features(features)
 
 
+def accept_suggestion(data: np.ndarray, features: pd.DataFrame, point: Sequence[float],
+                      track_id: int = 0) -> Points:
+    """Add a suggested spine at ``point`` (t, z, y, x) as :func:`add_spine` does: it continues
+    ``track_id``, the track the tracker expected there (``link.suggested_tracks``), where that
+    track has no point in the session yet; a new id where it has, or where ``track_id`` is 0."""
+    session = round(float(np.asarray(point, dtype=float).reshape(4)[0]))
+    free = track_id > 0 and not track_has_point(data, features, track_id, session)
+    return add_spine(data, features, point, track_id=track_id if free else None)
+
+
 def delete_spines(data: np.ndarray, features: pd.DataFrame, indices: Iterable[int]) -> Points:
     """Remove the points at ``indices``."""
     indices = _check_indices(features, indices)

@@ -247,33 +247,41 @@ class SpineEditor(QObject):
     # suggestions of missed spines
 
     def set_suggestions(self, suggestions: pd.DataFrame | None) -> int:
-        """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``; most likely
-        first, as ``detect_series(return_suggestions=True)`` gives them) beside the spines. Returns
-        how many are open (not where a spine already is)."""
-        empty = suggestions is None or not len(suggestions)
-        self._suggestions = None if empty else suggestions.reset_index(drop=True)
+        """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``, optionally
+        ``track_id``; most likely first, as ``detect_series(return_suggestions=True)`` gives them)
+        beside the spines. Returns how many are open (not where a spine already is)."""
+        if suggestions is None or not len(suggestions):
+            self._suggestions = None
+        else:
+            self._suggestions = suggestions.reset_index(drop=True)
+            if "track_id" not in self._suggestions:  # no track expected anywhere
+                self._suggestions["track_id"] = 0
         self._last_suggestion = None
         offered = len(self._sync_suggestions())
         self.changed.emit()
         return offered
 
+    def _open_rows(self) -> np.ndarray:
+        """Rows of the suggestions still open (edits.open_suggestions), most likely first."""
+        if self.layer is None or self._suggestions is None:
+            return np.zeros(0, dtype=int)
+        return np.flatnonzero(edits.open_suggestions(np.asarray(self.layer.data, float), self._suggestions,
+                                                     self.layer.scale[1:]))
+
     def _sync_suggestions(self) -> np.ndarray:
-        """Show the open suggestions (edits.open_suggestions; the one visited last outlined white)
-        under the spines, or no suggestions layer when there is nothing to offer. Returns the open
-        rows, most likely first."""
+        """Show the open suggestions (the one visited last outlined white) under the spines, or no
+        suggestions layer when there is nothing to offer. Returns the open rows."""
         layers = self.viewer.layers
         if self.layer is None or self._suggestions is None:
             if _layers.SUGGESTIONS_LAYER in layers:
                 layers.remove(_layers.SUGGESTIONS_LAYER)
             return np.zeros(0, dtype=int)
-        rows = np.flatnonzero(edits.open_suggestions(np.asarray(self.layer.data, float), self._suggestions,
-                                                     self.layer.scale[1:]))
+        rows = self._open_rows()
         points = self._suggestions.loc[rows, ["t", "z", "y", "x"]].to_numpy(float).reshape(-1, 4)
         borders = np.tile(_layers.SUGGESTION_BORDER, (len(rows), 1))
         borders[rows == self._last_suggestion] = _layers.CURRENT_SUGGESTION_BORDER
-        expected = (self._suggestions["track_id"].to_numpy(int) if "track_id" in self._suggestions
-                    else np.zeros(len(self._suggestions), int))
-        features = _layers.suggestion_features(self._suggestions["score"].to_numpy(float)[rows], expected[rows])
+        chosen = self._suggestions.iloc[rows]
+        features = _layers.suggestion_features(chosen["score"].to_numpy(float), chosen["track_id"].to_numpy(int))
         if _layers.SUGGESTIONS_LAYER in layers:
             layer = layers[_layers.SUGGESTIONS_LAYER]
             layer.data = points
@@ -297,37 +305,35 @@ class SpineEditor(QObject):
         if self.layer is None or self._suggestions is None:
             show_info("no suggestions of missed spines: they come with a detection run.")
             return None
-        rows = self._sync_suggestions()
+        rows = self._open_rows()
         if not len(rows):
             show_info("no suggestion left: a spine lies at each one now.")
             return None
         later = rows[rows > self._last_suggestion] if self._last_suggestion is not None else rows
         row = int(later[0] if len(later) else rows[0])
         self._last_suggestion = row
-        self._sync_suggestions()
+        self._sync_suggestions()  # its outline
         self._look_at(self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float))
         self.viewer.layers.selection.active = self.layer
         return row
 
     def accept_suggestion(self) -> None:
         """The suggestion visited last is a spine: add it, then go to the next suggestion. Its id:
-        the selected spine's in link mode, else the track the tracker expected there (the
-        suggestion's ``track_id``, where that track still has no point in the session), else a new
-        one."""
+        the selected spine's in link mode, else as ``edits.accept_suggestion`` gives it (the track
+        the tracker expected there, where it is still free, else a new one)."""
         row = self._last_suggestion
-        if self.layer is None or self._suggestions is None or row is None or row not in self._sync_suggestions():
+        if row is None or row not in self._open_rows():
             show_info("no suggestion shown: press G to go to one.")
             return
         selected = self._selection()
         point = self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float)
         if self.link_new_points and len(selected) == 1:
-            track_id = int(self.layer.features["track_id"].iloc[selected[0]])
+            added = self._edit(edits.add_spine, point, selected=set(),
+                               track_id=int(self.layer.features["track_id"].iloc[selected[0]]))
         else:
-            expected = int(self._suggestions["track_id"].iloc[row]) if "track_id" in self._suggestions else 0
-            free = expected > 0 and not edits.track_has_point(self.layer.data, self.layer.features, expected,
-                                                              round(point[0]))
-            track_id = expected if free else None
-        if self._edit(edits.add_spine, point, track_id=track_id, selected=set()):
+            added = self._edit(edits.accept_suggestion, point, int(self._suggestions["track_id"].iloc[row]),
+                               selected=set())
+        if added:
             self.jump_to_next_suggestion()
 
     def _edit(self, function: Callable, *args, merge_key: object = None, selected=None, **kwargs) -> bool:
