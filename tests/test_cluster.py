@@ -17,7 +17,7 @@ from napari_spine_tracker.core.cluster import SERIES_UNITS, detect_many
 from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 from napari_spine_tracker.errors import Cancelled, InputError
 from napari_spine_tracker.io.series import write_series_tiff
-from napari_spine_tracker.io.tables import read_spine_table, write_spine_table
+from napari_spine_tracker.io.tables import read_spine_table, read_suggestions, write_spine_table
 
 
 def _good_series(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -154,6 +154,24 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, tiny_checkpoin
     with pytest.raises(InputError, match="max_rotation_deg must be an angle"):
         detect_many([tmp_path / "a.tif"], max_rotation_deg=90, model=str(tiny_checkpoint))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_suggestions_are_written_beside_the_table_and_go_with_it(tmp_path, tiny_checkpoint, capsys):
+    (image,) = _good_series(tmp_path, 1, seed=70)
+    beside = tmp_path / "mouse0.suggestions.csv"
+    args = ["detect", str(image), "--device", "cpu", "-q"]  # the shipped model: real scores below its threshold
+    assert main([*args, "--suggestions"]) == 0
+    suggestions = read_suggestions(beside)
+    table = read_spine_table(tmp_path / "mouse0.spines.csv")
+    assert f"{len(suggestions)} suggestions of missed spines -> {beside}" in capsys.readouterr().out
+    assert len(suggestions) and suggestions["score"].between(0.2, table["score"].min()).all()
+    assert set(suggestions["t"]) <= set(range(3)) and (suggestions["track_id"] >= 0).all()
+    # a run without them replaces the table, and the suggestions that went with the old one go
+    assert main(args) == 0
+    assert not beside.exists() and "removed mouse0.suggestions.csv" in capsys.readouterr().out
+    # a table may not take a suggestions file's name
+    with pytest.raises(InputError, match="are for suggestions of missed spines"):
+        detect_many([image], outputs=[beside], scheduler=None, model=str(tiny_checkpoint))
 
 
 def test_without_dask_the_error_names_the_extra(tmp_path, tiny_checkpoint, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from napari_spine_tracker import _napari
 from napari_spine_tracker.errors import InputError
 from napari_spine_tracker.io.series import write_series_tiff
-from napari_spine_tracker.io.tables import read_spine_table, write_spine_table
+from napari_spine_tracker.io.tables import read_spine_table, write_spine_table, write_suggestions
 
 VOXEL = (0.5, 0.1, 0.1)
 
@@ -55,6 +55,21 @@ def test_reads_a_spine_table_by_its_header(tmp_path):
     assert kwargs["name"] == "spines"
 
 
+def test_a_table_brings_the_suggestions_saved_beside_it(tmp_path, caplog):
+    path = write_spine_table(_spine_table(), tmp_path / "m1.spines.csv")
+    suggestions = pd.DataFrame({"t": [1, 0], "z": [2.0, 1.0], "y": [5.0, 9.0], "x": [6.0, 2.0],
+                                "score": [0.3, 0.35], "track_id": [2, 0]})
+    write_suggestions(suggestions, tmp_path / "m1.suggestions.csv")
+    ((_, kwargs, _),) = _napari.get_reader(str(path))(str(path))
+    stored = pd.DataFrame(kwargs["metadata"]["spine_tracker"]["suggestions"])
+    assert stored["score"].tolist() == [0.35, 0.3] and stored["track_id"].tolist() == [0, 2]
+    # a broken suggestions file costs only the suggestions, with a warning
+    (tmp_path / "m1.suggestions.csv").write_text("t,z\n0,1\n")
+    ((data, kwargs, _),) = _napari.get_reader(str(path))(str(path))
+    assert len(data) == 3 and "suggestions" not in kwargs["metadata"]["spine_tracker"]
+    assert "suggestions not opened" in caplog.text and "expected_track_id" in caplog.text
+
+
 def test_reader_raises_a_clear_error_for_a_broken_table(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("track_id,t,z,y,x\n1,0,1,2,x\n")
@@ -71,6 +86,34 @@ def test_reads_a_session_folder_as_4d_with_scale(session_folder):
     assert kwargs["scale"] == pytest.approx((1.0, *VOXEL))
     assert [int(np.asarray(data[t]).min()) for t in range(3)] == [1, 2, 10], "natural sort order"
     assert kwargs["name"] == "dendrite3"
+
+
+def test_reads_a_tiff_with_its_scale_and_the_table_detection_wrote_beside_it(tmp_path, caplog):
+    import tifffile
+
+    image = np.random.default_rng(1).integers(0, 100, (2, 4, 8, 9), dtype=np.uint16)
+    path = write_series_tiff(tmp_path / "m1.tif", image, VOXEL)
+    ((data, kwargs, kind),) = _napari.get_reader(str(path))(str(path))
+    assert kind == "image" and kwargs["scale"] == pytest.approx((1.0, *VOXEL)) and kwargs["name"] == "m1"
+    np.testing.assert_array_equal(np.asarray(data), image)
+    # with m1.spines.csv beside it: the table too, in the image's scale, its suggestions in tow
+    write_spine_table(_spine_table(), tmp_path / "m1.spines.csv")
+    write_suggestions(pd.DataFrame({"t": [1], "z": [2.0], "y": [5.0], "x": [6.0], "score": [0.3]}),
+                      tmp_path / "m1.suggestions.csv")
+    (_, (points, kwargs, kind)) = _napari.get_reader(str(path))(str(path))
+    assert kind == "points" and kwargs["name"] == "spines" and len(points) == 3
+    assert kwargs["scale"] == pytest.approx((1.0, *VOXEL))
+    assert kwargs["metadata"]["spine_tracker"]["suggestions"]["score"] == [0.3]
+    # a broken table beside it: the image still opens, and the log says why the table did not
+    (tmp_path / "m1.spines.csv").write_text("track_id,t,z,y,x\n1,0,1,2,x\n")
+    ((_, _, kind),) = _napari.get_reader(str(path))(str(path))
+    assert kind == "image" and "m1.spines.csv not opened with m1.tif" in caplog.text
+    # several channels need a choice this reader cannot ask for: napari's own reader takes them
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((2, 4, 2, 8, 9), np.uint16), imagej=True,
+                     metadata={"axes": "TZCYX"})
+    assert _napari.get_reader(str(tmp_path / "two.tif")) is None
+    (tmp_path / "corrupt.tif").write_bytes(b"II*\x00" + b"\xff" * 50)
+    assert _napari.get_reader(str(tmp_path / "corrupt.tif")) is None
 
 
 def test_writer_round_trip(tmp_path):

@@ -7,7 +7,10 @@ from napari_spine_tracker.io.tables import (
     default_table_path,
     looks_like_spine_table,
     read_spine_table,
+    read_suggestions,
+    suggestions_path,
     write_spine_table,
+    write_suggestions,
 )
 
 
@@ -97,3 +100,41 @@ def test_written_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_suggestions_round_trip_most_likely_first_with_empty_for_a_new_spine(tmp_path):
+    suggestions = pd.DataFrame({"t": [0, 2, 1], "z": [1.5, 2.0, 3.0], "y": [3.0, 4.0, 5.0], "x": [5.0, 6.0, 7.0],
+                                "score": [0.25, 0.38, 0.3], "track_id": [4, 0, 2]})
+    path = write_suggestions(suggestions, tmp_path / "m.suggestions.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "t,z,y,x,score,expected_track_id"
+    assert lines[1].startswith("2,") and lines[1].endswith(",")  # no track expected: left empty
+    back = read_suggestions(path)
+    expected = suggestions.sort_values("score", ascending=False).reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, expected, check_dtype=False)
+    assert back["t"].dtype == "int64" and back["track_id"].dtype == "int64"
+    assert not looks_like_spine_table(path)  # the reader never opens it as spines
+    # without an expected track anywhere
+    write_suggestions(suggestions.drop(columns="track_id"), path)
+    assert (read_suggestions(path)["track_id"] == 0).all()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("t,z,y,x,score\n0,1,2,3,0.3\n", "lacks the column\\(s\\) expected_track_id"),
+    ("t,z,y,x,score,expected_track_id\n0.5,1,2,3,0.3,\n", "'t' row 0 holds 0.5"),
+    ("t,z,y,x,score,expected_track_id\n0,1,2,x,0.3,\n", "'x' row 0 holds 'x'"),
+    ("", "not a readable CSV"),
+])
+def test_a_bad_suggestions_file_is_refused_with_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "m.suggestions.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_suggestions(path)
+    with pytest.raises(InputError, match="no suggestions file"):
+        read_suggestions(tmp_path / "missing.suggestions.csv")
+
+
+def test_suggestions_sit_beside_their_table(tmp_path):
+    assert suggestions_path(tmp_path / "m1.spines.csv") == tmp_path / "m1.suggestions.csv"
+    assert suggestions_path(tmp_path / "m1.spines.autosave.csv") == tmp_path / "m1.suggestions.csv"
+    assert suggestions_path(tmp_path / "result.csv") == tmp_path / "result.suggestions.csv"

@@ -417,6 +417,89 @@ def test_suggestions_go_with_the_table_they_came_with(viewer_widget, qtbot, monk
     assert "spine suggestions" not in viewer.layers and "spine tracks" not in viewer.layers
 
 
+def test_suggestions_are_saved_beside_the_table_and_come_back_with_it(viewer_widget, qtbot, monkeypatch,
+                                                                     tmp_path):
+    from napari_spine_tracker.io.tables import read_suggestions
+
+    viewer, widget = viewer_widget
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
+    _detect(qtbot, widget)
+    widget.editor.jump_to_next_suggestion()
+    widget.editor.accept_suggestion()  # the session-2 one is a spine now
+    out = tmp_path / "m1.spines.csv"
+    monkeypatch.setattr(_dialogs, "choose_save_file", lambda *args: str(out))
+    assert widget.save_table() == out
+    saved = read_suggestions(tmp_path / "m1.suggestions.csv")
+    pd.testing.assert_frame_equal(saved, _suggestions(), check_dtype=False)  # all, the accepted one too
+    # a later napari session: the table opens through the reader and the editor offers them again
+    viewer.layers.remove(viewer.layers["spines"])
+    assert "spine suggestions" not in viewer.layers
+    viewer.open(str(out), plugin="napari-spine-tracker")
+    shown, spines = viewer.layers["spine suggestions"], viewer.layers["spines"]
+    assert widget.editor.layer is spines and len(spines.data) == 9
+    # the table has no voxel size: it takes the image's scale, so that its points lie on the image
+    np.testing.assert_allclose(spines.scale, (1.0, *VOXEL))
+    np.testing.assert_allclose(viewer.layers["spine tracks"].scale, (1.0, *VOXEL))
+    np.testing.assert_allclose(shown.scale, (1.0, *VOXEL))
+    # the accepted one and the one where spine 1 lies stay hidden; the one where spine 3 was expected
+    # still continues spine 3
+    np.testing.assert_allclose(shown.data, [[0, 3, 5, 24], [0, 3, 28, 28]])
+    widget.editor.jump_to_next_suggestion()
+    widget.editor.accept_suggestion()
+    assert spines.features["track_id"].iloc[-1] == 3
+    # closing the layer ends the offer: saving then removes the file, which no longer goes with the table
+    viewer.layers.remove(shown)
+    info = []
+    monkeypatch.setattr("napari_spine_tracker.widgets.main.show_info", info.append)
+    assert widget.save_table() == out
+    assert not (tmp_path / "m1.suggestions.csv").exists() and "removed m1.suggestions.csv" in info[-1]
+
+
+def test_a_series_opens_with_the_table_and_suggestions_detection_wrote(make_napari_viewer, tmp_path):
+    """``napari-spine-tracker detect X.tif --suggestions``, then ``gui X.tif``: ready to review."""
+    from napari_spine_tracker.io.series import write_series_tiff
+    from napari_spine_tracker.io.tables import write_spine_table, write_suggestions
+
+    path = write_series_tiff(tmp_path / "m1.tif", np.zeros((3, 6, 32, 32), np.uint16), VOXEL)
+    write_spine_table(_predictions(), tmp_path / "m1.spines.csv")
+    write_suggestions(_suggestions(), tmp_path / "m1.suggestions.csv")
+    viewer = make_napari_viewer()
+    widget = SpineTrackerWidget(viewer)
+    viewer.open(str(path), plugin="napari-spine-tracker")
+    spines = viewer.layers["spines"]
+    assert widget.editor.layer is spines and widget.detect.image_layer() is viewer.layers["m1"]
+    for name in ("m1", "spines", "spine tracks", "spine suggestions"):
+        np.testing.assert_allclose(viewer.layers[name].scale, (1.0, *VOXEL), err_msg=name)
+    assert len(viewer.layers["spine suggestions"].data) == 3
+    assert widget.editor.jump_to_next_suggestion() == 0
+    assert viewer.dims.axis_labels == ("t", "z", "y", "x")
+
+
+def test_gui_command_opens_a_series_for_review(make_napari_viewer, tmp_path, monkeypatch):
+    import napari
+    import tifffile
+
+    from napari_spine_tracker.cli import main
+    from napari_spine_tracker.io.series import write_series_tiff
+    from napari_spine_tracker.io.tables import write_spine_table
+
+    viewer = make_napari_viewer()
+    monkeypatch.setattr(napari, "Viewer", lambda: viewer)
+    monkeypatch.setattr(napari, "run", lambda: None)
+    path = write_series_tiff(tmp_path / "m1.tif", np.zeros((3, 6, 32, 32), np.uint16), VOXEL)
+    write_spine_table(_predictions(), tmp_path / "m1.spines.csv")
+    assert main(["gui", str(path)]) == 0
+    assert [layer.name for layer in viewer.layers] == ["m1", "spine tracks", "spines"]
+    np.testing.assert_allclose(viewer.layers["spines"].scale, (1.0, *VOXEL))
+    # a TIFF this plugin does not read whole (two channels) goes to napari's own reader
+    viewer.layers.clear()
+    two = tmp_path / "two.tif"
+    tifffile.imwrite(two, np.zeros((2, 4, 2, 8, 9), np.uint16), imagej=True, metadata={"axes": "TZCYX"})
+    assert main(["gui", str(two)]) == 0
+    assert len(viewer.layers) >= 1 and "spines" not in viewer.layers
+    assert main(["gui", str(tmp_path / "missing.tif")]) == 2
+
+
 def test_napari_tools_add_move_delete(viewer_widget, qtbot, fake_detect):
     viewer, widget = viewer_widget
     _detect(qtbot, widget)

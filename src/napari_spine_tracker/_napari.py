@@ -1,7 +1,11 @@
 """npe2 hooks (see napari.yaml): reader, writer and sample data. No Qt here.
 
 - reader: spine tables (recognised by their header, not the extension alone) -> a Points layer
-  like the one detection makes; a folder of one 3D TIFF per session -> a 4D image with its scale.
+  like the one detection makes, carrying the suggestions of missed spines saved beside the table
+  (``NAME.suggestions.csv``) in its metadata for the widget to offer; a one-channel TIFF or a
+  folder of one 3D TIFF per session -> a lazy 4D image with its voxel size as scale, and the spine
+  table beside it (``NAME.spines.csv``) where detection wrote one. A TIFF this reader cannot take
+  whole (several channels) is left to napari's own reader.
   ``get_reader`` returns None for anything else and never raises.
 - writer: a Points layer -> a spine table CSV (atomic).
 - samples: ``synthetic_series`` (a synthetic series and its ground truth) and ``real_dendrite``
@@ -50,7 +54,13 @@ def get_reader(path: str | Sequence[str]) -> Callable[[str], list[LayerData]] | 
         if p.is_dir():
             from .io.series import list_session_files
 
-            return read_session_folder if list_session_files(p) else None
+            return read_series if list_session_files(p) else None
+        if p.suffix.lower() in (".tif", ".tiff"):
+            from .io.series import load_series
+
+            # a file only this reader's one-channel series can read is left to napari's own reader
+            load_series(p, require_voxel_size=False).close()
+            return read_series
         from .io.tables import looks_like_spine_table
 
         if p.suffix.lower() == ".csv" and looks_like_spine_table(p):
@@ -68,8 +78,8 @@ def read_spine_table_layer(path: str | Sequence[str]) -> list[LayerData]:
     """A spine table CSV -> a ``spines``-style Points layer (an autosave brings its reviewed sessions)."""
     from .core.edits import points_from_table
     from .io.autosave import AUTOSAVE_SUFFIX, read_autosave
-    from .io.tables import TABLE_SUFFIX, read_spine_table
-    from .widgets._layers import SPINES_LAYER, spine_points_kwargs
+    from .io.tables import TABLE_SUFFIX, read_spine_table, read_suggestions, suggestions_path
+    from .widgets._layers import SPINES_LAYER, SUGGESTIONS_KEY, spine_points_kwargs
 
     path = _one_path(path)
     reviewed: tuple[int, ...] = ()
@@ -83,14 +93,24 @@ def read_spine_table_layer(path: str | Sequence[str]) -> list[LayerData]:
     data, features = points_from_table(table)
     kwargs = spine_points_kwargs(data, features, name=name, reviewed_sessions=reviewed)
     kwargs["metadata"]["spine_tracker"]["source"] = str(path)
+    beside = suggestions_path(path)
+    if beside.is_file():  # the Spine Tracker widget offers them (G, Y); a bad file loses only them
+        try:
+            kwargs["metadata"]["spine_tracker"][SUGGESTIONS_KEY] = read_suggestions(beside).to_dict("list")
+        except InputError as exc:
+            log.warning("suggestions not opened: %s", exc)
     return [(kwargs.pop("data"), kwargs, "points")]
 
 
-def read_session_folder(path: str | Sequence[str]) -> list[LayerData]:
-    """A folder of 3D TIFFs (one per session, natural sort order) -> a lazy 4D (T, Z, Y, X) image."""
+def read_series(path: str | Sequence[str]) -> list[LayerData]:
+    """A TIFF (4D T, Z, Y, X or 3D, one session) or a folder of 3D TIFFs (one per session, natural
+    sort order) -> a lazy 4D (T, Z, Y, X) image with the voxel size as its scale, and the spine
+    table detection wrote beside it (``NAME.spines.csv``, with its suggestions) where there is one."""
     from .io.series import load_series
+    from .io.tables import default_table_path, looks_like_spine_table
 
-    series = load_series(_one_path(path), require_voxel_size=False)
+    path = _one_path(path)
+    series = load_series(path, require_voxel_size=False)
     kwargs: dict = {"name": series.name, "rgb": False,
                     "metadata": {"voxel_size_um": series.voxel_size_um,
                                  "sources": [str(s) for s in series.sources]}}
@@ -98,7 +118,17 @@ def read_session_folder(path: str | Sequence[str]) -> list[LayerData]:
         kwargs["scale"] = (1.0, *series.voxel_size_um)
     else:
         log.warning("%s: voxel size unknown; enter it in the Spine Tracker widget", path)
-    return [(series.data, kwargs, "image")]
+    layers = [(series.data, kwargs, "image")]
+    table = default_table_path(path)
+    if table.is_file() and looks_like_spine_table(table):
+        try:
+            ((data, points, kind),) = read_spine_table_layer(table)
+        except InputError as exc:  # the image still opens; the table can be opened on its own
+            log.warning("%s not opened with %s: %s", table.name, path.name, exc)
+        else:
+            points["scale"] = kwargs.get("scale", (1.0, 1.0, 1.0, 1.0))
+            layers.append((data, points, kind))
+    return layers
 
 
 # --------------------------------------------------------------------------------------------

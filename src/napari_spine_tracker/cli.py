@@ -72,7 +72,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                              workers=args.workers, model=args.model, device=args.device,
                              voxel_size_um=args.voxel_size, channel=args.channel, threshold=args.threshold,
                              views=args.views, max_rotation_deg=args.max_rotation, gate_um=args.gate_um,
-                             max_gap=args.max_gap, skip_done=skip_done,
+                             max_gap=args.max_gap, skip_done=skip_done, suggestions=args.suggestions,
                              progress=progress)
     print(report.format())
     if report.failed:
@@ -119,10 +119,16 @@ def cmd_gui(args: argparse.Namespace) -> int:
         import napari
     except ImportError as exc:
         raise InputError("the GUI needs napari and a Qt binding: pip install 'napari-spine-tracker[pyqt6]'") from exc
+    if args.input and not Path(args.input).exists():
+        raise InputError(f"{args.input} does not exist: check the path.")
     viewer = napari.Viewer()
     viewer.window.add_plugin_dock_widget("napari-spine-tracker", "Spine Tracker")
     if args.input:
-        viewer.open(args.input, plugin="napari-spine-tracker")
+        from ._napari import get_reader
+
+        # a series or table through this plugin (scale, and the table beside a series); anything
+        # else (a multi-channel TIFF) through napari's builtin one
+        viewer.open(args.input, plugin="napari-spine-tracker" if get_reader(args.input) else "napari")
     napari.run()
     return 0
 
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "median distance of the series' own links, within 0.8-1.4 µm")
     p.add_argument("--max-gap", type=int, metavar="N",
                    help="sessions a spine may be missed and keep its id (default 2)")
+    p.add_argument("--suggestions", action="store_true",
+                   help="also write NAME.suggestions.csv beside each table: the peaks that scored from 0.2 up to "
+                        "the threshold, most likely first, with the track each would continue; napari offers "
+                        "them with the table (G visits one, Y accepts it). They hold about half the spines the "
+                        "threshold misses")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

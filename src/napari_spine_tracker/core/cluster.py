@@ -125,6 +125,7 @@ class _Job:
     max_rotation_deg: float | None = None
     gate_um: float | str | None = None
     max_gap: int | None = None
+    suggestions: bool = False  # also write NAME.suggestions.csv beside the table
 
 
 _MODEL_CACHE: dict[tuple[str, str], tuple[int, Any]] = {}
@@ -181,7 +182,7 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
              should_stop: Callable[[], bool] | None = None) -> SeriesResult:
     """Detect one series and write its table; every error but a cancel becomes a failed result."""
     from ..io.series import load_series
-    from ..io.tables import write_spine_table
+    from ..io.tables import suggestions_path, write_spine_table, write_suggestions
     from .detect import detect_series, threshold_note
 
     started = time.perf_counter()
@@ -192,11 +193,19 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
             model, result.model_loaded = get_model()
             chosen = {name: getattr(job, name) for name in ("max_rotation_deg", "gate_um", "max_gap")
                       if getattr(job, name) is not None}  # the others: detect_series's defaults
-            table = detect_series(series, model=model, threshold=job.threshold, views=job.views, **chosen,
-                                  progress=progress, should_stop=should_stop)
+            found = detect_series(series, model=model, threshold=job.threshold, views=job.views, **chosen,
+                                  progress=progress, should_stop=should_stop, return_suggestions=job.suggestions)
         finally:
             series.close()
+        table, suggestions = found if job.suggestions else (found, None)
+        # suggestions beside the output belong to the table it held: gone before the new table
+        # appears, so that a crash between the writes never pairs a table with another's suggestions
+        beside = suggestions_path(job.output)
+        stale = beside.exists()
+        beside.unlink(missing_ok=True)
         write_spine_table(table, job.output)
+        if suggestions is not None:
+            write_suggestions(suggestions, beside)
     except Cancelled:
         raise
     except InputError as exc:
@@ -209,7 +218,12 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
         result.status = "done"
         result.spine_sessions, result.tracks = len(table), int(table["track_id"].nunique())
         lowered = threshold_note(table)
-        result.message = "; ".join(filter(None, [job.note, lowered and f"{lowered} (--threshold model keeps it)"]))
+        said = [job.note, lowered and f"{lowered} (--threshold model keeps it)"]
+        if suggestions is not None:
+            said.append(f"{len(suggestions)} suggestions of missed spines -> {beside}")
+        elif stale:
+            said.append(f"removed {beside.name}, the suggestions of the table replaced")
+        result.message = "; ".join(filter(None, said))
     result.seconds = time.perf_counter() - started
     if result.status == "failed":
         log.warning("%s failed: %s", job.input, result.message)
@@ -246,7 +260,7 @@ def _detect_task(job: _Job) -> SeriesResult:
 
 
 def _plan_outputs(inputs: Sequence[str | os.PathLike], out_dir, outputs) -> list[tuple[Path, Path]]:
-    from ..io.tables import default_table_path
+    from ..io.tables import SUGGESTIONS_SUFFIX, default_table_path
 
     inputs = [Path(p) for p in inputs]
     if outputs is not None:
@@ -262,6 +276,9 @@ def _plan_outputs(inputs: Sequence[str | os.PathLike], out_dir, outputs) -> list
         pairs = [(p, default_table_path(p)) for p in inputs]
     seen: dict[Path, Path] = {}
     for inp, out in pairs:
+        if out.name.lower().endswith(SUGGESTIONS_SUFFIX):
+            raise InputError(f"{out}: names ending in {SUGGESTIONS_SUFFIX} are for suggestions of missed spines; "
+                             "give the spine table another name (NAME.spines.csv).")
         key = out.resolve()
         if key in seen:
             raise InputError(f"{seen[key]} and {inp} would both write {out}: give them different names, "
@@ -308,7 +325,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 voxel_size_um: Sequence[float] | None = None, channel: int | None = None,
                 threshold: float | None = None, views: int | None = None,
                 max_rotation_deg: float | None = None, gate_um: float | str | None = None,
-                max_gap: int | None = None, skip_done: bool = True,
+                max_gap: int | None = None, skip_done: bool = True, suggestions: bool = False,
                 progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Detect and track spines in many series, one task per series; returns a :class:`BatchReport`.
@@ -335,6 +352,11 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     progress, should_stop
         ``progress(done, total)`` counts hundredths of a series (``SERIES_UNITS``); ``should_stop()``
         cancels: running tasks are dropped, finished tables stay, ``errors.Cancelled`` is raised.
+    suggestions
+        Also write each series' suggestions of missed spines beside its table
+        (``NAME.suggestions.csv``, ``io.tables.write_suggestions``), for a review in napari, which
+        opens them with the table. Without it, a suggestions file left beside a replaced table by
+        an earlier run is removed, since it belongs to that table.
 
     Bad arguments (no inputs, colliding outputs, unknown model, bad voxel size) raise
     :class:`InputError` before anything runs; a bad input only fails its own series.
@@ -374,7 +396,8 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
             log.warning("%s is not a valid spine table; it will be replaced (%s)", out, detail)
             note = f"replaced an invalid table ({detail})"
         jobs[i] = _Job(str(inp), str(out), "", device, voxel, channel, threshold, note, views=views,
-                       max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap)
+                       max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap,
+                       suggestions=suggestions)
 
     where, n_workers = "this process", 1
     if jobs:

@@ -11,6 +11,11 @@ status     str       ``predicted``, ``confirmed``, ``added`` or ``edited``
 =========  ========  ==========================================================================
 
 Extra columns are kept in order on a round trip; readers ignore what they do not know.
+
+Beside a table, ``NAME.suggestions.csv`` may hold the detection's suggestions of missed spines
+(``detect --suggestions``; the widget's Save): peaks that scored below the threshold, most likely
+first, with columns ``t, z, y, x, score`` and ``expected_track_id``, the track each would continue
+(empty for a new spine). It is not a spine table: no spine in it was kept.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ STATUSES = ("predicted", "confirmed", "added", "edited")
 #: statuses a human has vouched for; detection never overwrites them silently
 HUMAN_STATUSES = ("confirmed", "added", "edited")
 TABLE_SUFFIX = ".spines.csv"
+SUGGESTIONS_SUFFIX = ".suggestions.csv"
+#: the suggestions file's columns; ``expected_track_id`` is ``track_id`` in memory, 0 for none
+SUGGESTION_COLUMNS = ("t", "z", "y", "x", "score", "expected_track_id")
 #: optional column written by the tracker: how far (µm) a spine was found from where its track was
 #: expected, NaN where a track starts; cleared where a human changed the spine's identity
 LINK_COLUMN = "link_um"
@@ -144,3 +152,70 @@ def default_table_path(input_path: str | os.PathLike) -> Path:
             name = name[: -len(suffix)]
             break
     return p.with_name(name + TABLE_SUFFIX)
+
+
+# --------------------------------------------------------------------------------------------
+# suggestions of missed spines, beside a table
+
+
+def suggestions_path(table_path: str | os.PathLike) -> Path:
+    """Where a table's suggestions go: ``dir/NAME.spines.csv`` (or ``dir/NAME.csv``, or an
+    autosave of ``NAME``) -> ``dir/NAME.suggestions.csv``."""
+    from .autosave import AUTOSAVE_SUFFIX
+
+    p = Path(table_path)
+    name = p.name
+    for suffix in (TABLE_SUFFIX, AUTOSAVE_SUFFIX, ".csv"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + SUGGESTIONS_SUFFIX)
+
+
+def write_suggestions(suggestions: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write suggestions (``t, z, y, x, score`` and optionally ``track_id``, the expected track,
+    0 for none, as ``detect_series(return_suggestions=True)`` gives them) atomically as CSV, most
+    likely first; returns the path."""
+    missing = [c for c in ("t", "z", "y", "x", "score") if c not in suggestions.columns]
+    if missing:
+        raise InputError(f"suggestions lack the column(s) {', '.join(missing)}.")
+    out = suggestions[["t", "z", "y", "x", "score"]].copy()
+    expected = suggestions["track_id"] if "track_id" in suggestions else pd.Series(0, index=suggestions.index)
+    out["expected_track_id"] = pd.array(expected.where(expected > 0), dtype="Int64")  # empty: a new spine
+    out = out.sort_values("score", ascending=False, kind="stable")
+    path = Path(path)
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
+        out.to_csv(f, index=False)
+    return path
+
+
+def read_suggestions(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a suggestions file (see module docstring) -> ``t, z, y, x, score, track_id`` (the
+    expected track, 0 for none), most likely first. Raises :class:`InputError` on a bad file."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError as exc:
+        raise InputError(f"no suggestions file at {path}: check the path.") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a readable CSV of suggestions ({exc}).") from exc
+    missing = [c for c in SUGGESTION_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"{path} lacks the column(s) {', '.join(missing)}; a suggestions file has "
+                         f"{', '.join(SUGGESTION_COLUMNS)}.")
+    out = pd.DataFrame(index=table.index)
+    for col in SUGGESTION_COLUMNS:
+        values = pd.to_numeric(table[col], errors="coerce")
+        whole = col in ("t", "expected_track_id")
+        if col == "expected_track_id":
+            values = values.fillna(0)
+        bad = values.isna() | ~np.isfinite(values)
+        if whole:
+            bad |= (values != np.round(values)) | (values < 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(f"{path}: column {col!r} row {row} holds {table[col].tolist()[row]!r}; expected "
+                             + ("a whole number >= 0." if whole else "a number."))
+        out["track_id" if col == "expected_track_id" else col] = values
+    out[["t", "track_id"]] = out[["t", "track_id"]].astype("int64")
+    return out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)

@@ -26,6 +26,8 @@ SUGGESTION_BORDER = (1.0, 0.75, 0.1, 1.0)  # amber
 CURRENT_SUGGESTION_BORDER = (1.0, 1.0, 1.0, 1.0)  # the one the review visits
 #: ``layer.metadata["spine_tracker"]`` schema
 METADATA_SCHEMA = "spine-points/1"
+#: where the reader puts the suggestions saved beside a table (columns as lists), for the editor
+SUGGESTIONS_KEY = "suggestions"
 
 #: bright, mutually distinct colours (after Trubetskoy's 20, the dark ones lightened for a dark canvas)
 PALETTE = np.array([
@@ -64,6 +66,13 @@ def spine_layer_metadata(reviewed_sessions: Iterable[int] = (), **extra) -> dict
 def reviewed_sessions_of(metadata: dict) -> set[int]:
     """Sessions marked reviewed in a layer's metadata (empty for a foreign layer)."""
     return {int(s) for s in metadata.get("spine_tracker", {}).get("reviewed_sessions", [])}
+
+
+def take_suggestions(metadata: dict) -> pd.DataFrame | None:
+    """The suggestions the reader put in a spines layer's metadata, removed from it (they are
+    offered once, with the table they were saved with); None where there are none."""
+    stored = metadata.get("spine_tracker", {}).pop(SUGGESTIONS_KEY, None)
+    return pd.DataFrame(stored) if stored and len(stored.get("t", ())) else None
 
 
 def spine_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequence[float] | None = None,

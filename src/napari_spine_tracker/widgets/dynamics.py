@@ -53,8 +53,12 @@ TABLE_COLUMNS = (
 def _disconnecter(viewer, callback):
     """A slot for ``destroyed`` that stops the viewer calling a deleted widget (holds no widget)."""
     def disconnect(*_):
-        viewer.layers.events.inserted.disconnect(callback)
-        viewer.layers.events.removed.disconnect(callback)
+        try:
+            layers = viewer.layers
+        except AttributeError:  # the viewer went first (interpreter exit): nothing left to call us
+            return
+        layers.events.inserted.disconnect(callback)
+        layers.events.removed.disconnect(callback)
     return disconnect
 
 

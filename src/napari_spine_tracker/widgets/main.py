@@ -63,6 +63,13 @@ def export_training_set(folder: str | Path, name: str, image, spines: pd.DataFra
                                 sorted(int(s) for s in reviewed_sessions))
 
 
+def _image_geometry(image: Image | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(scale, translate) that put spine points in voxels onto ``image``; None without one."""
+    if image is None:
+        return None
+    return (1.0, *(float(s) for s in image.scale[-3:])), SpineTrackerWidget._points_translate(image)
+
+
 def _image_key(layer: Image) -> tuple[str | None, str, tuple[int, ...]]:
     """What identifies an image for its autosave: file path (if any), name, shape."""
     return layer.source.path, layer.name, tuple(int(n) for n in layer.data.shape)
@@ -116,8 +123,9 @@ class SpineTrackerWidget(QWidget):
         scroll.setWidget(inner)
         outer.addWidget(scroll)
 
-        self.editor = SpineEditor(napari_viewer)
         self.detect = DetectPanel(napari_viewer)
+        detect_panel = self.detect  # the editor holds the panel, not this widget (no reference cycle)
+        self.editor = SpineEditor(napari_viewer, geometry=lambda: _image_geometry(detect_panel.image_layer()))
         self.review = ReviewPanel(self.editor)
         self.add_section("Detect", self.detect)
         self.add_section("Review and correct", self.review)
@@ -237,6 +245,7 @@ class SpineTrackerWidget(QWidget):
             self.flush_autosave()
             self.autosaver, self._autosave_image = None, None
             return
+        self._label_axes()  # a table opened from disk, too
         if self.autosaver is None:
             image = self.detect.image_layer()
             if image is None:
@@ -289,8 +298,10 @@ class SpineTrackerWidget(QWidget):
         return state
 
     def save_table(self) -> Path | None:
-        """Ask for a path and write the spines there as a spine table."""
-        from ..io.tables import default_table_path, write_spine_table
+        """Ask for a path and write the spines there as a spine table, with the suggestions of
+        missed spines on offer beside it (``NAME.suggestions.csv``; the reader brings them back).
+        A suggestions file already there that belongs to another table is removed."""
+        from ..io.tables import default_table_path, suggestions_path, write_spine_table, write_suggestions
 
         state = self._spines_or_warn()
         if state is None:
@@ -306,7 +317,19 @@ class SpineTrackerWidget(QWidget):
         except (InputError, OSError) as exc:
             show_error(f"could not save the spine table: {exc}")
             return None
-        show_info(f"saved {len(state.data)} spine points to {written}")
+        said = f"saved {len(state.data)} spine points to {written}"
+        suggestions, beside = self.editor.suggestions, suggestions_path(written)
+        try:
+            if suggestions is not None:
+                write_suggestions(suggestions, beside)
+                said += f", and the suggestions of missed spines to {beside.name}"
+            elif beside.exists():
+                beside.unlink()
+                said += f"; removed {beside.name}, the suggestions of an earlier table"
+        except OSError as exc:  # the table is safe; only the suggestions are not
+            show_warning(f"{said}, but the suggestions of missed spines could not be written: {exc}")
+            return written
+        show_info(said)
         return written
 
     def export(self) -> None:

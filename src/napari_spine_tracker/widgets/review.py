@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,9 +74,14 @@ class SpineEditor(QObject):
     #: nothing, read ``state``
     changed = Signal()
 
-    def __init__(self, viewer) -> None:
+    def __init__(self, viewer, geometry: Callable[[], tuple[Sequence[float], Sequence[float]] | None] | None = None,
+                 ) -> None:
+        """``geometry()`` gives the (scale, translate) of the image the spines belong to (None when
+        there is none): a spines layer that comes without either, as a table opened from disk,
+        takes them, so that its points lie on the image and distances are in µm."""
         super().__init__()
         self.viewer = viewer
+        self._geometry = geometry
         self.history = edits.EditHistory()
         self.layer: Points | None = None
         self.link_new_points = False
@@ -158,8 +163,14 @@ class SpineEditor(QObject):
                          "feature); open a spine table or run detection.")
             return
         self.layer = layer
+        if self._geometry is not None and np.allclose(layer.scale, 1.0) and np.allclose(layer.translate, 0.0):
+            found = self._geometry()
+            if found is not None:
+                layer.scale, layer.translate = found
         self._forget_visits()
-        self._suggestions = None  # they belong to the detection that made another table
+        # they belong to the detection that made another table; a table opened from disk may
+        # bring its own (saved beside it)
+        self._suggestions = _layers.take_suggestions(layer.metadata)
         layer.events.data.connect(self._on_data)
         layer.selected_data.events.items_changed.connect(self._on_selection)
         for key, method, _ in KEYS:
@@ -245,6 +256,12 @@ class SpineEditor(QObject):
 
     # ---------------------------------------------------------------------------------------
     # suggestions of missed spines
+
+    @property
+    def suggestions(self) -> pd.DataFrame | None:
+        """The suggestions on offer (``t, z, y, x, score, track_id``; those where a spine now lies
+        included), None when there are none or the user closed their layer."""
+        return None if self._suggestions is None else self._suggestions.copy()
 
     def set_suggestions(self, suggestions: pd.DataFrame | None) -> int:
         """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``, optionally
