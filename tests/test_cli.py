@@ -160,6 +160,20 @@ def test_detect_passes_the_linking_gate_and_gap(synth_dir, tmp_path, tiny_checkp
     assert "max_gap must be a whole number" in capsys.readouterr().err
 
 
+def test_detect_lets_tracks_vouch_unless_told_not_to(synth_dir, tmp_path, tiny_checkpoint, monkeypatch):
+    from napari_spine_tracker.core import detect
+
+    seen = []
+    vouch = detect.vouched_by_track
+    monkeypatch.setattr(detect, "vouched_by_track", lambda *a, **k: seen.append(a[1]) or vouch(*a, **k))
+    out = tmp_path / "vouched.csv"
+    command = ["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
+               "--threshold", "0.5", "-q"]
+    assert main(command) == 0 and seen == [0.5]
+    assert main([*command, "--no-track-evidence"]) == 0 and seen == [0.5]  # not asked again
+    assert (read_spine_table(out)["score"] >= 0.5).all()
+
+
 def test_detect_passes_the_threshold_and_says_when_it_was_lowered(synth_dir, tmp_path, tiny_checkpoint, capsys,
                                                                     monkeypatch):
     from napari_spine_tracker.core import detect

@@ -796,6 +796,29 @@ def test_suggestions_are_the_peaks_below_the_threshold_apart_from_the_spines(ran
         InferenceOptions(suggest_floor=1.5)
 
 
+def test_a_confident_track_keeps_its_dim_sessions_and_nothing_else_changes(random_model):
+    from napari_spine_tracker.core.decode import VOUCH_BELOW, VOUCH_MEAN_ABOVE
+
+    net = copy.deepcopy(random_model.net)  # scores spread over 0.05-0.9, as above
+    with torch.no_grad():
+        net.heads["heatmap"].weight.mul_(300.0)
+    random_model = dataclasses.replace(random_model, net=net, decode=dict(random_model.decode, threshold=0.5))
+    series = np.random.default_rng(3).poisson(5, (4, 8, 48, 48)).astype(np.uint16)
+    voxel = (0.5, 0.1, 0.1)
+    plain = detect_series(series, voxel, model=random_model, threshold=0.5, register=False, track_evidence=False)
+    vouched = detect_series(series, voxel, model=random_model, threshold=0.5, register=False)
+    assert (plain["score"] >= 0.5).all()
+    dim = vouched["score"] < 0.5
+    assert dim.any() and (vouched.loc[dim, "score"] >= 0.5 - VOUCH_BELOW).all()
+    track_mean = vouched.groupby("track_id")["score"].transform("mean")
+    assert (track_mean[dim] >= 0.5 + VOUCH_MEAN_ABOVE - 1e-9).all()
+    # the peaks above the threshold are the same ones; ids run 1..N
+    points = lambda table: sorted(map(tuple, table[["t", "z", "y", "x"]].round(6).to_numpy()))  # noqa: E731
+    assert points(vouched[~dim]) == points(plain)
+    assert sorted(vouched["track_id"].unique()) == list(range(1, vouched["track_id"].nunique() + 1))
+    assert vouched.attrs["threshold"] == plain.attrs["threshold"] == 0.5 and "gate_um" in vouched.attrs
+
+
 def test_a_lowered_threshold_is_told_to_the_user():
     from napari_spine_tracker.core.detect import threshold_note
 

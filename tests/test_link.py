@@ -349,3 +349,15 @@ def test_a_suggestion_takes_the_track_expected_where_it_lies():
     # without it, the one moved onto spine 3's old place would be taken for spine 3
     np.testing.assert_array_equal(suggested_tracks(spines, moved, voxel, gate_um=1.0, max_gap=0), [0, 3, 0, 0, 0])
     assert len(suggested_tracks(spines, suggestions.iloc[:0], voxel)) == 0
+
+
+def test_a_track_vouches_for_its_dim_sessions_when_its_mean_score_is_high():
+    from napari_spine_tracker.core.link import vouched_by_track
+
+    table = pd.DataFrame({"track_id": [1, 1, 1, 2, 2, 3, 3, 4],
+                          "score": [0.6, 0.6, 0.35, 0.35, 0.38, 0.42, 0.30, 0.36]})
+    # 1: mean 0.52 keeps its 0.35; 2: dim throughout; 3: one strong peak does not vouch for a weak
+    # one (mean 0.36); 4: a lone dim peak
+    assert vouched_by_track(table, 0.4).tolist() == [True, True, True, False, False, True, False, False]
+    assert vouched_by_track(table, 0.4, mean_above=0.15).tolist() == [True, True, False, False, False, True,
+                                                                      False, False]

@@ -126,6 +126,7 @@ class _Job:
     gate_um: float | str | None = None
     max_gap: int | None = None
     suggestions: bool = False  # also write NAME.suggestions.csv beside the table
+    track_evidence: bool = True
 
 
 _MODEL_CACHE: dict[tuple[str, str], tuple[int, Any]] = {}
@@ -194,7 +195,8 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
             chosen = {name: getattr(job, name) for name in ("max_rotation_deg", "gate_um", "max_gap")
                       if getattr(job, name) is not None}  # the others: detect_series's defaults
             found = detect_series(series, model=model, threshold=job.threshold, views=job.views, **chosen,
-                                  progress=progress, should_stop=should_stop, return_suggestions=job.suggestions)
+                                  track_evidence=job.track_evidence, progress=progress, should_stop=should_stop,
+                                  return_suggestions=job.suggestions)
         finally:
             series.close()
         table, suggestions = found if job.suggestions else (found, None)
@@ -326,7 +328,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 threshold: float | None = None, views: int | None = None,
                 max_rotation_deg: float | None = None, gate_um: float | str | None = None,
                 max_gap: int | None = None, skip_done: bool = True, suggestions: bool = False,
-                progress: Callable[[int, int], None] | None = None,
+                track_evidence: bool = True, progress: Callable[[int, int], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> BatchReport:
     """Detect and track spines in many series, one task per series; returns a :class:`BatchReport`.
 
@@ -342,7 +344,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         processes (one thread each; default one per GPU, or one per two CPU cores), or this process
         when only one series needs running. Otherwise a scheduler address (``tcp://host:8786``), a
         scheduler file (``.json``), or a ``distributed.Client`` or cluster object.
-    model, device, voxel_size_um, channel, threshold, views, max_rotation_deg, gate_um, max_gap
+    model, device, voxel_size_um, channel, threshold, views, max_rotation_deg, gate_um, max_gap, track_evidence
         As for ``detect_series`` (None: its default) and ``load_series``; ``device="auto"`` is resolved on each worker.
         ``voxel_size_um`` (z, y, x µm) overrides every file's metadata.
     skip_done
@@ -397,7 +399,7 @@ def detect_many(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
             note = f"replaced an invalid table ({detail})"
         jobs[i] = _Job(str(inp), str(out), "", device, voxel, channel, threshold, note, views=views,
                        max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap,
-                       suggestions=suggestions)
+                       suggestions=suggestions, track_evidence=track_evidence)
 
     where, n_workers = "this process", 1
     if jobs:

@@ -43,6 +43,7 @@ from scipy.spatial import cKDTree
 
 from ..errors import Cancelled, InputError, number_or_nan
 from ..io.tables import LINK_COLUMN, REQUIRED_COLUMNS, validate_spine_table
+from .decode import VOUCH_MEAN_ABOVE
 from .devices import usable_cores
 from .metrics import parse_voxel_size, sparse_assignment
 from .register import as_motion
@@ -234,6 +235,16 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     heard_votes[:, at] = cast[:, heard]
     return _mean_shift(heard_votes.reshape(3, n, width), heard_weights.reshape(n, width),
                        np.repeat(common[None], n, axis=0), (1.0, 0.5))
+
+
+def vouched_by_track(table: pd.DataFrame, threshold: float, mean_above: float = VOUCH_MEAN_ABOVE) -> np.ndarray:
+    """Which rows of a linked ``table`` (``track_id``, ``score``) to keep: those scoring at least
+    ``threshold``, and those under it whose track's mean score is at least ``threshold +
+    mean_above``. A spine that is clear in most sessions vouches for the one where it is dim; a
+    lone dim peak, or a track of them, does not."""
+    scores = table["score"].to_numpy(float)
+    track_mean = table.groupby("track_id")["score"].transform("mean").to_numpy(float)
+    return (scores >= threshold) | (track_mean >= threshold + mean_above)
 
 
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
