@@ -43,10 +43,10 @@ class FakeDetect:
         self.started = threading.Event()
 
     def __call__(self, image, voxel_size_um, *, model, device, threshold, views, max_rotation_deg, gate_um,
-                 max_gap, progress, should_stop):
+                 max_gap, track_evidence, progress, should_stop):
         self.calls.append(dict(shape=image.shape, voxel_size_um=voxel_size_um, model=model, device=device,
                                threshold=threshold, views=views, max_rotation_deg=max_rotation_deg,
-                               gate_um=gate_um, max_gap=max_gap))
+                               gate_um=gate_um, max_gap=max_gap, track_evidence=track_evidence))
         self.started.set()
         deadline = time.monotonic() + 10
         for t in range(image.shape[0]):
@@ -110,6 +110,10 @@ def test_mirror_views_reach_detection(viewer_widget, qtbot, fake_detect):
     widget.detect.max_rotation.setValue(0.0)
     _detect(qtbot, widget)
     assert fake_detect.calls[0]["views"] == 4 and fake_detect.calls[0]["max_rotation_deg"] == 0.0
+    assert fake_detect.calls[0]["track_evidence"] is True  # on unless unticked
+    widget.detect.track_evidence.setChecked(False)
+    _detect(qtbot, widget)
+    assert fake_detect.calls[1]["track_evidence"] is False
 
 
 def test_the_threshold_reaches_detection_and_a_lowered_one_is_told(viewer_widget, qtbot, fake_detect, monkeypatch):

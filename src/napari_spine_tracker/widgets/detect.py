@@ -17,6 +17,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
@@ -41,7 +42,8 @@ DETECT_LABEL = "Detect spines"
 
 def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: float | str | None,
                   views: int = 1, max_rotation_deg: float = 3.0, gate_um: float | str = DEFAULT_GATE_UM,
-                  max_gap: int = DEFAULT_MAX_GAP, progress: Callable[[int, int], None],
+                  max_gap: int = DEFAULT_MAX_GAP, track_evidence: bool = True,
+                  progress: Callable[[int, int], None],
                   should_stop: Callable[[], bool]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Detect and track spines in ``image`` (T, Z, Y, X); voxel size z, y, x in µm. Runs in a worker.
     Returns (spine table, suggestions of missed spines).
@@ -51,8 +53,9 @@ def run_detection(image, voxel_size_um, *, model: str, device: str, threshold: f
     from ..core.detect import detect_series
 
     return detect_series(image, voxel_size_um, model=model, device=device, threshold=threshold, views=views,
-                         max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap, progress=progress,
-                         should_stop=should_stop, return_suggestions=True)
+                         max_rotation_deg=max_rotation_deg, gate_um=gate_um, max_gap=max_gap,
+                         track_evidence=track_evidence, progress=progress, should_stop=should_stop,
+                         return_suggestions=True)
 
 
 def image_voxel_size(layer: Image) -> tuple[float, float, float] | None:
@@ -174,6 +177,12 @@ class DetectPanel(CancellableRun, QWidget):
             tip="Sessions a spine may be missed and keep its id (0: a spine missed once gets a new id when it is "
                 "found again)")
         form.addRow("Max gap", self.max_gap)
+        self.track_evidence = QCheckBox("a clear track keeps its dim sessions")
+        self.track_evidence.setChecked(True)
+        self.track_evidence.setToolTip(
+            "Keep a peak up to 0.1 under the threshold where the spine's track scores at least 0.05 over it "
+            "on average (clear on most days, dim on one). Off: the threshold alone decides")
+        form.addRow("Track evidence", self.track_evidence)
         self.run_button = QPushButton(DETECT_LABEL)
         self.run_button.setToolTip("Detect and track spines in every session (click again to cancel)")
         self.run_button.clicked.connect(self._on_run_clicked)
@@ -182,7 +191,7 @@ class DetectPanel(CancellableRun, QWidget):
         self.bar.setVisible(False)
         form.addRow(self.bar)
         self._controls = [self.image, *self.voxel, self.model, self.device, self.threshold, self.views,
-                          self.max_rotation, self.gate, self.max_gap]
+                          self.max_rotation, self.gate, self.max_gap, self.track_evidence]
 
         viewer.layers.events.inserted.connect(self.refresh_images)
         viewer.layers.events.removed.connect(self.refresh_images)
@@ -261,7 +270,7 @@ class DetectPanel(CancellableRun, QWidget):
             run_detection, image, voxel, model=self.model_choice(), device=self.device.currentText(),
             threshold=self.threshold.value() or None, views=int(self.views.currentText()),
             max_rotation_deg=self.max_rotation.value(), gate_um=self.gate.value() or AUTO_GATE,
-            max_gap=self.max_gap.value(),
+            max_gap=self.max_gap.value(), track_evidence=self.track_evidence.isChecked(),
             progress=lambda done, total: relay.progressed.emit(int(done), int(total)),
             should_stop=self._stop.is_set,
             _connect={"returned": lambda result: self._on_returned(*result, layer, voxel),
