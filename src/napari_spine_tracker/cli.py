@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suggestions", action="store_true",
                    help="also write NAME.suggestions.csv beside each table: the peaks that scored from 0.2 up to "
                         "the threshold, most likely first, with the track each would continue; napari offers "
-                        "them with the table (G visits one, Y accepts it). They hold about half the spines the "
-                        "threshold misses")
+                        "them with the table (G visits one, Y accepts it). They hold a third to a half of the spines "
+                        "the detection misses")
     p.add_argument("--scheduler", metavar="local|ADDRESS",
                    help="run each input as a task on Dask: 'local' starts worker processes on this machine, "
                         "an address (tcp://host:8786) or scheduler file (.json) uses a running cluster; "

@@ -109,8 +109,9 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         ``decode.SUGGEST_FLOOR`` (0.2; ``options.suggest_floor`` where set) up to the threshold, at
         least ``decode.SUGGEST_APART_UM`` from every spine of their session, most likely first
         (``t, z, y, x, score, track_id``: the track each would continue, 0 for a new spine;
-        ``link.suggested_tracks``). They hold about half of the spines the threshold misses (53-60 %
-        on held-out synthetic series), among many that are not spines; the review offers them one
+        ``link.suggested_tracks``); a peak its track vouched for is a spine, not a suggestion. They
+        hold a third to a half of the spines the detection misses (36-51 % on held-out synthetic
+        series with track evidence), among many that are not spines; the review offers them one
         by one (README, "Suggestions of missed spines").
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
