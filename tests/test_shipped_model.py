@@ -35,7 +35,7 @@ def test_the_coarse_voxel_model_is_shipped_after_the_default_and_finds_spines_at
     coarse = {m.name: m for m in infos}["spinenet-synth-coarse"]
     assert coarse.shipped and "validation F1" in coarse.description
     model = load_model("spinenet-synth-coarse", device="cpu")
-    assert "--coarse-fraction 0.5" in model.training["command_line"]
+    assert "--coarse-fraction 0.4" in model.training["command_line"]
     assert model.voxel_size_um == (0.5, 0.1, 0.1) and model.training["validation"]["f1"] > 0.85
     # 1 µm z steps and 0.2 µm pixels: the sampling it was trained for
     series = synthesize_series(SynthConfig.preset("default", seed=4242, sessions=3, shape=(16, 72, 72),
