@@ -36,7 +36,8 @@ def coarse_model_hint(voxel_size_um, model) -> str | None:
     if z >= COARSE_FROM_UM[0] and min(y, x) >= COARSE_FROM_UM[1]:
         return (f"voxels of {z:g} x {y:g} x {x:g} µm are coarse for {DEFAULT_MODEL} (trained at 0.5 x 0.1 x "
                 f"0.1 µm): {COARSE_MODEL} finds more spines at such sampling (F1 0.83 against 0.80 at 1 x 0.2 x "
-                f"0.2 µm, 0.69 against 0.58 at 1.5 x 0.25 x 0.25 µm on synthetic tissue); choose it with --model {COARSE_MODEL} or in the widget's Model.")
+                f"0.2 µm, 0.69 against 0.58 at 1.5 x 0.25 x 0.25 µm on synthetic tissue); choose it with "
+                f"--model {COARSE_MODEL} or in the widget's Model.")
     return None
 
 
