@@ -55,11 +55,11 @@ def peaks(model, case: str, seed: int, extra: dict):
 
 def vouched(found, motion, voxel, d: float, e: float):
     """The spine table under rule (d, e)."""
-    from napari_spine_tracker.core.link import link_detections, vouched_by_track
+    from napari_spine_tracker.core.link import keep_vouched, link_detections
 
     threshold = float(found.attrs["threshold"])
     table = link_detections(found[found["score"] >= threshold - d].reset_index(drop=True), voxel, motion=motion)
-    return table if d == 0 else table[vouched_by_track(table, threshold, mean_above=e)]
+    return table if d == 0 else keep_vouched(table, threshold, mean_above=e)
 
 
 def main(argv=None) -> int:

@@ -164,8 +164,8 @@ def test_detect_lets_tracks_vouch_unless_told_not_to(synth_dir, tmp_path, tiny_c
     from napari_spine_tracker.core import detect
 
     seen = []
-    vouch = detect.vouched_by_track
-    monkeypatch.setattr(detect, "vouched_by_track", lambda *a, **k: seen.append(a[1]) or vouch(*a, **k))
+    vouch = detect.keep_vouched
+    monkeypatch.setattr(detect, "keep_vouched", lambda *a, **k: seen.append(a[1]) or vouch(*a, **k))
     out = tmp_path / "vouched.csv"
     command = ["detect", str(synth_dir / "series.tif"), "--out", str(out), "--model", str(tiny_checkpoint),
                "--threshold", "0.5", "-q"]

@@ -21,9 +21,9 @@ from .link import (
     DEFAULT_GATE_UM,
     DEFAULT_MAX_GAP,
     check_linking,
+    keep_vouched,
     link_detections,
     suggested_tracks,
-    vouched_by_track,
 )
 from .models import DEFAULT_MODEL, LoadedModel, coarse_model_hint, load_model
 
@@ -176,7 +176,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         table = link_detections(detections[detections["score"] >= linked_from].reset_index(drop=True), voxel,
                                 motion=motion, gate_um=gate_um, max_gap=max_gap, should_stop=should_stop)
         if track_evidence:
-            table = _vouched(table, used)
+            table = keep_vouched(table, used)
     finally:
         if held is not None:
             held.release()
@@ -194,15 +194,6 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                                                    gate_um=table.attrs["gate_um"], max_gap=max_gap)
         return table, suggestions
     return table
-
-
-def _vouched(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """The rows of a table linked below ``threshold`` that their tracks vouch for
-    (``link.vouched_by_track``), ids renumbered 1..N in their order."""
-    kept = table[vouched_by_track(table, threshold)].reset_index(drop=True)
-    kept["track_id"] = kept["track_id"].rank(method="dense").astype("int64")
-    kept.attrs = dict(table.attrs)
-    return kept
 
 
 def _apart_from(suggestions: pd.DataFrame, kept: pd.DataFrame, voxel_size_um) -> pd.DataFrame:

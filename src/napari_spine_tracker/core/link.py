@@ -247,6 +247,15 @@ def vouched_by_track(table: pd.DataFrame, threshold: float, mean_above: float = 
     return (scores >= threshold) | (track_mean >= threshold + mean_above)
 
 
+def keep_vouched(table: pd.DataFrame, threshold: float, mean_above: float = VOUCH_MEAN_ABOVE) -> pd.DataFrame:
+    """The rows of a table linked down below ``threshold`` that :func:`vouched_by_track` keeps, ids
+    numbered again 1, 2, ... in order of first appearance, as :func:`link_detections` numbers them."""
+    kept = table[vouched_by_track(table, threshold, mean_above)].reset_index(drop=True)
+    kept["track_id"] = _renumber(kept["track_id"].to_numpy(), kept["t"].to_numpy())
+    kept.attrs = dict(table.attrs)
+    return kept
+
+
 def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | float, *,
                     drift_vox: np.ndarray | None = None, motion=None, gate_um: float | str = DEFAULT_GATE_UM,
                     max_gap: int = DEFAULT_MAX_GAP,

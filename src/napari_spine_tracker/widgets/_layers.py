@@ -72,7 +72,7 @@ def take_suggestions(metadata: dict) -> pd.DataFrame | None:
     """The suggestions the reader put in a spines layer's metadata, removed from it (they are
     offered once, with the table they were saved with); None where there are none."""
     stored = metadata.get("spine_tracker", {}).pop(SUGGESTIONS_KEY, None)
-    return pd.DataFrame(stored) if stored and len(stored.get("t", ())) else None
+    return None if stored is None else pd.DataFrame(stored)
 
 
 def spine_points_kwargs(data: np.ndarray, features: pd.DataFrame, *, scale: Sequence[float] | None = None,

@@ -67,6 +67,17 @@ KEYS: list[tuple[str, str, str]] = [
 ]
 
 
+def _offered(suggestions: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Suggestions as the editor keeps them: rows 0..N-1 and a ``track_id`` column (0 where no
+    track is expected); None when there are none."""
+    if suggestions is None or not len(suggestions):
+        return None
+    suggestions = suggestions.reset_index(drop=True)
+    if "track_id" not in suggestions:  # no track expected anywhere
+        suggestions["track_id"] = 0
+    return suggestions
+
+
 class SpineEditor(QObject):
     """The edit loop of the ``spines`` layer (see module docstring). Main thread only."""
 
@@ -170,7 +181,7 @@ class SpineEditor(QObject):
         self._forget_visits()
         # they belong to the detection that made another table; a table opened from disk may
         # bring its own (saved beside it)
-        self._suggestions = _layers.take_suggestions(layer.metadata)
+        self._suggestions = _offered(_layers.take_suggestions(layer.metadata))
         layer.events.data.connect(self._on_data)
         layer.selected_data.events.items_changed.connect(self._on_selection)
         for key, method, _ in KEYS:
@@ -267,12 +278,7 @@ class SpineEditor(QObject):
         """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``, optionally
         ``track_id``; most likely first, as ``detect_series(return_suggestions=True)`` gives them)
         beside the spines. Returns how many are open (not where a spine already is)."""
-        if suggestions is None or not len(suggestions):
-            self._suggestions = None
-        else:
-            self._suggestions = suggestions.reset_index(drop=True)
-            if "track_id" not in self._suggestions:  # no track expected anywhere
-                self._suggestions["track_id"] = 0
+        self._suggestions = _offered(suggestions)
         self._last_suggestion = None
         offered = len(self._sync_suggestions())
         self.changed.emit()
