@@ -442,3 +442,59 @@ print(json.dumps(late))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "m.pt").exists()
+
+
+def test_moving_average_ramps_its_decay_and_keeps_step_counters():
+    import torch
+
+    from napari_spine_tracker.core.train import moving_average
+
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    average = moving_average(net, 0.9)
+    assert not average.training
+
+    def update(weight):
+        with torch.no_grad():
+            net[0].weight.fill_(weight)
+            net[1].num_batches_tracked.fill_(int(weight))
+        average.update_parameters(net)
+        return float(average.module[0].weight.detach())
+
+    assert update(1.0) == 1.0  # the first update copies
+    # the second keeps only (1 + 1) / (10 + 1) of the average: early steps are not held for long
+    assert update(3.0) == pytest.approx(1.0 + (1 - 2 / 11) * 2.0)
+    for _ in range(200):
+        last = update(5.0)
+    assert last == pytest.approx(5.0, abs=1e-6)
+    before = last
+    # once ramped up, the decay is the one asked for
+    assert update(15.0) == pytest.approx(before + 0.1 * (15.0 - before))
+    assert int(average.module[1].num_batches_tracked) == 15
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan")])
+def test_an_ema_decay_outside_zero_to_one_is_refused(tmp_path, value):
+    with pytest.raises(InputError, match="--ema must be a decay in"):
+        train_model(TrainOptions(out=tmp_path / "m.pt", ema=value))
+
+
+@pytest.mark.slow
+def test_training_with_a_moving_average_saves_the_average_and_resumes_it(tmp_path):
+    import torch
+
+    out = tmp_path / "m.pt"
+    with pytest.raises(Cancelled):
+        train_model(tiny_options(out, ema=0.9), should_stop=lambda: (tmp_path / "m.resume.pt").exists())
+    resume = torch.load(tmp_path / "m.resume.pt", weights_only=True)
+    saved = load_checkpoint(out)
+    assert saved["training"]["ema"] == 0.9
+    # the checkpoint holds the average, not the weights as trained, and the resume file holds both
+    averaged = {k[len("module."):]: v for k, v in resume["ema"].items() if k.startswith("module.")}
+    assert averaged.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(averaged[k], saved["state_dict"][k]) for k in averaged)
+    assert any(not torch.equal(resume["state_dict"][k], v) for k, v in averaged.items() if v.is_floating_point())
+    with pytest.raises(InputError, match="written by a run with --ema"):
+        train_model(tiny_options(out, resume=True))
+    records = []
+    train_model(tiny_options(out, ema=0.9, resume=True), on_log=records.append)
+    assert [r["step"] for r in records if "loss" in r] == [3, 4]

@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-negative-weight", type=float,
                    help="weight of the heatmap's negative term at the synthetic engine's axon boutons, "
                         "look-alikes of a spine head, against 1 elsewhere (default 1: off)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights with this decay, "
+                        "e.g. 0.999 (about the last 1000 steps; default 0: the weights as trained)")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")

@@ -84,6 +84,9 @@ class TrainOptions:
     #: weight of the heatmap's negative term at the synthetic engine's look-alikes of a spine head
     #: (HARD_NEGATIVE_KINDS), against 1 elsewhere; 1 trains as before
     hard_negative_weight: float = 1.0
+    #: decay of an exponential moving average of the weights, which is what is validated and
+    #: saved (0: off, the weights as trained); 0.999 averages over about the last 1000 steps
+    ema: float = 0.0
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -102,7 +105,7 @@ class TrainOptions:
         """Options from the ``train`` command line; flags left out keep the defaults."""
         given = {name: getattr(args, name, None) for name in
                  ("init", "steps", "minutes", "batch_size", "lr", "val_every", "pool_size", "synthetic_fraction",
-                  "realistic_fraction", "coarse_fraction", "hard_negative_weight", "workers")}
+                  "realistic_fraction", "coarse_fraction", "hard_negative_weight", "ema", "workers")}
         if getattr(args, "presets", None):
             given["presets"] = parse_presets(args.presets)
         if getattr(args, "val_series", None) is not None:
@@ -510,6 +513,25 @@ def _quality(rows) -> float:
 # the loop
 
 
+def moving_average(net, decay: float):
+    """An exponential moving average of ``net``'s weights and batch-norm statistics
+    (:class:`torch.optim.swa_utils.AveragedModel`), updated with ``update_parameters(net)`` after
+    each step. Its decay ramps up as ``(1 + n) / (10 + n)`` to ``decay`` over the first updates, so
+    that early steps do not keep the starting weights for thousands of steps."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    def update(averaged, current, n_averaged):
+        if not averaged[0].is_floating_point():  # batch-norm step counters: the latest
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(n_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    average = AveragedModel(net, multi_avg_fn=update, use_buffers=True)
+    return average.eval()
+
+
 def _initial_model(options: TrainOptions):
     """(net, model_voxel_um, normalization, decode, provenance) from --init or from scratch."""
     from .model import SpineNet, build_config, grow_config, load_grown
@@ -585,6 +607,8 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
     if not (np.isfinite(options.hard_negative_weight) and options.hard_negative_weight >= 1.0):
         raise InputError(f"--hard-negative-weight must be a number of at least 1 (1: off), "
                          f"got {options.hard_negative_weight}.")
+    if not (np.isfinite(options.ema) and 0.0 <= options.ema < 1.0):
+        raise InputError(f"--ema must be a decay in [0, 1) such as 0.999 (0: off), got {options.ema}.")
     _import_what_the_loop_needs()
     run = _Run(options, progress, should_stop, on_log)
     try:
@@ -657,6 +681,8 @@ class _Run:
         if self.device.type in ("cpu", "cuda"):
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
+        # rank 0 validates and saves, so it alone keeps the average
+        self.ema = moving_average(self.net, options.ema) if options.ema and self.rank0 else None
         self.step, self.best, self.history = 0, None, []
         self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
         self.prior_minutes = 0.0  # spent before a resume: budgets and records count the whole run
@@ -666,6 +692,11 @@ class _Run:
             state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if bool(options.ema) != ("ema" in state):
+                raise InputError(f"{self.resume_file} was written by a run {'with' if 'ema' in state else 'without'} "
+                                 f"--ema; resume it with the options it started with.")
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
             self.prior_minutes = float(state.get("minutes", 0.0))
             self.synthetic_baseline = state.get("synthetic_baseline")
@@ -716,6 +747,8 @@ class _Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         self.step += 1
         return {"step": self.step, "loss": float(loss.detach()), **parts}
 
@@ -729,11 +762,18 @@ class _Run:
         fraction = self.budget_fraction()
         return cancelled or fraction >= 1.0, cancelled, fraction
 
+    @property
+    def kept_net(self):
+        """What is validated and saved: the moving average of the weights with ``--ema``, else the
+        network being trained."""
+        return self.ema.module if self.ema is not None else self.net
+
     def loaded(self):
-        """The network being trained, with its grid, normalisation and decoding, as a model to detect with."""
+        """The network validated and saved (:attr:`kept_net`), with its grid, normalisation and
+        decoding, as a model to detect with."""
         from .models import LoadedModel
 
-        return LoadedModel(self.net, self.device, self.model_voxel, self.normalization, self.decode)
+        return LoadedModel(self.kept_net, self.device, self.model_voxel, self.normalization, self.decode)
 
     def measure_baseline(self) -> None:
         """Fine-tuning with held-out user sessions: score the initial model on the synthetic
@@ -741,7 +781,7 @@ class _Run:
         synthetic = [case for case in self.val_cases if not _is_user_case(case[0])]
         if not (self.rank0 and self.options.init and synthetic and len(synthetic) < len(self.val_cases)):
             return
-        self.net.eval()
+        self.kept_net.eval()
         result = validate(self.loaded(), synthetic)
         self.synthetic_baseline = float(result["score"])
         log.info("initial model: synthetic validation F1 %.3f IDF1 %.3f; checkpoints must stay within %.2f",
@@ -791,7 +831,7 @@ class _Run:
         from ..io.checkpoint import save_checkpoint
 
         if self.rank0:
-            self.net.eval()
+            self.kept_net.eval()
             result = validate(self.loaded(), self.val_cases)
             self.net.train()
             score = selection_score(result, self.synthetic_baseline)
@@ -806,18 +846,20 @@ class _Run:
                 checkpoint = self.snapshot(result)
                 save_checkpoint(self.out, checkpoint)
                 _write_sidecar(self.out, checkpoint)
-            torch.save({"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "step": self.step, "best": self.best, "history": self.history,
-                        "minutes": self.elapsed_minutes(), "synthetic_baseline": self.synthetic_baseline},
-                       self.resume_file)
+            state = {"state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": self.step, "best": self.best, "history": self.history,
+                     "minutes": self.elapsed_minutes(), "synthetic_baseline": self.synthetic_baseline}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            torch.save(state, self.resume_file)
         self.validated_step = self.step
         self.dist.barrier()
 
     def snapshot(self, validation: dict) -> dict[str, Any]:
         options = self.options
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.net.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.kept_net.state_dict().items()}
         return {
-            "config": self.net.config,
+            "config": self.kept_net.config,
             "voxel_size_um": list(self.model_voxel),
             "normalization": self.normalization,
             "decode": {**self.decode, "threshold": validation["threshold"],
@@ -834,6 +876,7 @@ class _Run:
                 "patch_shape": list(options.patch.shape),
                 "sessions_per_patch": options.patch.sessions,
                 "seed": options.seed,
+                "ema": options.ema,
                 "synthetic_seeds": self.seeds_description(),
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
