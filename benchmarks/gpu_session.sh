@@ -15,7 +15,8 @@
 #             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`);
 #             TRAIN_COARSE renders that share of the preset series at coarser voxels (`train
 #             --coarse-fraction`); TRAIN_INIT starts from another model (a name or a path, default
-#             spinenet-synth), TRAIN_LR sets the peak learning rate (default 1e-3)
+#             spinenet-synth), TRAIN_LR sets the peak learning rate (default 1e-3), TRAIN_EMA
+#             saves a moving average of the weights with that decay (`train --ema`, e.g. 0.999)
 #   finetune  the fine-tuning benchmark with the GPU's default budget (finetune.txt); beside the
 #             training when both are asked for, alone otherwise
 #   compare   the new model on the benchmark's test series (compare.txt), then beside the shipped
@@ -44,6 +45,7 @@ TRAIN_INIT=${TRAIN_INIT:-spinenet-synth}
 TRAIN_LR=${TRAIN_LR:-1e-3}
 CONTROL=${CONTROL:-}
 TRAIN_HARD=${TRAIN_HARD:-}  # e.g. 5: hard negatives at the synthetic axon boutons
+TRAIN_EMA=${TRAIN_EMA:-}  # e.g. 0.999: validate and save a moving average of the weights
 FT_MINUTES=${FT_MINUTES:-}
 FT_WORKERS=${FT_WORKERS:-2}
 REPEAT_XY=${REPEAT_XY:-4}
@@ -91,14 +93,14 @@ finetune() {
 if wants train; then
     workers=$TRAIN_WORKERS
     [ -n "$CONTROL" ] && workers=$(( TRAIN_WORKERS / 2 ))
-    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_HARD:+, hard negatives x$TRAIN_HARD}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${CONTROL:+; a control with the default mix beside it}"
+    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_HARD:+, hard negatives x$TRAIN_HARD}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${TRAIN_EMA:+, moving average $TRAIN_EMA}${CONTROL:+; a control with the default mix beside it}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
     train() {  # train OUT_NAME EXTRA_ARGS...
         local name=$1; shift
         $PY -m napari_spine_tracker -v train --init "$TRAIN_INIT" --out "$OUT/$name.pt" --device "$DEVICE" \
             --minutes "$TRAIN_MINUTES" --lr "$TRAIN_LR" --val-every "$VAL_EVERY" --workers "$workers" \
             --seed "$TRAIN_SEED" ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${VAL_SERIES:+--val-series "$VAL_SERIES"} \
-            ${TRAIN_COARSE:+--coarse-fraction "$TRAIN_COARSE"} -q "$@"
+            ${TRAIN_COARSE:+--coarse-fraction "$TRAIN_COARSE"} ${TRAIN_EMA:+--ema "$TRAIN_EMA"} -q "$@"
     }
     # shellcheck disable=SC2086
     train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} ${TRAIN_HARD:+--hard-negative-weight "$TRAIN_HARD"} \
