@@ -2,7 +2,7 @@
 
 Cutting, augmenting and rendering targets for a batch of 32 patches takes about a second of one
 CPU core, while a GPU trains on it in a fraction of that: without helpers the GPU waits. Each
-worker process owns a :class:`~napari_spine_tracker.core.train.BatchSource` (its own synthetic
+worker process owns a :class:`~napari_spine_tracker.core.sources.BatchSource` (its own synthetic
 pool, with its own seeds, and the user's series) and hands finished batches to the training
 process through :class:`torch.utils.data.DataLoader`, the image and heatmap in float16 to halve
 the shared-memory traffic (the other targets travel as rows at the spine centres). The stream is
