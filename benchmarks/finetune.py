@@ -14,6 +14,7 @@ from a deliberately different "microscope", and score it before and after.
     python benchmarks/finetune.py                        # default budget
     python benchmarks/finetune.py --minutes 3 --device cpu
     python benchmarks/finetune.py --preset second_microscope
+    python benchmarks/finetune.py --preset second_microscope --ema 0.99   # a moving average of the weights
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-fraction", type=float,
                         help="share of synthetic replay batches (default: the train command's)")
     parser.add_argument("--workers", type=int, help="batch-preparing processes (default: the train command's)")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="keep a moving average of the weights with this decay (train --ema; default 0: off)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log training and validation")
     parser.add_argument("--sessions", type=int, default=8, help="sessions of the other microscope's series")
     parser.add_argument("--labelled", type=int, default=3, help="first sessions given as corrections")
@@ -81,8 +84,9 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         train_model(TrainOptions(out=out, datasets=[folder], init=args.model, device=args.device,
                                  minutes=args.minutes, lr=args.lr, synthetic_fraction=args.synthetic_fraction,
-                                 workers=args.workers,
-                                 command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"))
+                                 workers=args.workers, ema=args.ema,
+                                 command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"
+                                              + (f" --ema {args.ema:g}" if args.ema else "")))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):
             model = load_model(name, device=args.device)
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     wide = table.pivot_table(index="series", columns="model", values=["f1", "idf1"], sort=False)
     wide.columns = [f"{metric} {when}" for metric, when in wide.columns]
-    print(f"fine-tuning: {minutes:.1f} min on {args.device}, from {args.model}, "
+    averaged = f", --ema {args.ema:g}" if args.ema else ""
+    print(f"fine-tuning: {minutes:.1f} min on {args.device}, from {args.model}{averaged}, "
           f"{len(labelled)} labelled sessions ({len(corrections)} spine-sessions)")
     print(wide.round(3).to_string())
     ref = table[~table["series"].str.startswith(args.preset)]
