@@ -7,14 +7,15 @@ from a deliberately different "microscope", and score it before and after.
    z steps, lower-NA PSF, noisier detector with a high offset, dimmer, bigger heads).
 2. Its first sessions' labels (the generator's truth, standing in for a user's corrections) are
    exported as a training set, those sessions marked reviewed, exactly as the widget does.
-3. ``train DATASET --init MODEL`` with the default budget (8 minutes on a CPU, 2 on a GPU).
+3. ``train DATASET --init MODEL`` with the default budget (8 minutes on a CPU, 2 on a GPU) and the
+   default moving average of the weights (``--ema 0`` turns it off).
 4. Detection F1 / IDF1 on the series' LATER sessions (never labelled), before and after, and on
    the original synthetic test series (to check nothing was forgotten), in one table.
 
     python benchmarks/finetune.py                        # default budget
     python benchmarks/finetune.py --minutes 3 --device cpu
     python benchmarks/finetune.py --preset second_microscope
-    python benchmarks/finetune.py --preset second_microscope --ema 0.99   # a moving average of the weights
+    python benchmarks/finetune.py --preset second_microscope --ema 0   # the weights as trained, no average
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-fraction", type=float,
                         help="share of synthetic replay batches (default: the train command's)")
     parser.add_argument("--workers", type=int, help="batch-preparing processes (default: the train command's)")
-    parser.add_argument("--ema", type=float, default=0.0,
-                        help="keep a moving average of the weights with this decay (train --ema; default 0: off)")
+    parser.add_argument("--ema", type=float,
+                        help="decay of the weights' moving average (train --ema; default: the train command's, "
+                             "0.99 when learning from training sets; 0: off)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log training and validation")
     parser.add_argument("--sessions", type=int, default=8, help="sessions of the other microscope's series")
     parser.add_argument("--labelled", type=int, default=3, help="first sessions given as corrections")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
                                  minutes=args.minutes, lr=args.lr, synthetic_fraction=args.synthetic_fraction,
                                  workers=args.workers, ema=args.ema,
                                  command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"
-                                              + (f" --ema {args.ema:g}" if args.ema else "")))
+                                              + (f" --ema {args.ema:g}" if args.ema is not None else "")))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):
             model = load_model(name, device=args.device)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     wide = table.pivot_table(index="series", columns="model", values=["f1", "idf1"], sort=False)
     wide.columns = [f"{metric} {when}" for metric, when in wide.columns]
-    averaged = f", --ema {args.ema:g}" if args.ema else ""
+    averaged = f", --ema {args.ema:g}" if args.ema is not None else ""
     print(f"fine-tuning: {minutes:.1f} min on {args.device}, from {args.model}{averaged}, "
           f"{len(labelled)} labelled sessions ({len(corrections)} spine-sessions)")
     print(wide.round(3).to_string())

@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: checkpoint, cancel, resume, training sets."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -99,6 +100,31 @@ def test_fine_tuning_selection_penalises_forgetting():
     assert selection_score(result(0.9 - FORGETTING_TOLERANCE, 0.6), 0.9) == pytest.approx(0.6)
     # ... and a checkpoint that gained on the user's data by forgetting more ranks below one that did not
     assert selection_score(result(0.84, 0.7), 0.9) < selection_score(result(0.89, 0.6), 0.9)
+
+
+def test_learning_from_training_sets_averages_the_weights_by_default(tmp_path):
+    from napari_spine_tracker.core.train import FINE_TUNING_EMA
+
+    assert TrainOptions(out=tmp_path / "a.pt").moving_average == 0.0
+    assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth").moving_average == 0.0
+    given = TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth", datasets=[tmp_path / "set"])
+    assert given.moving_average == FINE_TUNING_EMA == 0.99
+    assert dataclasses.replace(given, ema=0.0).moving_average == 0.0  # --ema 0 turns it off
+    assert dataclasses.replace(given, ema=0.9).moving_average == 0.9
+
+
+@pytest.mark.slow
+def test_a_fine_tune_on_a_training_set_saves_the_moving_average(tmp_path):
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+    from napari_spine_tracker.io.trainset import append_training_item
+
+    synth = synthesize_series(SynthConfig.preset("tiny", seed=5))
+    append_training_item(tmp_path / "set", "a", synth.image, synth.truth, synth.voxel_size_um,
+                         reviewed_sessions=[0, 1, 2])
+    first = train_model(tiny_options(tmp_path / "first.pt", steps=2))
+    assert load_checkpoint(first)["training"]["ema"] == 0.0
+    tuned = train_model(tiny_options(tmp_path / "tuned.pt", steps=2, init=str(first), datasets=[tmp_path / "set"]))
+    assert load_checkpoint(tuned)["training"]["ema"] == 0.99
 
 
 def test_fine_tuning_validates_more_often(tmp_path):

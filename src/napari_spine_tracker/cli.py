@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "look-alikes of a spine head, against 1 elsewhere (default 1: off)")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights with this decay, "
-                        "e.g. 0.999 (about the last 1000 steps; default 0: the weights as trained)")
+                        "e.g. 0.999 (about the last 1000 steps; 0: the weights as trained; default 0.99 "
+                        "when training sets are given, else 0)")
     p.add_argument("--synthetic-fraction", type=float,
                    help="share of batches from the synthetic engine when training sets are given (default 0.5)")
     p.add_argument("--batch-size", type=int, help="patches per step (default 32 on a GPU, 4 on a CPU)")

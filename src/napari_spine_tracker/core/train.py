@@ -57,6 +57,9 @@ SYNTHETIC_VALIDATION = (("default", 1500), ("large_drift", 1501), ("low_snr", 15
 VALIDATION_SHAPE = {"sessions": 4, "shape": (24, 128, 128)}
 #: validation seeds stay below the tuning seeds (2000+) that benchmarks make choices on
 MAX_VALIDATION_SERIES = 500
+#: the moving average's decay when learning from training sets (``ema`` left None): a fine-tune
+#: runs a few hundred steps, and 0.99 averages over about the last hundred of them
+FINE_TUNING_EMA = 0.99
 THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
 
 
@@ -87,8 +90,9 @@ class TrainOptions:
     #: (HARD_NEGATIVE_KINDS), against 1 elsewhere; 1 trains as before
     hard_negative_weight: float = 1.0
     #: decay of an exponential moving average of the weights, which is what is validated and
-    #: saved (0: off, the weights as trained); 0.999 averages over about the last 1000 steps
-    ema: float = 0.0
+    #: saved (0: off, the weights as trained; 0.999 averages over about the last 1000 steps);
+    #: None: FINE_TUNING_EMA when training sets are given, else off (see :attr:`moving_average`)
+    ema: float | None = None
     patch: PatchOptions = field(default_factory=PatchOptions)
     validation: Sequence[tuple[str, int]] = SYNTHETIC_VALIDATION
     validation_shape: dict = field(default_factory=lambda: dict(VALIDATION_SHAPE))
@@ -101,6 +105,17 @@ class TrainOptions:
         if self.val_every is not None:
             return int(self.val_every)
         return 100 if self.init else 250
+
+    @property
+    def moving_average(self) -> float:
+        """The decay of the weights' moving average (0: none). Learning from a user's corrections
+        averages by default: on a second microscope's series the short fine-tune then gained
+        where the weights as trained did not, and forgot less (README, "Learning from
+        corrections"). Training on synthetic data alone does not, so that the recorded commands
+        of the shipped weights make the same weights."""
+        if self.ema is not None:
+            return float(self.ema)
+        return FINE_TUNING_EMA if self.datasets else 0.0
 
     @classmethod
     def from_args(cls, args) -> TrainOptions:
@@ -408,7 +423,7 @@ def train_model(options: TrainOptions, progress: Callable[[int, int], None] | No
     if not (np.isfinite(options.hard_negative_weight) and options.hard_negative_weight >= 1.0):
         raise InputError(f"--hard-negative-weight must be a number of at least 1 (1: off), "
                          f"got {options.hard_negative_weight}.")
-    if not (np.isfinite(options.ema) and 0.0 <= options.ema < 1.0):
+    if not (np.isfinite(options.moving_average) and 0.0 <= options.moving_average < 1.0):
         raise InputError(f"--ema must be a decay in [0, 1) such as 0.999 (0: off), got {options.ema}.")
     _import_what_the_loop_needs()
     run = _Run(options, progress, should_stop, on_log)
@@ -483,7 +498,8 @@ class _Run:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         # rank 0 validates and saves, so it alone keeps the average
-        self.ema = moving_average(self.net, options.ema) if options.ema and self.rank0 else None
+        decay = options.moving_average
+        self.ema = moving_average(self.net, decay) if decay and self.rank0 else None
         self.step, self.best, self.history = 0, None, []
         self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
         self.prior_minutes = 0.0  # spent before a resume: budgets and records count the whole run
@@ -493,7 +509,7 @@ class _Run:
             state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
             self.net.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
-            if bool(options.ema) != ("ema" in state):
+            if bool(options.moving_average) != ("ema" in state):
                 raise InputError(f"{self.resume_file} was written by a run {'with' if 'ema' in state else 'without'} "
                                  f"--ema; resume it with the options it started with.")
             if self.ema is not None:
@@ -677,7 +693,7 @@ class _Run:
                 "patch_shape": list(options.patch.shape),
                 "sessions_per_patch": options.patch.sessions,
                 "seed": options.seed,
-                "ema": options.ema,
+                "ema": options.moving_average,
                 "synthetic_seeds": self.seeds_description(),
                 "validation": validation,
                 "validation_cases": [list(v) for v in options.validation],
