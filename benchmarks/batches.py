@@ -29,26 +29,21 @@ def main(argv=None) -> int:
     from napari_spine_tracker.core.batches import PatchOptions
     from napari_spine_tracker.core.intensity import DEFAULT_NORMALIZATION
     from napari_spine_tracker.core.loader import worker_batches
-    from napari_spine_tracker.core.train import (
-        DEFAULT_PRESETS,
-        MODEL_VOXEL_UM,
-        BatchSource,
-        _SourceSpec,
-        _worker_source,
-    )
+    from napari_spine_tracker.core.sources import DEFAULT_PRESETS, BatchSource, SourceSpec, worker_source
+    from napari_spine_tracker.core.train import MODEL_VOXEL_UM
 
-    spec = _SourceSpec(pool_size=8, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
-                       normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(), realistic_fraction=0.5,
-                       presets=DEFAULT_PRESETS, coarse_fraction=args.coarse_fraction, user_series=[],
-                       synthetic_fraction=1.0, batch_size=args.batch_size, out_shape=(16, 48, 48),
-                       stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=8)
+    spec = SourceSpec(pool_size=8, pool_seed=0, seed=0, rank=0, model_voxel_um=MODEL_VOXEL_UM,
+                      normalization=DEFAULT_NORMALIZATION, patch=PatchOptions(), realistic_fraction=0.5,
+                      presets=DEFAULT_PRESETS, coarse_fraction=args.coarse_fraction, user_series=[],
+                      synthetic_fraction=1.0, batch_size=args.batch_size, out_shape=(16, 48, 48),
+                      stride=(1, 2, 2), out_voxel_um=(0.5, 0.2, 0.2), refresh_every=8)
     for workers in args.workers:
         if workers == 0:
             source = BatchSource(spec)
             source.fill()
             batches = iter(source.next, None)
         else:
-            batches = worker_batches(partial(_worker_source, spec), workers, pin_memory=False)
+            batches = worker_batches(partial(worker_source, spec), workers, pin_memory=False)
         next(batches)  # pools filled, workers started
         start = time.perf_counter()
         for _ in range(args.batches):
