@@ -83,12 +83,13 @@ def main(argv=None) -> int:
         append_training_item(folder, args.preset.replace("_", "-"), other.image, corrections, other.voxel_size_um,
                              reviewed_sessions=labelled)
         out = Path(tmp) / "finetuned.pt"
+        averaged = f" --ema {args.ema:g}" if args.ema is not None else ""
         started = time.perf_counter()
         train_model(TrainOptions(out=out, datasets=[folder], init=args.model, device=args.device,
                                  minutes=args.minutes, lr=args.lr, synthetic_fraction=args.synthetic_fraction,
                                  workers=args.workers, ema=args.ema,
                                  command_line=f"napari-spine-tracker train {folder} --init {args.model} --out {out}"
-                                              + (f" --ema {args.ema:g}" if args.ema is not None else "")))
+                                              f"{averaged}"))
         minutes = (time.perf_counter() - started) / 60
         for label, name in (("before", args.model), ("after", str(out))):
             model = load_model(name, device=args.device)
@@ -102,7 +103,6 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     wide = table.pivot_table(index="series", columns="model", values=["f1", "idf1"], sort=False)
     wide.columns = [f"{metric} {when}" for metric, when in wide.columns]
-    averaged = f", --ema {args.ema:g}" if args.ema is not None else ""
     print(f"fine-tuning: {minutes:.1f} min on {args.device}, from {args.model}{averaged}, "
           f"{len(labelled)} labelled sessions ({len(corrections)} spine-sessions)")
     print(wide.round(3).to_string())

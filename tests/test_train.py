@@ -318,10 +318,10 @@ print(json.dumps(late))
 def test_moving_average_ramps_its_decay_and_keeps_step_counters():
     import torch
 
-    from napari_spine_tracker.core.train import moving_average
+    from napari_spine_tracker.core.train import averaged_model
 
     net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
-    average = moving_average(net, 0.9)
+    average = averaged_model(net, 0.9)
     assert not average.training
 
     def update(weight):

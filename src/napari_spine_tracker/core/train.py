@@ -329,7 +329,7 @@ def _quality(rows) -> float:
 # the loop
 
 
-def moving_average(net, decay: float):
+def averaged_model(net, decay: float):
     """An exponential moving average of ``net``'s weights and batch-norm statistics
     (:class:`torch.optim.swa_utils.AveragedModel`), updated with ``update_parameters(net)`` after
     each step. Its decay ramps up as ``(1 + n) / (10 + n)`` to ``decay`` over the first updates, so
@@ -455,6 +455,15 @@ class _Run:
         self.warmup = 50 if options.init else 200
         fraction = options.synthetic_fraction
         self.synthetic_fraction = fraction if fraction is not None else (0.5 if options.datasets else 1.0)
+        # read and checked before any data is prepared (a pool takes minutes to fill)
+        self.resume_file = _resume_path(self.out)
+        resumed = None
+        if options.resume and self.resume_file.exists():
+            resumed = torch.load(self.resume_file, map_location="cpu", weights_only=True)
+            if bool(options.moving_average) != ("ema" in resumed):
+                raise InputError(f"{self.resume_file} was written by a run "
+                                 f"{'with' if 'ema' in resumed else 'without'} --ema; resume it with the options "
+                                 f"it started with.")
 
         user_train, user_val = ([], [])
         if options.datasets:
@@ -499,24 +508,19 @@ class _Run:
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-4)
         # rank 0 validates and saves, so it alone keeps the average
         decay = options.moving_average
-        self.ema = moving_average(self.net, decay) if decay and self.rank0 else None
+        self.ema = averaged_model(self.net, decay) if decay and self.rank0 else None
         self.step, self.best, self.history = 0, None, []
         self.validated_step = None  # the same on every rank (``best`` is known to rank 0 only)
         self.prior_minutes = 0.0  # spent before a resume: budgets and records count the whole run
         self.synthetic_baseline = None  # fine-tuning: the initial model's synthetic validation score
-        self.resume_file = _resume_path(self.out)
-        if options.resume and self.resume_file.exists():
-            state = torch.load(self.resume_file, map_location="cpu", weights_only=True)
-            self.net.load_state_dict(state["state_dict"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if bool(options.moving_average) != ("ema" in state):
-                raise InputError(f"{self.resume_file} was written by a run {'with' if 'ema' in state else 'without'} "
-                                 f"--ema; resume it with the options it started with.")
+        if resumed is not None:
+            self.net.load_state_dict(resumed["state_dict"])
+            self.optimizer.load_state_dict(resumed["optimizer"])
             if self.ema is not None:
-                self.ema.load_state_dict(state["ema"])
-            self.step, self.best, self.history = int(state["step"]), state["best"], list(state["history"])
-            self.prior_minutes = float(state.get("minutes", 0.0))
-            self.synthetic_baseline = state.get("synthetic_baseline")
+                self.ema.load_state_dict(resumed["ema"])
+            self.step, self.best, self.history = int(resumed["step"]), resumed["best"], list(resumed["history"])
+            self.prior_minutes = float(resumed.get("minutes", 0.0))
+            self.synthetic_baseline = resumed.get("synthetic_baseline")
             self.validated_step = self.step  # the resume file is written when a step is validated
             log.info("resumed at step %d from %s", self.step, self.resume_file)
         self.forward = self.dist.wrap(self.net)
