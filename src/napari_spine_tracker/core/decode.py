@@ -19,7 +19,7 @@ ADAPT_LOWEST = 0.3
 #: peaks from this probability up to the threshold are offered to the review as suggestions of
 #: missed spines (``detect_series(return_suggestions=True)``): on the tuning seeds 2000-2002 they hold
 #: half to two-thirds of the spines the threshold misses (low_snr 46 of 69, crowded 99 of 194, a second
-#: microscope 125 of 252), at 21-45 % precision; README, "Suggestions of missed spines"
+#: microscope 125 of 252), at 21-45 % precision; docs/model_report.md, "Suggestions of missed spines"
 SUGGEST_FLOOR = 0.2
 #: a suggestion this close (µm) to a kept detection of its session is that spine's shoulder, not
 #: another spine
@@ -29,7 +29,7 @@ SUGGEST_APART_UM = 0.5
 #: (``link.vouched_by_track``). Chosen on the tuning seeds among 0.10-0.20 below and 0-0.10 above,
 #: as the rule that lost no more than 0.003 F1 on any synthetic case; held out it raised F1 / IDF1
 #: on every set (test 0.928 / 0.918 -> 0.935 / 0.920, a second microscope 0.808 / 0.764 -> 0.838 /
-#: 0.784; README, "Track evidence"; benchmarks/track_evidence.py)
+#: 0.784; docs/model_report.md, "Track evidence"; benchmarks/track_evidence.py)
 VOUCH_BELOW = 0.1
 VOUCH_MEAN_ABOVE = 0.05
 

@@ -80,8 +80,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     threshold
         Peak probability threshold. ``None`` or ``"auto"`` (default): the model's (chosen on
         validation), lowered to the split of this series' own peak scores where that is lower,
-        not below 0.3 (another microscope shifts a model's scores; README, "A threshold for each
-        series"; ``decode.series_threshold``). ``"model"``: the model's as it is. A number: that.
+        not below 0.3 (another microscope shifts a model's scores; docs/model_report.md, "A threshold
+        for each series"; ``decode.series_threshold``). ``"model"``: the model's as it is. A number: that.
         The threshold used is in ``table.attrs["threshold"]``, the model's in ``"model_threshold"``.
     register, gate_um, max_gap
         Rigid registration between sessions; linking gate in µm, or ``"auto"`` (default): from the
@@ -96,14 +96,14 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         cent of a GPU run. With the weights shipped before stage 5, on the synthetic test series 4
         views raised F1 / IDF1 from 0.928 / 0.915 to 0.938 / 0.921, and with the adapted threshold
         on a second microscope's series from 0.714 / 0.666 to 0.721 / 0.676 (at a fixed threshold
-        they found fewer spines there; README).
+        they found fewer spines there; docs/model_report.md, "A threshold for each series").
     track_evidence
         Let a track vouch for its dim sessions (default): peaks down to ``decode.VOUCH_BELOW``
         (0.1) under the threshold are linked too, and one under the threshold is kept where the mean
         score of its track reaches the threshold + 0.05 (``link.vouched_by_track``); its ``score``
         stays its own. Held out, F1 / IDF1 on the synthetic test series 0.928 / 0.918 -> 0.935 /
-        0.920 and on a second microscope's series 0.808 / 0.764 -> 0.838 / 0.784 (README, "Track
-        evidence"). False: the threshold alone decides.
+        0.920 and on a second microscope's series 0.808 / 0.764 -> 0.838 / 0.784 (docs/model_report.md,
+        "Track evidence"). False: the threshold alone decides.
     return_suggestions
         Also return the suggestions of missed spines: the peaks scoring from
         ``decode.SUGGEST_FLOOR`` (0.2; ``options.suggest_floor`` where set) up to the threshold, at
@@ -112,7 +112,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         ``link.suggested_tracks``); a peak its track vouched for is a spine, not a suggestion. They
         hold a third to a half of the spines the detection misses (36-51 % on held-out synthetic
         series with track evidence), among many that are not spines; the review offers them one
-        by one (README, "Suggestions of missed spines").
+        by one (docs/model_report.md, "Suggestions of missed spines").
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).

@@ -168,7 +168,7 @@ def reuse_freed_memory():
     glibc serves every allocation above 32 MiB with a new ``mmap`` and unmaps it when it is freed,
     so each activation tensor of a tile is page-faulted in and zeroed by the kernel again: on 2
     cores that was a quarter of end-to-end detection time (a 1x1x1 convolution took 60 ms instead
-    of 14; README: speed). On exit large blocks are mapped again (see ``_GLIBC_AFTER``) and the
+    of 14; docs/model_report.md, "Speed"). On exit large blocks are mapped again (see ``_GLIBC_AFTER``) and the
     heap's free memory is given back (``malloc_trim``). Nested and concurrent uses share one
     setting. Without glibc (macOS, Windows, musl) this does nothing.
     """

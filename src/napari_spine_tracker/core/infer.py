@@ -290,7 +290,7 @@ class DeviceSessions:
 
     On a GPU, reading each tile on the CPU (a converting copy to float32 and the normalising),
     stacking the tiles and copying them over took more of an end-to-end run than the network
-    (README: speed); held on the GPU, the series crosses once, in its stored form. Host memory
+    (docs/model_report.md, "On a GPU"); held on the GPU, the series crosses once, in its stored form. Host memory
     stays at one session at a time, read from wherever the series is (a lazy reader too).
     """
 
@@ -688,7 +688,7 @@ def session_chunks(t_count: int, chunk: int | None, device) -> list[range]:
     not 4 + 2). None: by device. On a GPU up to 8. On a CPU pairs, with one group of three where
     the count is odd: oneDNN runs a batch of one session at half the speed per session, and on a
     2-core x86-64 CPU two sessions per call ran 7-15 % faster than three (6 x 32 x 256 x 256 and
-    6 x 32 x 512 x 512, identical outputs; README: speed).
+    6 x 32 x 512 x 512, identical outputs; docs/model_report.md, "Speed").
     """
     if t_count < 1:
         return []

@@ -65,7 +65,7 @@ DEFAULT_GATE_UM = AUTO_GATE
 FIXED_GATE_UM = 1.2
 #: "auto": this many times the median distance of the frame-to-frame links made at PROBE_GATE_UM,
 #: within AUTO_GATE_RANGE_UM; chosen on the tuning seeds 2000-2002 and the second microscope's
-#: 2000-2011 (README, "A linking gate for each series")
+#: 2000-2011 (docs/model_report.md, "A linking gate for each series")
 AUTO_GATE_PER_MEDIAN = 4.0
 AUTO_GATE_RANGE_UM = (0.8, 1.4)
 PROBE_GATE_UM = 1.6
@@ -284,8 +284,8 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         the tuning seeds against fixed gates: the best fixed gate differs between series like the
         training data (0.8-0.9 µm; wider gates let a new spine take the id of a neighbour lost in
         the same session) and a second microscope's series (1.2-1.4 µm: its spines are localised
-        less well, most of all in z); README, "A linking gate for each series". The gate used is in
-        ``table.attrs["gate_um"]``.
+        less well, most of all in z); docs/model_report.md, "A linking gate for each series". The
+        gate used is in ``table.attrs["gate_um"]``.
     max_gap
         Largest number of consecutive sessions a spine may be missing and keep its id (2: on the
         second microscope's series IDF1 +0.03 over 1, on the synthetic tuning series +0.002; 3

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: architecture presets; "lean" is the shipped default (CPU-friendly, see README for measurements)
+#: architecture presets; "lean" is the shipped default (CPU-friendly; measurements: docs/model_report.md)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": [8, 8, 16, 16], "blocks": [1, 1, 1], "group_width": 4},
     "lean": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16},
     "base": {"widths": [24, 48, 96, 128], "blocks": [1, 2, 2], "group_width": 16},
     # lean with a second block on the two coarsest levels: more context where voxels are few; a
-    # lean model grows into it (grow_config). Tried as stage 4, not shipped (README)
+    # lean model grows into it (grow_config). Tried as stage 4, not shipped (docs/model_report.md,
+    # "The shipped weights: how they were made")
     "deep": {"widths": [16, 32, 48, 64], "blocks": [1, 2, 2], "group_width": 16},
 }
 
@@ -170,8 +171,9 @@ class SpineNet(nn.Module):
         self.lstm = ConvLSTMCell(widths[-1], config["lstm_kernel"]) if config["lstm"] else None
         self.lateral = nn.ModuleList(ConvBNReLU(widths[i + 1], widths[i], 1) for i in range(len(strides)))
         # the finest level costs most (a quarter of the input's voxels): there the head trunk, one
-        # plain 3x3x3 conv, does a block's job at half its cost (README: speed); a depthwise block is
-        # cheaper still to run, but its backward pass is 20-50x slower in oneDNN (untrainable on CPU)
+        # plain 3x3x3 conv, does a block's job at half its cost (docs/model_report.md, "Design choices
+        # measured here"); a depthwise block is cheaper still to run, but its backward pass is 20-50x
+        # slower in oneDNN (untrainable on CPU)
         self.up = nn.ModuleList([nn.Identity()] + [ResNeXtBlock(widths[i], widths[i], 1, gw, bn)
                                                    for i in range(1, len(strides))])
         hw = config["head_width"]

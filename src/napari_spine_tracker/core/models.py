@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "spinenet-synth"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
-#: the shipped model trained for coarse sampling (README, "Coarser voxels"), and where it pays:
+#: the shipped model trained for coarse sampling (docs/model_report.md, "Coarser voxels"), and where it pays:
 #: z steps and pixels at least this coarse (µm)
 COARSE_MODEL = "spinenet-synth-coarse"
 COARSE_FROM_UM = (0.8, 0.15)

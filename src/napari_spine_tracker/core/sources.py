@@ -34,7 +34,7 @@ REALISTIC_PRESETS = ("default", "large_drift", "low_snr", "crowded")
 DEFAULT_PRESETS = tuple((name, 1.0) for name in REALISTIC_PRESETS)
 #: the synthetic engine's distractors that ``--hard-negative-weight`` weights: axon boutons, 97 of
 #: the 99 false detections near a distractor in the `crowded` test series. Weighting the shaft
-#: varicosities too scored the same within noise (README, "Hard negatives"); a bump on the shaft is
+#: varicosities too scored the same within noise (docs/model_report.md, "Hard negatives"); a bump on the shaft is
 #: also what a stubby spine looks like, so they are left out.
 HARD_NEGATIVE_KINDS = ("bouton",)
 

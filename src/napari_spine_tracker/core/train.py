@@ -110,7 +110,7 @@ class TrainOptions:
     def moving_average(self) -> float:
         """The decay of the weights' moving average (0: none). Learning from a user's corrections
         averages by default: on a second microscope's series the short fine-tune then gained
-        where the weights as trained did not, and forgot less (README, "Learning from
+        where the weights as trained did not, and forgot less (docs/model_report.md, "Learning from
         corrections"). Training on synthetic data alone does not, so that the recorded commands
         of the shipped weights make the same weights."""
         if self.ema is not None:
