@@ -99,3 +99,14 @@ def test_an_ensemble_of_a_model_with_itself_finds_what_the_model_finds():
     together = detect_series(series, (0.5, 0.1, 0.1), model=pair, threshold=0.5)
     assert len(alone) > 0
     pd.testing.assert_frame_equal(together, alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_review_effort_benchmark_ends_every_review_at_the_truth(monkeypatch, capsys):
+    # the script exits with an error if a corrected table does not score 1.0
+    _run("review_effort.py", "--quick", "--seeds", "2000", "--cases", "default", monkeypatch=monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[1]: line.split() for line in lines if line.startswith("default ")}
+    assert set(rows) == {"spinenet", "trackpy"}
+    for row in rows.values():
+        assert float(row[-1]) > 0 and int(row[4]) > 0  # a ratio, and the truth's spines counted

@@ -1,0 +1,78 @@
+"""The oracle review: the table it ends with is the truth, and its counts are those of its edits."""
+
+import pandas as pd
+import pytest
+
+from napari_spine_tracker.core.effort import ReviewEffort, review_effort
+from napari_spine_tracker.core.metrics import evaluate_tracks
+from napari_spine_tracker.errors import InputError
+
+VOXEL = (1.0, 1.0, 1.0)
+
+
+def _table(rows):
+    return pd.DataFrame(rows, columns=["track_id", "t", "z", "y", "x"]).assign(score=0.9, status="predicted")
+
+
+@pytest.fixture
+def truth():
+    # spines 1-3 in sessions 0-2, 20 voxels apart; spine 4 only in session 1
+    rows = [(k, t, 5.0, 20.0 * k, 20.0) for k in (1, 2, 3) for t in range(3)]
+    return _table([*rows, (4, 1, 5.0, 80.0, 60.0)])
+
+
+def test_a_perfect_detection_needs_only_checking(truth):
+    predicted = truth.assign(y=truth["y"] + 0.5)  # within the tolerance
+    effort = review_effort(predicted, truth, VOXEL)
+    assert (effort.checked, effort.corrections, effort.sessions) == (10, 0, 3)
+    assert effort.review == (10 + 3, 0, 10)  # N for each, R for each session; a decision each
+    assert (effort.true_points, effort.true_links) == (10, 6)
+    assert effort.by_hand == (12, 16, 10)
+    assert ReviewEffort.seconds(effort.review) < ReviewEffort.seconds(effort.by_hand)
+    scores = evaluate_tracks(effort.table, truth, VOXEL)
+    assert scores["f1"] == scores["idf1"] == 1.0
+
+
+def test_every_kind_of_error_is_fixed_and_counted(truth):
+    rows = [
+        (1, 0, 5.0, 20.0, 20.0), (1, 1, 5.0, 20.0, 20.0),            # spine 1, missed in session 2
+        (2, 0, 5.0, 40.0, 20.0), (2, 1, 5.0, 60.0, 20.0), (2, 2, 5.0, 60.0, 20.0),  # switches to 3
+        (3, 0, 5.0, 60.0, 20.0), (3, 1, 5.0, 40.0, 20.0),            # ... and 3 to 2; 2 missed in 2
+        (9, 2, 5.0, 100.0, 100.0),                                   # a false detection
+    ]                                                                # spine 4 missed
+    predicted = _table(rows)
+    # a suggestion on spine 2 in session 2 (the tracker expected track 3 there), one on nothing
+    suggestions = pd.DataFrame({"t": [2, 2], "z": [5.0, 5.0], "y": [40.3, 120.0], "x": [20.0, 120.0],
+                                "score": [0.3, 0.25], "track_id": [3, 0]})
+    effort = review_effort(predicted, truth, VOXEL, suggestions)
+    assert (effort.checked, effort.deleted) == (8, 1)
+    assert (effort.suggestions_visited, effort.accepted) == (2, 1)
+    # spine 1 in session 2 continues track 1 (link mode); spine 4 is new
+    assert (effort.added_linked, effort.added_new) == (1, 1)
+    # tracks 2 and 3 each switch spine after session 0: two splits, two merges
+    assert (effort.splits, effort.merges) == (2, 2)
+    assert effort.corrections == 1 + 1 + 2 + 2 + 2
+    scores = evaluate_tracks(effort.table, truth, VOXEL)
+    assert scores["f1"] == scores["idf1"] == 1.0
+    keys, clicks, decisions = effort.review
+    assert keys == 8 + 1 + 2 + 1 + 1 + 1 + 2 * 2 + 2 + 3
+    assert clicks == 1 + 2 + 2 + 2 * 2
+    assert decisions == 8 + 2 + 1 + 1 + 2 + 2
+
+
+def test_a_track_that_holds_three_spines_is_cut_twice(truth):
+    # one predicted track over spine 1, then 2, then 1 again; spines 2 and 3 otherwise right
+    rows = [(1, 0, 5.0, 20.0, 20.0), (1, 1, 5.0, 40.0, 20.0), (1, 2, 5.0, 20.0, 20.0),
+            (2, 0, 5.0, 40.0, 20.0), (2, 2, 5.0, 40.0, 20.0), (5, 1, 5.0, 20.0, 20.0),
+            (3, 0, 5.0, 60.0, 20.0), (3, 1, 5.0, 60.0, 20.0), (3, 2, 5.0, 60.0, 20.0),
+            (4, 1, 5.0, 80.0, 60.0)]
+    effort = review_effort(_table(rows), truth, VOXEL)
+    assert effort.splits == 2
+    assert effort.merges == 3  # spine 1: two parts of track 1 and track 5; spine 2: track 2 and the middle
+    scores = evaluate_tracks(effort.table, truth, VOXEL)
+    assert scores["f1"] == scores["idf1"] == 1.0
+
+
+def test_an_empty_truth_is_refused(truth):
+    with pytest.raises(InputError, match="empty"):
+        review_effort(truth, truth.iloc[:0], VOXEL)
