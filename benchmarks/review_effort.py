@@ -7,6 +7,8 @@ misses, split and merge tracks until every id is one spine), which must end with
 It prints the corrections needed, the keys, clicks and decisions, and the keystroke-level model's
 seconds (a model, not a study of users; see ``core/effort.py``) for the review and for labelling
 the same series by hand, with our model and with the trackpy peer (which offers no suggestions).
+Our model's table is reviewed three ways: visiting every suggestion (``spinenet``), stopping after
+``--patience`` suggestions in a row were not spines (``sn-pN``), and ignoring them (``sn-none``).
 
     python benchmarks/review_effort.py                     # tuning seeds 2000-2002
     python benchmarks/review_effort.py --seeds 1000 1001 1002 --cases default low_snr crowded
@@ -26,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", default=["spinenet", "trackpy"], choices=["spinenet", "trackpy"])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seeds", nargs="*", type=int, default=[2000, 2001, 2002])
+    parser.add_argument("--patience", type=int, default=5,
+                        help="suggestions in a row that were not spines after which a reviewer stops")
     parser.add_argument("--quick", action="store_true", help="small series (a smoke test)")
     args = parser.parse_args(argv)
 
@@ -47,35 +51,45 @@ def main(argv=None) -> int:
           "decision 1.35 s; sums over seeds")
     print(f"{'case':<18} {'method':<9} {'F1':>6} {'IDF1':>6} {'spines':>7} {'fixes':>6} {'del':>5} {'sugg':>5} "
           f"{'Y':>4} {'add':>5} {'split':>5} {'merge':>5} {'review s':>9} {'by hand s':>9} {'ratio':>6}")
+    labels = []
+    if "spinenet" in args.methods:
+        labels += ["spinenet", f"sn-p{args.patience}", "sn-none"]
+    if "trackpy" in args.methods:
+        labels.append("trackpy")
     for case in args.cases:
-        efforts = {method: [] for method in args.methods}
-        scores = {method: [] for method in args.methods}
+        efforts = {label: [] for label in labels}
+        scores = {label: [] for label in labels}
         for seed in args.seeds:
             series = synthesize_series(SynthConfig.preset(case, seed=seed, **{**CASES[case], **small}))
-            for method in args.methods:
-                if method == "spinenet":
-                    table, suggestions = detect_series(series.image, series.voxel_size_um, model=model,
-                                                       return_suggestions=True)
-                else:
-                    table, suggestions = trackpy_detect_track(series.image, series.voxel_size_um), None
-                effort = review_effort(table, series.truth, series.voxel_size_um, suggestions)
+            reviews = []  # (label, table, suggestions, patience)
+            if "spinenet" in args.methods:
+                table, suggestions = detect_series(series.image, series.voxel_size_um, model=model,
+                                                   return_suggestions=True)
+                reviews += [("spinenet", table, suggestions, None),
+                            (f"sn-p{args.patience}", table, suggestions, args.patience),
+                            ("sn-none", table, None, None)]
+            if "trackpy" in args.methods:
+                reviews.append(("trackpy", trackpy_detect_track(series.image, series.voxel_size_um), None, None))
+            for label, table, suggestions, patience in reviews:
+                effort = review_effort(table, series.truth, series.voxel_size_um, suggestions,
+                                       suggestion_patience=patience)
                 after = evaluate_tracks(effort.table, series.truth, series.voxel_size_um)
                 if after["f1"] != 1.0 or after["idf1"] != 1.0:
-                    raise SystemExit(f"{case} seed {seed} {method}: the review did not end at the truth "
+                    raise SystemExit(f"{case} seed {seed} {label}: the review did not end at the truth "
                                      f"(F1 {after['f1']}, IDF1 {after['idf1']})")
                 before = evaluate_tracks(table, series.truth, series.voxel_size_um)
-                efforts[method].append(effort)
-                scores[method].append((before["f1"], before["idf1"]))
-        for method in args.methods:
-            runs = efforts[method]
+                efforts[label].append(effort)
+                scores[label].append((before["f1"], before["idf1"]))
+        for label in labels:
+            runs = efforts[label]
             total = {name: sum(getattr(e, name) for e in runs)
                      for name in ("true_points", "corrections", "deleted", "suggestions_visited", "accepted",
                                   "splits", "merges")}
             added = sum(e.added_new + e.added_linked for e in runs)
             review = sum(ReviewEffort.seconds(e.review) for e in runs)
             by_hand = sum(ReviewEffort.seconds(e.by_hand) for e in runs)
-            f1, idf1 = np.mean(scores[method], axis=0)
-            print(f"{case:<18} {method:<9} {f1:6.3f} {idf1:6.3f} {total['true_points']:7d} {total['corrections']:6d} "
+            f1, idf1 = np.mean(scores[label], axis=0)
+            print(f"{case:<18} {label:<9} {f1:6.3f} {idf1:6.3f} {total['true_points']:7d} {total['corrections']:6d} "
                   f"{total['deleted']:5d} {total['suggestions_visited']:5d} {total['accepted']:4d} {added:5d} "
                   f"{total['splits']:5d} {total['merges']:5d} {review:9.0f} {by_hand:9.0f} "
                   f"{by_hand / review:6.2f}", flush=True)

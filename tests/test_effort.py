@@ -76,3 +76,17 @@ def test_a_track_that_holds_three_spines_is_cut_twice(truth):
 def test_an_empty_truth_is_refused(truth):
     with pytest.raises(InputError, match="empty"):
         review_effort(truth, truth.iloc[:0], VOXEL)
+
+
+def test_a_reviewer_who_loses_patience_places_the_rest_by_hand(truth):
+    predicted = truth[~((truth["track_id"] == 1) & (truth["t"] == 2))]  # spine 1 missed in session 2
+    # most likely first: two suggestions on nothing, then the miss
+    suggestions = pd.DataFrame({"t": [2, 2, 2], "z": [5.0] * 3, "y": [120.0, 140.0, 20.0], "x": [120.0] * 2 + [20.0],
+                                "score": [0.35, 0.3, 0.25], "track_id": [0, 0, 1]})
+    patient = review_effort(predicted, truth, VOXEL, suggestions)
+    assert (patient.suggestions_visited, patient.accepted, patient.added_linked) == (3, 1, 0)
+    hasty = review_effort(predicted, truth, VOXEL, suggestions, suggestion_patience=2)
+    assert (hasty.suggestions_visited, hasty.accepted, hasty.added_linked) == (2, 0, 1)
+    for effort in (patient, hasty):
+        scores = evaluate_tracks(effort.table, truth, VOXEL)
+        assert scores["f1"] == scores["idf1"] == 1.0

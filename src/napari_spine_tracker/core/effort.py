@@ -6,8 +6,10 @@ keys, clicks and decisions the widget needs for it:
 
 1. **Check** every prediction: **N** jumps to it and selects it (a key and a decision); a false one
    is deleted (**Delete**, a key).
-2. **Suggestions**: **G** visits each open suggestion (a key and a decision); a missed spine among
-   them is accepted with **Y** (a key), keeping the id of the track the tracker expected there.
+2. **Suggestions**: **G** visits the open suggestions, most likely first (a key and a decision
+   each); a missed spine among them is accepted with **Y** (a key), keeping the id of the track
+   the tracker expected there. The reviewer visits them all, or stops after a number of them in a
+   row were not spines (``suggestion_patience``).
 3. **Add** the misses left: where the spine's track has a point in another session and none in
    this one, with link mode (a click to select that point, **L**, a click to place: the id goes on);
    otherwise a new spine (**P**, a click). A decision each (finding it).
@@ -88,14 +90,17 @@ class ReviewEffort:
 
 
 def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: Sequence[float],
-                  suggestions: pd.DataFrame | None = None, tol_um: float = 1.0) -> ReviewEffort:
+                  suggestions: pd.DataFrame | None = None, tol_um: float = 1.0,
+                  suggestion_patience: int | None = None) -> ReviewEffort:
     """Correct ``predicted`` into ``truth`` as an oracle reviewer would, counting the work.
 
     ``predicted`` and ``truth`` are spine tables (``track_id, t, z, y, x``, voxels of each session);
     ``suggestions`` are the detection's suggestions of missed spines (``t, z, y, x`` and the
     expected ``track_id``, as ``detect_series(return_suggestions=True)`` returns them). A
     prediction is right where it lies within ``tol_um`` of a true spine of its session (the
-    metrics' matching); right ones are kept where they are.
+    metrics' matching); right ones are kept where they are. The suggestions are visited most
+    likely first, as **G** visits them, all of them, or until ``suggestion_patience`` in a row
+    were not spines; the misses left are placed by hand.
     """
     scale = parse_voxel_size(voxel_size_um)
     truth = truth.reset_index(drop=True)
@@ -115,18 +120,27 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
     effort.deleted = int(false.sum())
 
     if suggestions is not None and len(suggestions):
-        is_open = edits.open_suggestions(data, suggestions, scale)
-        offered = suggestions[is_open].reset_index(drop=True)
-        effort.suggestions_visited = len(offered)
-        for t, _, truth_rows in list(_matches(data, truth, scale, tol_um)):  # before any is accepted
+        offered = suggestions[edits.open_suggestions(data, suggestions, scale)]
+        offered = offered.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+        hits = np.zeros(len(offered), bool)  # the offered suggestions that are missed spines
+        for t, _, truth_rows in _matches(data, truth, scale, tol_um):
             missed = np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows)
             mine = np.flatnonzero(offered["t"].to_numpy() == t)
             hit, _ = match_points(offered.loc[mine, ["z", "y", "x"]].to_numpy(float) * scale,
                                   truth.loc[missed, ["z", "y", "x"]].to_numpy(float) * scale, tol_um)
-            for row in offered.iloc[mine[hit]].itertuples():
+            hits[mine[hit]] = True
+        passed = 0
+        for row in offered.itertuples():  # G's order: most likely first
+            if suggestion_patience is not None and passed >= suggestion_patience:
+                break
+            effort.suggestions_visited += 1
+            if hits[row.Index]:
                 expected = int(getattr(row, "track_id", 0) or 0)
                 data, features = edits.accept_suggestion(data, features, (row.t, row.z, row.y, row.x), expected)
-            effort.accepted += len(hit)
+                effort.accepted += 1
+                passed = 0
+            else:
+                passed += 1
 
     data, features = _add_misses(data, features, truth, scale, tol_um, effort)
     data, features = _fix_identities(data, features, truth, scale, tol_um, effort)
