@@ -245,3 +245,12 @@ def test_an_accepted_suggestion_continues_its_expected_track_where_that_track_is
     _, features3 = edits.accept_suggestion(data, features, (1, 2, 50, 50), track_id=1)
     _, features4 = edits.accept_suggestion(data, features, (1, 2, 50, 50))
     assert features3["track_id"].iloc[-1] == 3 and features4["track_id"].iloc[-1] == 3
+
+
+def test_g_visits_suggestions_where_a_track_expected_a_spine_first():
+    suggestions = pd.DataFrame({"t": [0, 1, 2, 3], "z": [1.0] * 4, "y": [1.0] * 4, "x": [1.0] * 4,
+                                "score": [0.38, 0.31, 0.25, 0.22], "track_id": [0, 3, 0, 7]})
+    ordered = edits.review_order(suggestions)
+    assert list(ordered["t"]) == [1, 3, 0, 2] and list(ordered.index) == [0, 1, 2, 3]
+    # without expected tracks: most likely first
+    assert list(edits.review_order(suggestions.drop(columns="track_id"))["t"]) == [0, 1, 2, 3]

@@ -80,13 +80,17 @@ def test_an_empty_truth_is_refused(truth):
 
 def test_a_reviewer_who_loses_patience_places_the_rest_by_hand(truth):
     predicted = truth[~((truth["track_id"] == 1) & (truth["t"] == 2))]  # spine 1 missed in session 2
-    # most likely first: two suggestions on nothing, then the miss
+    # in G's order: two suggestions on nothing, then the miss (no track expected anywhere)
     suggestions = pd.DataFrame({"t": [2, 2, 2], "z": [5.0] * 3, "y": [120.0, 140.0, 20.0], "x": [120.0] * 2 + [20.0],
-                                "score": [0.35, 0.3, 0.25], "track_id": [0, 0, 1]})
+                                "score": [0.35, 0.3, 0.25], "track_id": [0, 0, 0]})
     patient = review_effort(predicted, truth, VOXEL, suggestions)
-    assert (patient.suggestions_visited, patient.accepted, patient.added_linked) == (3, 1, 0)
+    # accepted as a new spine, then merged into spine 1
+    assert (patient.suggestions_visited, patient.accepted, patient.added_linked, patient.merges) == (3, 1, 0, 1)
     hasty = review_effort(predicted, truth, VOXEL, suggestions, suggestion_patience=2)
-    assert (hasty.suggestions_visited, hasty.accepted, hasty.added_linked) == (2, 0, 1)
+    assert (hasty.suggestions_visited, hasty.accepted, hasty.added_linked, hasty.merges) == (2, 0, 1, 0)
+    # where the tracker expected spine 1, G shows that suggestion first
+    expected = review_effort(predicted, truth, VOXEL, suggestions.assign(track_id=[0, 0, 1]), suggestion_patience=2)
+    assert (expected.suggestions_visited, expected.accepted, expected.merges) == (3, 1, 0)
     for effort in (patient, hasty):
         scores = evaluate_tracks(effort.table, truth, VOXEL)
         assert scores["f1"] == scores["idf1"] == 1.0

@@ -348,10 +348,11 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     _detect(qtbot, widget)
     spines = viewer.layers["spines"]
     shown = viewer.layers["spine suggestions"]
-    # the three open ones, under the spines, which stay active
-    np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 5, 24], [0, 3, 28, 28]])
-    assert list(shown.features["score"]) == [0.38, 0.31, 0.22]
-    assert list(shown.features["expected"]) == ["", "3", ""]  # the id Y would give, written by each square
+    # the three open ones, under the spines, which stay active; in G's order: where a track
+    # expected a spine first, then the most likely
+    np.testing.assert_allclose(shown.data, [[0, 3, 5, 24], [2, 2, 28, 5], [0, 3, 28, 28]])
+    assert list(shown.features["score"]) == [0.31, 0.38, 0.22]
+    assert list(shown.features["expected"]) == ["3", "", ""]  # the id Y would give, written by each square
     assert viewer.layers.index(shown) < viewer.layers.index(spines) and viewer.layers.selection.active is spines
     assert "3 suggestions of missed spines" in widget.review.status.text()
     press = lambda key: spines.keymap[coerce_keybinding(key)](spines)  # noqa: E731
@@ -359,24 +360,24 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     monkeypatch.setattr(review, "show_info", info.append)
     press("Y")  # nothing shown yet
     assert "press G" in info[-1] and len(spines.data) == 8
-    press("G")  # the most likely first, outlined white
-    assert viewer.dims.current_step[0] == 2 and viewer.dims.point[1] == pytest.approx(2 * VOXEL[0])
+    press("G")  # the first, outlined white
+    assert viewer.dims.current_step[0] == 0 and viewer.dims.point[1] == pytest.approx(3 * VOXEL[0])
     np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
     np.testing.assert_allclose(shown.border_color[1], _layers.SUGGESTION_BORDER)
-    press("Y")  # a spine now, with a new id (no track was expected there); the next one is shown
+    press("Y")  # where spine 3 was expected before it was first seen: it continues spine 3; the next is shown
     added = spines.features.iloc[-1]
-    np.testing.assert_allclose(spines.data[-1], [2, 2, 28, 5])
-    assert added["status"] == "added" and added["score"] == 1.0 and added["track_id"] == 4
-    np.testing.assert_allclose(shown.data, [[0, 3, 5, 24], [0, 3, 28, 28]])
-    assert viewer.dims.current_step[0] == 0
+    np.testing.assert_allclose(spines.data[-1], [0, 3, 5, 24])
+    assert added["status"] == "added" and added["score"] == 1.0 and added["track_id"] == 3
+    np.testing.assert_allclose(shown.data, [[2, 2, 28, 5], [0, 3, 28, 28]])
+    assert viewer.dims.current_step[0] == 2
     np.testing.assert_allclose(shown.border_color[0], _layers.CURRENT_SUGGESTION_BORDER)
     # undo takes the spine away and offers its suggestion again
     press("Control-Z")
     assert len(spines.data) == 8 and len(shown.data) == 3
     press("Control-Shift-Z")
     assert len(spines.data) == 9 and len(shown.data) == 2
-    press("Y")  # where spine 3 was expected before it was first seen: it continues spine 3
-    assert spines.features["track_id"].iloc[-1] == 3 and spines.data[-1, 0] == 0
+    press("Y")  # a spine now, with a new id (no track was expected there)
+    assert spines.features["track_id"].iloc[-1] == 4 and spines.data[-1, 0] == 2
     # in link mode an accepted suggestion continues the selected spine (4 has no point in session 0)
     s4 = int(np.flatnonzero(spines.features["track_id"].to_numpy() == 4)[0])
     spines.selected_data = {s4}
@@ -428,6 +429,7 @@ def test_suggestions_are_saved_beside_the_table_and_come_back_with_it(viewer_wid
     viewer, widget = viewer_widget
     monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
     _detect(qtbot, widget)
+    widget.editor.jump_to_next_suggestion()  # where spine 3 was expected: passed over
     widget.editor.jump_to_next_suggestion()
     widget.editor.accept_suggestion()  # the session-2 one is a spine now
     out = tmp_path / "m1.spines.csv"

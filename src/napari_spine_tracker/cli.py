@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a second microscope's); --no-track-evidence: the threshold alone decides")
     p.add_argument("--suggestions", action="store_true",
                    help="also write NAME.suggestions.csv beside each table: the peaks that scored from 0.2 up to "
-                        "the threshold, most likely first, with the track each would continue; napari offers "
+                        "the threshold, highest score first, with the track each would continue; napari offers "
                         "them with the table (G visits one, Y accepts it). They hold a third to a half of the spines "
                         "the detection misses")
     p.add_argument("--scheduler", metavar="local|ADDRESS",

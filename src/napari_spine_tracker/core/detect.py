@@ -107,7 +107,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     return_suggestions
         Also return the suggestions of missed spines: the peaks scoring from
         ``decode.SUGGEST_FLOOR`` (0.2; ``options.suggest_floor`` where set) up to the threshold, at
-        least ``decode.SUGGEST_APART_UM`` from every spine of their session, most likely first
+        least ``decode.SUGGEST_APART_UM`` from every spine of their session, highest score first
         (``t, z, y, x, score, track_id``: the track each would continue, 0 for a new spine;
         ``link.suggested_tracks``); a peak its track vouched for is a spine, not a suggestion. They
         hold a third to a half of the spines the detection misses (36-51 % on held-out synthetic

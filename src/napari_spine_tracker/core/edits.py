@@ -187,6 +187,18 @@ def open_suggestions(data: np.ndarray, suggestions: pd.DataFrame, voxel_size_um:
     return is_open
 
 
+def review_order(suggestions: pd.DataFrame) -> pd.DataFrame:
+    """``suggestions`` in the order **G** visits them, rows renumbered: first those where the tracker
+    expected a spine (``track_id`` > 0: a track passes there without a point), then the rest, each
+    highest score first. On the tuning seeds 40-52 % of the first kind were missed spines in
+    `low_snr`, `crowded` and the second microscope's series, against 7-14 % of the rest, while the
+    highest-scored of all were spines no more often than the others (README, "The review's work")."""
+    expected = (suggestions["track_id"].to_numpy() > 0 if "track_id" in suggestions
+                else np.zeros(len(suggestions), dtype=bool))
+    order = np.lexsort((-suggestions["score"].to_numpy(dtype=float), ~expected))
+    return suggestions.iloc[order].reset_index(drop=True)
+
+
 def _check_indices(features: pd.DataFrame, indices: Iterable[int]) -> list[int]:
     indices = sorted({int(i) for i in indices})
     if not indices:

@@ -6,8 +6,8 @@ keys, clicks and decisions the widget needs for it:
 
 1. **Check** every prediction: **N** jumps to it and selects it (a key and a decision); a false one
    is deleted (**Delete**, a key).
-2. **Suggestions**: **G** visits the open suggestions, most likely first (a key and a decision
-   each); a missed spine among them is accepted with **Y** (a key), keeping the id of the track
+2. **Suggestions**: **G** visits the open suggestions in its order (``edits.review_order``; a key
+   and a decision each); a missed spine among them is accepted with **Y** (a key), keeping the id of the track
    the tracker expected there. The reviewer visits them all, or stops after a number of them in a
    row were not spines (``suggestion_patience``).
 3. **Add** the misses left: where the spine's track has a point in another session and none in
@@ -98,8 +98,8 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
     ``suggestions`` are the detection's suggestions of missed spines (``t, z, y, x`` and the
     expected ``track_id``, as ``detect_series(return_suggestions=True)`` returns them). A
     prediction is right where it lies within ``tol_um`` of a true spine of its session (the
-    metrics' matching); right ones are kept where they are. The suggestions are visited most
-    likely first, as **G** visits them, all of them, or until ``suggestion_patience`` in a row
+    metrics' matching); right ones are kept where they are. The suggestions are visited as **G**
+    visits them (``edits.review_order``), all of them, or until ``suggestion_patience`` in a row
     were not spines; the misses left are placed by hand.
     """
     scale = parse_voxel_size(voxel_size_um)
@@ -120,8 +120,7 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
     effort.deleted = int(false.sum())
 
     if suggestions is not None and len(suggestions):
-        offered = suggestions[edits.open_suggestions(data, suggestions, scale)]
-        offered = offered.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+        offered = edits.review_order(suggestions[edits.open_suggestions(data, suggestions, scale)])
         hits = np.zeros(len(offered), bool)  # the offered suggestions that are missed spines
         for t, _, truth_rows in _matches(data, truth, scale, tol_um):
             missed = np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows)
@@ -130,7 +129,7 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
                                   truth.loc[missed, ["z", "y", "x"]].to_numpy(float) * scale, tol_um)
             hits[mine[hit]] = True
         passed = 0
-        for row in offered.itertuples():  # G's order: most likely first
+        for row in offered.itertuples():  # in G's order
             if suggestion_patience is not None and passed >= suggestion_patience:
                 break
             effort.suggestions_visited += 1

@@ -191,7 +191,7 @@ def write_suggestions(suggestions: pd.DataFrame, path: str | os.PathLike) -> Pat
 
 def read_suggestions(path: str | os.PathLike) -> pd.DataFrame:
     """Read a suggestions file (see module docstring) -> ``t, z, y, x, score, track_id`` (the
-    expected track, 0 for none), most likely first. Raises :class:`InputError` on a bad file."""
+    expected track, 0 for none), highest score first. Raises :class:`InputError` on a bad file."""
     path = Path(path)
     try:
         table = pd.read_csv(path)

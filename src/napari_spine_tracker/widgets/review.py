@@ -9,9 +9,9 @@ point deleted with napari's Delete key is recorded for undo.
 
 :class:`ReviewPanel` is the button panel. Keys work when the ``spines`` layer is the active layer;
 none of them clashes with napari's Points keys (1-5, P, S, Z, A, Delete, Backspace). The detection's
-suggestions of missed spines sit in a Points layer of their own under the spines: G visits them,
-most likely first, and Y makes the one shown a spine; a suggestion where a spine now lies is
-hidden, so undo brings it back.
+suggestions of missed spines sit in a Points layer of their own under the spines: G visits them
+(where a track expected a spine first, ``edits.review_order``), and Y makes the one shown a spine;
+a suggestion where a spine now lies is hidden, so undo brings it back.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ KEYS: list[tuple[str, str, str]] = [
     ("N", "jump_to_next", "Jump to the next unconfirmed prediction, least certain first"),
     ("J", "jump_to_next_link", "Jump to the next doubtful link: the spine found farthest from where its "
                                "track was expected first (a new spine may have taken a lost neighbour's id)"),
-    ("G", "jump_to_next_suggestion", "Go to the next suggestion of a missed spine (amber squares), most likely first"),
+    ("G", "jump_to_next_suggestion", "Go to the next suggestion of a missed spine (amber squares); where a track "
+                                     "expected a spine first"),
     ("Y", "accept_suggestion", "Yes: the suggestion shown is a spine; it continues the track expected there "
                                "(or the selected spine in link mode, or gets a new id); then go to the next"),
     ("T", "assign_selected", "Assign the selected point to track N (re-link; swaps with N's point "
@@ -68,14 +69,14 @@ KEYS: list[tuple[str, str, str]] = [
 
 
 def _offered(suggestions: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Suggestions as the editor keeps them: rows 0..N-1 and a ``track_id`` column (0 where no
-    track is expected); None when there are none."""
+    """Suggestions as the editor keeps them: in the order G visits them (``edits.review_order``),
+    rows 0..N-1, and a ``track_id`` column (0 where no track is expected); None when there are none."""
     if suggestions is None or not len(suggestions):
         return None
     suggestions = suggestions.reset_index(drop=True)
     if "track_id" not in suggestions:  # no track expected anywhere
         suggestions["track_id"] = 0
-    return suggestions
+    return edits.review_order(suggestions)
 
 
 class SpineEditor(QObject):
@@ -101,7 +102,7 @@ class SpineEditor(QObject):
         self._clipboard: tuple[np.ndarray, object] | None = None
         self._last_jump: int | None = None
         self._last_link: tuple[float, int] | None = None  # (link_um, index) of the link visited last
-        #: the detection's suggestions of missed spines (t, z, y, x voxels, score), most likely first
+        #: the detection's suggestions of missed spines (t, z, y, x voxels, score), in G's order
         self._suggestions: pd.DataFrame | None = None
         self._last_suggestion: int | None = None  # its row visited last
         self._syncing = False
@@ -276,7 +277,8 @@ class SpineEditor(QObject):
 
     def set_suggestions(self, suggestions: pd.DataFrame | None) -> int:
         """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``, optionally
-        ``track_id``; most likely first, as ``detect_series(return_suggestions=True)`` gives them)
+        ``track_id``, as ``detect_series(return_suggestions=True)`` gives them; visited by G in
+        ``edits.review_order``)
         beside the spines. Returns how many are open (not where a spine already is)."""
         self._suggestions = _offered(suggestions)
         self._last_suggestion = None
@@ -285,7 +287,7 @@ class SpineEditor(QObject):
         return offered
 
     def _open_rows(self) -> np.ndarray:
-        """Rows of the suggestions still open (edits.open_suggestions), most likely first."""
+        """Rows of the suggestions still open (edits.open_suggestions), in the order G visits them."""
         if self.layer is None or self._suggestions is None:
             return np.zeros(0, dtype=int)
         return np.flatnonzero(edits.open_suggestions(np.asarray(self.layer.data, float), self._suggestions,
@@ -323,8 +325,8 @@ class SpineEditor(QObject):
         return rows
 
     def jump_to_next_suggestion(self) -> int | None:
-        """Move time, z and camera to the next open suggestion of a missed spine, most likely first
-        (outlined white); Y accepts it. Returns its row in the suggestions."""
+        """Move time, z and camera to the next open suggestion of a missed spine, in
+        ``edits.review_order`` (outlined white); Y accepts it. Returns its row in the suggestions."""
         if self.layer is None or self._suggestions is None:
             show_info("no suggestions of missed spines: they come with a detection run.")
             return None
