@@ -1,6 +1,7 @@
 """The benchmark scripts still run against the library they measure (they are not imported by it,
 so nothing else would notice when an interface they use changes)."""
 
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))
 
 def _run(script: str, *args: str, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    logger = logging.getLogger("napari_spine_tracker")
+    level = logger.level
+    try:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    finally:  # several scripts quiet the package's log, which later tests read
+        logger.setLevel(level)
 
 
 def test_the_benchmark_folder_is_found():
@@ -103,7 +109,7 @@ def test_an_ensemble_of_a_model_with_itself_finds_what_the_model_finds():
 
 @pytest.mark.slow
 def test_review_effort_benchmark_ends_every_review_at_the_truth(monkeypatch, capsys):
-    # the script exits with an error if a corrected table does not score 1.0
+    # it exits with an error if a corrected table does not score 1.0
     with pytest.raises(SystemExit) as exit_:
         _run("review_effort.py", "--quick", "--seeds", "2000", "--cases", "default", monkeypatch=monkeypatch)
     assert exit_.value.code == 0
