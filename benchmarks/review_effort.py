@@ -61,23 +61,25 @@ def main(argv=None) -> int:
         scores = {label: [] for label in labels}
         for seed in args.seeds:
             series = synthesize_series(SynthConfig.preset(case, seed=seed, **{**CASES[case], **small}))
-            reviews = []  # (label, table, suggestions, patience)
+            reviews = []  # (label, table, its F1 and IDF1, suggestions, patience)
             if "spinenet" in args.methods:
                 table, suggestions = detect_series(series.image, series.voxel_size_um, model=model,
                                                    return_suggestions=True)
-                reviews += [("spinenet", table, suggestions, None),
-                            (f"sn-p{args.patience}", table, suggestions, args.patience),
-                            ("sn-none", table, None, None)]
+                before = evaluate_tracks(table, series.truth, series.voxel_size_um)
+                reviews += [("spinenet", table, before, suggestions, None),
+                            (f"sn-p{args.patience}", table, before, suggestions, args.patience),
+                            ("sn-none", table, before, None, None)]
             if "trackpy" in args.methods:
-                reviews.append(("trackpy", trackpy_detect_track(series.image, series.voxel_size_um), None, None))
-            for label, table, suggestions, patience in reviews:
+                table = trackpy_detect_track(series.image, series.voxel_size_um)
+                reviews.append(("trackpy", table, evaluate_tracks(table, series.truth, series.voxel_size_um),
+                                None, None))
+            for label, table, before, suggestions, patience in reviews:
                 effort = review_effort(table, series.truth, series.voxel_size_um, suggestions,
                                        suggestion_patience=patience)
                 after = evaluate_tracks(effort.table, series.truth, series.voxel_size_um)
                 if after["f1"] != 1.0 or after["idf1"] != 1.0:
                     raise SystemExit(f"{case} seed {seed} {label}: the review did not end at the truth "
                                      f"(F1 {after['f1']}, IDF1 {after['idf1']})")
-                before = evaluate_tracks(table, series.truth, series.voxel_size_um)
                 efforts[label].append(effort)
                 scores[label].append((before["f1"], before["idf1"]))
         for label in labels:

@@ -108,13 +108,10 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
         raise InputError("the true spine table is empty: there is nothing to review against.")
     data, features = edits.points_from_table(predicted)
     effort = ReviewEffort(checked=len(data), true_points=len(truth))
-    sessions = sorted({int(t) for t in truth["t"]} | {int(t) for t in edits.sessions_of(data)})
-    effort.sessions = len(sessions)
+    effort.sessions = len({int(t) for t in truth["t"]} | {int(t) for t in edits.sessions_of(data)})
     effort.true_links = int(sum(len(g) - 1 for _, g in truth.groupby("track_id")))
 
-    false = np.ones(len(data), bool)
-    for _, pred_rows, _ in _matches(data, truth, scale, tol_um):
-        false[pred_rows] = False
+    false = _true_ids(data, truth, scale, tol_um) == 0
     if false.any():
         data, features = edits.delete_spines(data, features, np.flatnonzero(false))
     effort.deleted = int(false.sum())
@@ -172,9 +169,10 @@ def _add_misses(data, features, truth, scale, tol_um, effort: ReviewEffort):
     missed = []
     for t, _, truth_rows in _matches(data, truth, scale, tol_um):
         missed.extend(np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows))
+    # matched once; each point placed lies on its own true spine and is appended (add_spine)
+    true_ids, sessions = _true_ids(data, truth, scale, tol_um), edits.sessions_of(data)
     for row in missed:
         spine = truth.loc[row]
-        true_ids, sessions = _true_ids(data, truth, scale, tol_um), edits.sessions_of(data)
         ids = features["track_id"].to_numpy()
         same = np.flatnonzero(true_ids == spine["track_id"])
         carry = None
@@ -184,6 +182,7 @@ def _add_misses(data, features, truth, scale, tol_um, effort: ReviewEffort):
                 break
         point = (spine["t"], spine["z"], spine["y"], spine["x"])
         data, features = edits.add_spine(data, features, point, track_id=carry)
+        true_ids, sessions = np.append(true_ids, spine["track_id"]), np.append(sessions, int(spine["t"]))
         if carry is None:
             effort.added_new += 1
         else:

@@ -73,10 +73,9 @@ def _offered(suggestions: pd.DataFrame | None) -> pd.DataFrame | None:
     rows 0..N-1, and a ``track_id`` column (0 where no track is expected); None when there are none."""
     if suggestions is None or not len(suggestions):
         return None
-    suggestions = suggestions.reset_index(drop=True)
     if "track_id" not in suggestions:  # no track expected anywhere
-        suggestions["track_id"] = 0
-    return edits.review_order(suggestions)
+        suggestions = suggestions.assign(track_id=0)
+    return edits.review_order(suggestions)  # rows renumbered
 
 
 class SpineEditor(QObject):
@@ -277,9 +276,8 @@ class SpineEditor(QObject):
 
     def set_suggestions(self, suggestions: pd.DataFrame | None) -> int:
         """Offer ``suggestions`` (``t, z, y, x`` in the spines layer's voxels, ``score``, optionally
-        ``track_id``, as ``detect_series(return_suggestions=True)`` gives them; visited by G in
-        ``edits.review_order``)
-        beside the spines. Returns how many are open (not where a spine already is)."""
+        ``track_id``, as ``detect_series(return_suggestions=True)`` gives them) beside the spines,
+        visited by G in ``edits.review_order``. Returns how many are open (not where a spine already is)."""
         self._suggestions = _offered(suggestions)
         self._last_suggestion = None
         offered = len(self._sync_suggestions())
