@@ -1,9 +1,11 @@
 """The oracle review: the table it ends with is the truth, and its counts are those of its edits."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from napari_spine_tracker.core.effort import ReviewEffort, review_effort
+from napari_spine_tracker.core import edits
+from napari_spine_tracker.core.effort import ReviewEffort, quick_review, review_effort
 from napari_spine_tracker.core.metrics import evaluate_tracks
 from napari_spine_tracker.errors import InputError
 
@@ -94,3 +96,47 @@ def test_a_reviewer_who_loses_patience_places_the_rest_by_hand(truth):
     for effort in (patient, hasty):
         scores = evaluate_tracks(effort.table, truth, VOXEL)
         assert scores["f1"] == scores["idf1"] == 1.0
+
+
+def test_a_quick_pass_checks_the_least_certain_until_enough_in_a_row_are_right(truth):
+    predicted = truth.assign(score=np.linspace(0.5, 0.9, len(truth)))
+    false = _table([(9, 0, 5.0, 100.0, 100.0), (8, 1, 5.0, 120.0, 100.0)]).assign(score=[0.3, 0.99])
+    predicted = pd.concat([predicted, false], ignore_index=True)
+    # N starts where edits.next_unconfirmed starts: the least certain prediction
+    _, features = edits.points_from_table(predicted)
+    assert predicted["score"].iat[edits.next_unconfirmed(features)] == 0.3
+    quick = quick_review(predicted, truth, VOXEL, patience=3)
+    # the false detection at 0.3, then three right ones: the one at 0.99 is never reached
+    assert (quick.checked, quick.deleted, quick.links_checked, quick.splits) == (4, 1, 0, 0)
+    assert quick.review == (4 + 1 + 3, 0, 4)
+    scores = evaluate_tracks(quick.table, truth, VOXEL)
+    assert scores["precision"] == pytest.approx(10 / 11) and scores["recall"] == 1.0
+    thorough = quick_review(predicted, truth, VOXEL, patience=20)
+    assert (thorough.checked, thorough.deleted) == (12, 2)
+    assert evaluate_tracks(thorough.table, truth, VOXEL)["f1"] == 1.0
+    with pytest.raises(InputError, match="patience"):
+        quick_review(predicted, truth, VOXEL, patience=0)
+
+
+def test_a_quick_pass_cuts_the_links_farthest_from_where_they_were_expected(truth):
+    rows = [
+        (1, 0, 5.0, 20.0, 20.0), (1, 1, 5.0, 20.0, 20.0), (1, 2, 5.0, 20.0, 20.0),
+        (2, 0, 5.0, 40.0, 20.0), (2, 1, 5.0, 60.0, 20.0), (2, 2, 5.0, 60.0, 20.0),  # switches to 3
+        (3, 0, 5.0, 60.0, 20.0), (3, 1, 5.0, 40.0, 20.0), (3, 2, 5.0, 40.0, 20.0),  # ... and 3 to 2
+        (4, 1, 5.0, 80.0, 60.0),
+    ]
+    link = [np.nan, 0.1, 0.2, np.nan, 1.1, 0.3, np.nan, 1.0, 0.25, np.nan]
+    predicted = _table(rows).assign(link_um=link)
+    before = evaluate_tracks(predicted, truth, VOXEL)
+    assert before["idf1"] < 1.0
+    quick = quick_review(predicted, truth, VOXEL, patience=2)
+    # J: track 2 at session 1 (1.1 µm; cut, nothing to join yet), track 3 at session 1 (cut; now
+    # spine 2's and spine 3's parts each join), then two right links (0.3, 0.25) and it stops
+    assert (quick.splits, quick.merges, quick.links_checked) == (2, 2, 2)
+    assert quick.checked == 2 and quick.deleted == 0
+    scores = evaluate_tracks(quick.table, truth, VOXEL)
+    assert scores["f1"] == scores["idf1"] == 1.0
+    keys, clicks, decisions = quick.review
+    assert (keys, clicks, decisions) == (2 + 2 * 2 + 2 + 2 + 3, 2 + 2 * 2, 2 + 2 + 2 + 2)
+    hasty = quick_review(predicted, truth, VOXEL, patience=1)
+    assert hasty.splits == 2  # each cut resets the count; the first right link ends it

@@ -27,6 +27,12 @@ Seconds come from the keystroke-level model (Card, Moran and Newell 1980, "The k
 model for user performance time with interactive systems"): a key 0.28 s, pointing and clicking
 1.3 s (1.1 + 0.2), a mental act 1.35 s per decision. It leaves out scrolling through z and time
 and is a model, not a study of users: the counts are what it rests on.
+
+:func:`quick_review` is the pass of a reviewer who trusts the table where it looks right: **N**
+in its order (least certain first) until ``patience`` predictions in a row were right, **G** until
+``suggestion_patience`` suggestions in a row were not spines, **J** (the links farthest from where
+their track was expected first) until ``patience`` links in a row were right, and nothing placed
+by hand. Its table is not the truth: score it (``benchmarks/review_effort.py`` does).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..io.tables import LINK_COLUMN
 from . import edits
 from .metrics import match_points, parse_voxel_size
 
@@ -57,6 +64,7 @@ class ReviewEffort:
     added_linked: int = 0      # misses placed by hand with link mode, continuing a track
     splits: int = 0
     merges: int = 0
+    links_checked: int = 0     # links visited with J and found right (quick_review; a wrong one is a split)
     sessions: int = 0
     true_points: int = 0       # spine-sessions of the truth
     true_links: int = 0        # a true spine's consecutive appearances (what link mode carries on)
@@ -66,10 +74,10 @@ class ReviewEffort:
     def review(self) -> tuple[int, int, int]:
         """(keys, clicks, decisions) of the review."""
         keys = (self.checked + self.deleted + self.suggestions_visited + self.accepted + self.added_new
-                + self.added_linked + 2 * self.splits + self.merges + self.sessions)
+                + self.added_linked + 2 * self.splits + self.merges + self.links_checked + self.sessions)
         clicks = self.added_new + 2 * self.added_linked + self.splits + 2 * self.merges
         decisions = (self.checked + self.suggestions_visited + self.added_new + self.added_linked
-                     + self.splits + self.merges)
+                     + self.splits + self.merges + self.links_checked)
         return keys, clicks, decisions
 
     @property
@@ -102,20 +110,71 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
     visits them (``edits.review_order``), all of them, or until ``suggestion_patience`` in a row
     were not spines; the misses left are placed by hand.
     """
+    scale, truth, data, features, effort = _start(predicted, truth, voxel_size_um)
+    effort.checked = len(data)
+    false = _true_ids(data, truth, scale, tol_um) == 0
+    if false.any():
+        data, features = edits.delete_spines(data, features, np.flatnonzero(false))
+    effort.deleted = int(false.sum())
+    data, features = _visit_suggestions(data, features, truth, scale, tol_um, suggestions, suggestion_patience, effort)
+    data, features = _add_misses(data, features, truth, scale, tol_um, effort)
+    data, features = _fix_identities(data, features, truth, scale, tol_um, effort)
+    effort.table = edits.table_from_points(data, features)
+    return effort
+
+
+def quick_review(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: Sequence[float],
+                 suggestions: pd.DataFrame | None = None, tol_um: float = 1.0, patience: int = 10,
+                 suggestion_patience: int | None = 5) -> ReviewEffort:
+    """A pass over ``predicted`` that stops where the table looks right, counting the work (the
+    module docstring says how): **N** in rising score, deleting the false predictions, until
+    ``patience`` in a row were right; **G** as in :func:`review_effort`; **J** in falling
+    ``link_um`` until ``patience`` links in a row were right, cutting a track where the link is
+    wrong (**X**) and joining the cut-off part to the track of its own spine where they fit
+    together (**M**); nothing placed by hand. The returned table (``.table``) keeps the errors the
+    pass did not reach."""
+    if patience < 1:
+        raise InputError(f"patience must be at least 1 (got {patience}).")
+    scale, truth, data, features, effort = _start(predicted, truth, voxel_size_um)
+    true_ids = _true_ids(data, truth, scale, tol_um)
+    predicted_rows = features["status"].to_numpy() == "predicted"
+    scores = features["score"].to_numpy(float) if "score" in features.columns else np.ones(len(data))
+    order = np.lexsort((np.arange(len(data)), scores))  # N's order (edits.next_unconfirmed)
+    false, run = [], 0
+    for row in order[predicted_rows[order]]:
+        if run >= patience:
+            break
+        effort.checked += 1
+        if true_ids[row] == 0:
+            false.append(row)
+            run = 0
+        else:
+            run += 1
+    if false:
+        data, features = edits.delete_spines(data, features, false)
+    effort.deleted = len(false)
+    data, features = _visit_suggestions(data, features, truth, scale, tol_um, suggestions, suggestion_patience, effort)
+    data, features = _check_links(data, features, truth, scale, tol_um, patience, effort)
+    effort.table = edits.table_from_points(data, features)
+    return effort
+
+
+def _start(predicted, truth, voxel_size_um):
+    """(scale, truth, data, features, effort): what both reviews begin with."""
     scale = parse_voxel_size(voxel_size_um)
     truth = truth.reset_index(drop=True)
     if len(truth) == 0:
         raise InputError("the true spine table is empty: there is nothing to review against.")
     data, features = edits.points_from_table(predicted)
-    effort = ReviewEffort(checked=len(data), true_points=len(truth))
+    effort = ReviewEffort(true_points=len(truth))
     effort.sessions = len({int(t) for t in truth["t"]} | {int(t) for t in edits.sessions_of(data)})
     effort.true_links = int(sum(len(g) - 1 for _, g in truth.groupby("track_id")))
+    return scale, truth, data, features, effort
 
-    false = _true_ids(data, truth, scale, tol_um) == 0
-    if false.any():
-        data, features = edits.delete_spines(data, features, np.flatnonzero(false))
-    effort.deleted = int(false.sum())
 
+def _visit_suggestions(data, features, truth, scale, tol_um, suggestions, patience, effort: ReviewEffort):
+    """G through the open suggestions in its order, Y on each missed spine, until ``patience`` in a
+    row were not spines (None: all of them)."""
     if suggestions is not None and len(suggestions):
         offered = edits.review_order(suggestions[edits.open_suggestions(data, suggestions, scale)])
         hits = np.zeros(len(offered), bool)  # the offered suggestions that are missed spines
@@ -127,7 +186,7 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
             hits[mine[hit]] = True
         passed = 0
         for row in offered.itertuples():  # in G's order
-            if suggestion_patience is not None and passed >= suggestion_patience:
+            if patience is not None and passed >= patience:
                 break
             effort.suggestions_visited += 1
             if hits[row.Index]:
@@ -137,11 +196,48 @@ def review_effort(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: S
                 passed = 0
             else:
                 passed += 1
+    return data, features
 
-    data, features = _add_misses(data, features, truth, scale, tol_um, effort)
-    data, features = _fix_identities(data, features, truth, scale, tol_um, effort)
-    effort.table = edits.table_from_points(data, features)
-    return effort
+
+def _check_links(data, features, truth, scale, tol_um, patience: int, effort: ReviewEffort):
+    """J through the predicted links, farthest from where their track was expected first
+    (``edits.next_doubtful_link``), until ``patience`` in a row were right. A link is wrong where
+    the point and its track's point in the nearest earlier session are different true spines: the
+    track is cut there, and then the tracks that each of the two spines is now alone on are joined
+    where they share no session. A false point met on the way is deleted."""
+    if LINK_COLUMN not in features.columns or not len(data):
+        return data, features
+    true_ids, sessions = _true_ids(data, truth, scale, tol_um), edits.sessions_of(data)
+    distance = pd.to_numeric(features[LINK_COLUMN], errors="coerce").to_numpy(float)
+    order = np.lexsort((np.arange(len(data)), -distance))
+    order = order[np.isfinite(distance[order]) & (features["status"].to_numpy()[order] == "predicted")]
+    false, run = [], 0
+    for row in order:
+        if run >= patience:
+            break
+        if features["status"].iat[row] != "predicted":  # edited by a cut before J got here
+            continue
+        ids = features["track_id"].to_numpy()
+        track, t = int(ids[row]), int(sessions[row])
+        earlier = np.flatnonzero((ids == track) & (sessions < t))
+        before = earlier[np.argmax(sessions[earlier])] if len(earlier) else None
+        if true_ids[row] == 0:
+            effort.links_checked += 1
+            false.append(row)
+            run = 0
+        elif before is None or true_ids[before] in (0, true_ids[row]):
+            effort.links_checked += 1
+            run += 1
+        else:
+            data, features = edits.split_track(data, features, track, t)
+            effort.splits += 1
+            run = 0
+            for spine in (true_ids[row], true_ids[before]):
+                data, features = _join_parts(data, features, true_ids, sessions, spine, effort)
+    if false:
+        data, features = edits.delete_spines(data, features, false)
+        effort.deleted += len(false)
+    return data, features
 
 
 def _matches(data: np.ndarray, truth: pd.DataFrame, scale: np.ndarray, tol_um: float):
@@ -187,6 +283,18 @@ def _add_misses(data, features, truth, scale, tol_um, effort: ReviewEffort):
             effort.added_new += 1
         else:
             effort.added_linked += 1
+    return data, features
+
+
+def _join_parts(data, features, true_ids, sessions, spine: int, effort: ReviewEffort):
+    """Join (M) the tracks that hold true spine ``spine`` alone, where they share no session."""
+    ids = features["track_id"].to_numpy()
+    alone = [k for k in dict.fromkeys(int(i) for i in ids[true_ids == spine]) if (true_ids[ids == k] == spine).all()]
+    for other in alone[1:]:
+        ids = features["track_id"].to_numpy()
+        if not set(sessions[ids == alone[0]]) & set(sessions[ids == other]):
+            data, features = edits.merge_tracks(data, features, alone[0], other)
+            effort.merges += 1
     return data, features
 
 
