@@ -113,6 +113,19 @@ def test_next_unconfirmed_in_rising_score(two_spines):
     assert edits.next_unconfirmed(features) is None
 
 
+def test_next_unconfirmed_after_the_visited_point_was_deleted(two_spines):
+    data, features = two_spines
+    # scores 0:0.9, 1:0.4, 2:0.7, 3:0.2: N shows 3, then 1, which the user deletes
+    visited = edits.next_unconfirmed(features, after=3)
+    assert visited == 1
+    kept = (float(features["score"].iloc[visited]), visited)
+    data, features = edits.delete_spines(data, features, [visited])
+    # the points after it moved up one: 0.9, 0.7, 0.2. By its (score, index) N goes on to 0.7;
+    # by its old index it would have skipped to 0.9
+    assert features["score"].iloc[edits.next_unconfirmed(features, after=kept)] == 0.7
+    assert features["score"].iloc[edits.next_unconfirmed(features, after=visited)] == 0.9
+
+
 def _with_links(two_spines, link_um=(np.nan, 0.2, 0.9, np.nan, 0.5)):
     data, features = two_spines
     return data, features.assign(link_um=list(link_um))

@@ -331,6 +331,42 @@ def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbo
     assert "no link distances" in shown[-1]
 
 
+def test_the_status_line_counts_the_visited_points_left_as_they_were(viewer_widget, qtbot, monkeypatch):
+    viewer, widget = viewer_widget
+    table = _predictions()
+    table["link_um"] = [np.nan, 0.1, 0.2, np.nan, 0.3, 0.15, np.nan, 0.9]
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(table=table))
+    _detect(qtbot, widget)
+    spines, editor = viewer.layers["spines"], widget.editor
+
+    def press(key):
+        spines.keymap[coerce_keybinding(key)](spines)
+
+    def score():
+        return spines.features["score"].iloc[next(iter(spines.selected_data))]
+
+    press("N")  # 0.3: nothing left yet, so no count
+    assert editor.right_in_a_row == {"N": 0, "J": 0} and "in a row" not in widget.review.status.text()
+    press("N")  # left 0.3 as it was
+    assert score() == 0.4 and editor.right_in_a_row["N"] == 1
+    assert "Right in a row: 1 with N, 0 with J" in widget.review.status.text()
+    editor.delete_selected()  # 0.4 was false (the Delete key is napari's own)
+    press("N")
+    assert score() == 0.5 and editor.right_in_a_row["N"] == 0
+    press("C")  # confirming is no correction
+    press("N")
+    assert score() == 0.6 and editor.right_in_a_row["N"] == 1
+    press("J")  # leaves 0.6 as it was: N's count goes on; J's starts
+    assert spines.features["link_um"].iloc[next(iter(spines.selected_data))] == 0.9
+    assert editor.right_in_a_row == {"N": 2, "J": 0}
+    press("X")  # the farthest link was wrong
+    press("J")
+    assert editor.right_in_a_row["J"] == 0
+    press("J")
+    assert editor.right_in_a_row == {"N": 2, "J": 1}
+    assert "Right in a row: 2 with N, 1 with J" in widget.review.status.text()
+
+
 def _suggestions():
     """Suggestions of missed spines, most likely first: a new spine (session 2), one where spine 3,
     first seen in session 1, was expected in session 0, one where spine 1 already is (hidden), and

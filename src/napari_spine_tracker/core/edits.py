@@ -120,14 +120,19 @@ def human_vetted(features: pd.DataFrame) -> np.ndarray:
     return features["status"].isin(HUMAN_STATUSES).to_numpy()
 
 
-def next_unconfirmed(features: pd.DataFrame, after: int | None = None) -> int | None:
+def next_unconfirmed(features: pd.DataFrame, after: int | tuple[float, int] | None = None) -> int | None:
     """Index of the next ``predicted`` point in order of rising score (least certain first).
 
-    ``after`` is the index of the point reviewed last; the search continues after it in that order
-    and wraps around. None when no prediction is left.
+    ``after`` is the point reviewed last, as its index or as ``(score, index)`` kept by the caller
+    from before an edit (deleting points renumbers the ones after them, so an index alone would
+    then point at another point and skip the ones between); the search continues after it in that
+    order and wraps around. None when no prediction is left.
     """
     scores = features["score"].to_numpy(float)
-    last = None if after is None or after >= len(features) else (scores[after], after)
+    if isinstance(after, tuple):
+        last = (float(after[0]), int(after[1]))
+    else:
+        last = None if after is None or after >= len(features) else (scores[after], after)
     return _next_predicted(features, scores, last)
 
 

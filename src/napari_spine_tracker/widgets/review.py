@@ -84,6 +84,8 @@ class SpineEditor(QObject):
     #: after every edit, undo, redo, when a spines layer appears or suggestions are set; carries
     #: nothing, read ``state``
     changed = Signal()
+    #: after N or J moved to a point (``right_in_a_row`` may have changed); nothing to save
+    visited = Signal()
 
     def __init__(self, viewer, geometry: Callable[[], tuple[Sequence[float], Sequence[float]] | None] | None = None,
                  ) -> None:
@@ -99,11 +101,15 @@ class SpineEditor(QObject):
         self.previous_track_id: int | None = None  #: the spine selected before the current one
         self._current_track_id: int | None = None
         self._clipboard: tuple[np.ndarray, object] | None = None
-        self._last_jump: int | None = None
+        self._last_jump: tuple[float, int] | None = None  # (score, index) of the prediction visited last
         self._last_link: tuple[float, int] | None = None  # (link_um, index) of the link visited last
         #: the detection's suggestions of missed spines (t, z, y, x voxels, score), in G's order
         self._suggestions: pd.DataFrame | None = None
         self._last_suggestion: int | None = None  # its row visited last
+        #: per walk ("N", "J"): the points it visited and left as they were, in a row (a correction
+        #: of one starts the count again); a quick pass stops at about 10 (README, "The review's work")
+        self.right_in_a_row = {"N": 0, "J": 0}
+        self._visit: tuple[str, int, np.ndarray, int] | None = None  # (walk, index, point, track id)
         self._syncing = False
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -205,6 +211,20 @@ class SpineEditor(QObject):
     def _forget_visits(self) -> None:
         """N, J and G continue after what they visited last; another table starts them over."""
         self._last_jump, self._last_link, self._last_suggestion = None, None, None
+        self.right_in_a_row = {"N": 0, "J": 0}
+        self._visit = None
+
+    def _count_visit(self, walk: str, index: int) -> None:
+        """Count the point N or J showed last as right if it is still there as it was (confirming it
+        is no correction), else start that walk's count again; then remember ``index``."""
+        if self._visit is not None:
+            last_walk, at, point, track_id = self._visit
+            layer = self.layer
+            kept = (at < len(layer.data) and np.array_equal(layer.data[at], point)
+                    and int(layer.features["track_id"].iat[at]) == track_id
+                    and layer.features["status"].iat[at] in ("predicted", "confirmed"))
+            self.right_in_a_row[last_walk] = self.right_in_a_row[last_walk] + 1 if kept else 0
+        self._visit = (walk, index, np.array(self.layer.data[index]), int(self.layer.features["track_id"].iat[index]))
 
     def _key_handler(self, method: str) -> Callable:
         def handler(layer):
@@ -483,7 +503,8 @@ class SpineEditor(QObject):
         if index is None:
             show_info("no unconfirmed prediction left.")
             return None
-        self._last_jump = index
+        self._last_jump = (float(self.layer.features["score"].iloc[index]), index)
+        self._count_visit("N", index)
         return self._go_to(index)
 
     def jump_to_next_link(self) -> int | None:
@@ -498,6 +519,7 @@ class SpineEditor(QObject):
                       else "these spines carry no link distances (link_um): run detection to get them.")
             return None
         self._last_link = (float(features[LINK_COLUMN].iloc[index]), index)
+        self._count_visit("J", index)
         return self._go_to(index)
 
     def _go_to(self, index: int) -> int:
@@ -505,6 +527,7 @@ class SpineEditor(QObject):
         self._look_at(self.layer.data[index])
         self.layer.selected_data = {index}
         self.viewer.layers.selection.active = self.layer
+        self.visited.emit()
         return index
 
     def _look_at(self, point) -> None:
@@ -599,6 +622,7 @@ class ReviewPanel(QWidget):
         keys.clicked.connect(lambda: show_info("; ".join(f"{k}: {t}" for k, _, t in KEYS)))
         layout.addWidget(keys)
         editor.changed.connect(self.refresh)
+        editor.visited.connect(self.refresh)
         self.refresh()
 
     def _on_link_toggled(self, checked: bool) -> None:
@@ -628,4 +652,6 @@ class ReviewPanel(QWidget):
             f"{f', {offered} suggestions of missed spines (G)' if offered else ''}.\n"
             f"Session {session}: {'reviewed' if session in reviewed else 'not reviewed'}"
             f"{'; reviewed: ' + ', '.join(map(str, reviewed)) if reviewed else ''}."
+            + (f"\nRight in a row: {editor.right_in_a_row['N']} with N, {editor.right_in_a_row['J']} with J "
+               "(a quick pass stops at about 10)." if any(editor.right_in_a_row.values()) else "")
         )
