@@ -116,6 +116,8 @@ def test_a_quick_pass_checks_the_least_certain_until_enough_in_a_row_are_right(t
     assert evaluate_tracks(thorough.table, truth, VOXEL)["f1"] == 1.0
     with pytest.raises(InputError, match="patience"):
         quick_review(predicted, truth, VOXEL, patience=0)
+    nothing = quick_review(predicted.iloc[:0], truth, VOXEL)  # an empty detection: only R to press
+    assert (nothing.checked, nothing.review, len(nothing.table)) == (0, (3, 0, 0), 0)
 
 
 def test_a_quick_pass_cuts_the_links_farthest_from_where_they_were_expected(truth):

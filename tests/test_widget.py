@@ -296,16 +296,22 @@ def test_corrections_with_keys_and_undo(viewer_widget, qtbot, fake_detect):
     assert rows.shape == (8, 7)
 
 
+def _detect_with_links(viewer_widget, qtbot, monkeypatch):
+    """Detection that gives the predictions with link distances: spine 3's point in session 2 lay
+    0.9 µm from where its track was expected, the others closer."""
+    viewer, widget = viewer_widget
+    table = _predictions()
+    table["link_um"] = [np.nan, 0.1, 0.2, np.nan, 0.3, 0.15, np.nan, 0.9]
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(table=table))
+    _detect(qtbot, widget)
+    return viewer.layers["spines"]
+
+
 def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbot, monkeypatch):
     from napari_spine_tracker.widgets import review
 
     viewer, widget = viewer_widget
-    table = _predictions()
-    # spine 3's point in session 2 lay 0.9 µm from where its track was expected; the others closer
-    table["link_um"] = [np.nan, 0.1, 0.2, np.nan, 0.3, 0.15, np.nan, 0.9]
-    monkeypatch.setattr(detect, "run_detection", FakeDetect(table=table))
-    _detect(qtbot, widget)
-    spines = viewer.layers["spines"]
+    spines = _detect_with_links(viewer_widget, qtbot, monkeypatch)
     assert "link_um" in spines.features.columns
     qtbot.mouseClick(widget.review.buttons["jump_to_next_link"], Qt.MouseButton.LeftButton)
     (index,) = spines.selected_data
@@ -332,12 +338,8 @@ def test_doubtful_links_are_visited_farthest_first_and_split(viewer_widget, qtbo
 
 
 def test_the_status_line_counts_the_visited_points_left_as_they_were(viewer_widget, qtbot, monkeypatch):
-    viewer, widget = viewer_widget
-    table = _predictions()
-    table["link_um"] = [np.nan, 0.1, 0.2, np.nan, 0.3, 0.15, np.nan, 0.9]
-    monkeypatch.setattr(detect, "run_detection", FakeDetect(table=table))
-    _detect(qtbot, widget)
-    spines, editor = viewer.layers["spines"], widget.editor
+    _, widget = viewer_widget
+    spines, editor = _detect_with_links(viewer_widget, qtbot, monkeypatch), widget.editor
 
     def press(key):
         spines.keymap[coerce_keybinding(key)](spines)
