@@ -2,7 +2,8 @@
 # One GPU lease, one script: everything this project measures or makes on a GPU, written to $OUT.
 #
 #   checks    the CUDA paths (benchmarks/gpu_checks.py); the session stops here if training or
-#             detection is broken
+#             detection is broken; then the test suite's CUDA tests under pytest (the device's
+#             python has pytest, not napari; those tests need neither Qt nor napari)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU
 #             and read on the CPU
@@ -72,6 +73,8 @@ if wants checks; then
     stamp "CUDA paths"
     $PY benchmarks/gpu_checks.py --device "$DEVICE" 2>&1 | grep -v "^INFO"
     [ "${PIPESTATUS[0]}" = 0 ] || exit 1
+    stamp "the test suite's CUDA tests (pytest -m cuda; they skip on a machine without CUDA)"
+    $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py 2>&1 | tail -n 15
 fi
 
 if wants speed; then
