@@ -85,6 +85,8 @@ if wants speed; then
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
     stamp "speed: the same, tiles read on the CPU and copied over"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident off
+    stamp "speed: linking alone, on this host's CPU"
+    $PY benchmarks/linking_speed.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
     stamp "speed: end to end on turned sessions (rotated preset)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --case rotated
 fi

@@ -127,3 +127,15 @@ def test_review_effort_benchmark_ends_every_review_at_the_truth(monkeypatch, cap
     for row in quick:
         assert float(row[3]) >= float(row[2])
         assert float(row[-2].rstrip("%")) > 0 and float(row[-1].rstrip("%")) > 0
+
+
+@pytest.mark.slow
+def test_linking_speed_links_what_detection_links(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run("linking_speed.py", "--repeat-xy", "1", "--runs", "1", monkeypatch=monkeypatch)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    detections = int(out.split(" detections to link")[0].split()[-1])
+    tracks = [int(line.split("; ")[-1].split()[0]) for line in out.splitlines() if line.startswith("link_detections")]
+    # both ways of running give the same tracks, and there are fewer tracks than detections
+    assert detections > 0 and len(tracks) == 2 and tracks[0] == tracks[1] and 0 < tracks[0] < detections
