@@ -427,8 +427,12 @@ def test_large_buffers_are_reused_during_detection_and_given_back_after():
     # given back on exit (measured in RAM: free memory left in the heap by earlier tests can sit
     # below the top of the heap, where trimming returns its pages but the heap keeps counting it)
     assert resident() - before < 0.25 * size
-    buffer = np.ones(size // 8)
-    assert stats().hblkhd >= size  # large blocks are mapped again
+    # large blocks are mapped again. glibc carves a block from a free chunk of the heap that fits
+    # before it maps one, and a free chunk below a live allocation stays in the heap after the trim
+    # (how many there are depends on the tests before this one), so ask for more than all of them
+    larger = stats().fordblks + size
+    buffer = np.empty(larger // 8)  # not written: address space, no RAM
+    assert stats().hblkhd >= larger
     del buffer
 
 
