@@ -434,6 +434,22 @@ def test_suggestions_of_missed_spines_are_visited_and_accepted(viewer_widget, qt
     assert "no suggestions" in info[-1]
 
 
+def test_the_status_line_counts_the_suggestions_left_open_in_a_row(viewer_widget, qtbot, monkeypatch):
+    _, widget = viewer_widget
+    monkeypatch.setattr(detect, "run_detection", FakeDetect(suggestions=_suggestions()))
+    _detect(qtbot, widget)
+    editor = widget.editor
+    editor.jump_to_next_suggestion()  # the first of three open ones: nothing left yet
+    assert editor.not_spines_in_a_row == 0 and "in a row" not in widget.review.status.text()
+    editor.jump_to_next_suggestion()  # the first was left open: not a spine
+    assert editor.not_spines_in_a_row == 1
+    assert "not spines in a row: 1 with G" in widget.review.status.text()
+    editor.accept_suggestion()  # the second is a spine; Y shows the third
+    assert editor.not_spines_in_a_row == 0
+    editor.jump_to_next_suggestion()  # the third left open, back to the first
+    assert editor.not_spines_in_a_row == 1
+
+
 def test_a_suggested_track_that_already_has_a_point_there_gives_a_new_id(viewer_widget, qtbot, monkeypatch):
     viewer, widget = viewer_widget
     # spine 2 is expected here, but it has a point in session 0 already (placed since, say)

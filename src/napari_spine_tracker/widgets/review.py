@@ -84,7 +84,7 @@ class SpineEditor(QObject):
     #: after every edit, undo, redo, when a spines layer appears or suggestions are set; carries
     #: nothing, read ``state``
     changed = Signal()
-    #: after N or J moved to a point (``right_in_a_row`` may have changed); nothing to save
+    #: after N, J or G moved to a point (the counts in a row may have changed); nothing to save
     visited = Signal()
 
     def __init__(self, viewer, geometry: Callable[[], tuple[Sequence[float], Sequence[float]] | None] | None = None,
@@ -110,6 +110,9 @@ class SpineEditor(QObject):
         #: of one starts the count again); a quick pass stops at about 10 (README, "The review's work")
         self.right_in_a_row = {"N": 0, "J": 0}
         self._visit: tuple[str, int, np.ndarray, int] | None = None  # (walk, index, point, track id)
+        #: the suggestions G showed and left open, in a row (one made a spine starts it again); a
+        #: quick pass stops at 5
+        self.not_spines_in_a_row = 0
         self._syncing = False
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -213,6 +216,7 @@ class SpineEditor(QObject):
         self._last_jump, self._last_link, self._last_suggestion = None, None, None
         self.right_in_a_row = {"N": 0, "J": 0}
         self._visit = None
+        self.not_spines_in_a_row = 0
 
     def _count_visit(self, walk: str, index: int) -> None:
         """Count the point N or J showed last as right if it is still there as it was (confirming it
@@ -352,12 +356,16 @@ class SpineEditor(QObject):
         if not len(rows):
             show_info("no suggestion left: a spine lies at each one now.")
             return None
+        if self._last_suggestion is not None:  # the one shown last: left open, or made a spine
+            shown_open = self._last_suggestion in rows
+            self.not_spines_in_a_row = self.not_spines_in_a_row + 1 if shown_open else 0
         later = rows[rows > self._last_suggestion] if self._last_suggestion is not None else rows
         row = int(later[0] if len(later) else rows[0])
         self._last_suggestion = row
         self._sync_suggestions()  # its outline
         self._look_at(self._suggestions.loc[row, ["t", "z", "y", "x"]].to_numpy(float))
         self.viewer.layers.selection.active = self.layer
+        self.visited.emit()
         return row
 
     def accept_suggestion(self) -> None:
@@ -652,6 +660,7 @@ class ReviewPanel(QWidget):
             f"{f', {offered} suggestions of missed spines (G)' if offered else ''}.\n"
             f"Session {session}: {'reviewed' if session in reviewed else 'not reviewed'}"
             f"{'; reviewed: ' + ', '.join(map(str, reviewed)) if reviewed else ''}."
-            + (f"\nRight in a row: {editor.right_in_a_row['N']} with N, {editor.right_in_a_row['J']} with J "
-               "(a quick pass stops at about 10)." if any(editor.right_in_a_row.values()) else "")
+            + (f"\nRight in a row: {editor.right_in_a_row['N']} with N, {editor.right_in_a_row['J']} with J; "
+               f"not spines in a row: {editor.not_spines_in_a_row} with G (a quick pass stops at about 10, "
+               "10 and 5)." if any(editor.right_in_a_row.values()) or editor.not_spines_in_a_row else "")
         )
