@@ -148,16 +148,37 @@ def next_doubtful_link(features: pd.DataFrame, after: tuple[float, int] | None =
     """
     if LINK_COLUMN not in features.columns:
         return None
-    distances = -pd.to_numeric(features[LINK_COLUMN], errors="coerce").to_numpy(float)
-    return _next_predicted(features, distances, None if after is None else (-after[0], after[1]))
+    return _next_predicted(features, _link_keys(features), None if after is None else (-after[0], after[1]))
+
+
+def unconfirmed_order(features: pd.DataFrame) -> np.ndarray:
+    """Indices of the ``predicted`` points in the order **N** visits them (rising score)."""
+    return _predicted_order(features, features["score"].to_numpy(float))
+
+
+def doubtful_link_order(features: pd.DataFrame) -> np.ndarray:
+    """Indices of the ``predicted`` points with a ``link_um`` in the order **J** visits them
+    (falling ``link_um``); none when the table has no link distances."""
+    if LINK_COLUMN not in features.columns:
+        return np.zeros(0, dtype=int)
+    return _predicted_order(features, _link_keys(features))
+
+
+def _link_keys(features: pd.DataFrame) -> np.ndarray:
+    return -pd.to_numeric(features[LINK_COLUMN], errors="coerce").to_numpy(float)
+
+
+def _predicted_order(features: pd.DataFrame, keys: np.ndarray) -> np.ndarray:
+    """The ``predicted`` points with a finite key, in rising ``(key, index)`` order."""
+    candidates = (features["status"].to_numpy() == "predicted") & np.isfinite(keys)
+    order = np.lexsort((np.arange(len(features)), keys))
+    return order[candidates[order]]
 
 
 def _next_predicted(features: pd.DataFrame, keys: np.ndarray, after: tuple[float, int] | None) -> int | None:
     """The first ``predicted`` point with a finite key in rising ``(key, index)`` order that comes
     after ``after`` (wrapping around; from the start when None)."""
-    candidates = (features["status"].to_numpy() == "predicted") & np.isfinite(keys)
-    order = np.lexsort((np.arange(len(features)), keys))
-    order = order[candidates[order]]
+    order = _predicted_order(features, keys)
     if len(order) == 0:
         return None
     if after is not None:

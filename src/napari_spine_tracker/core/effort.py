@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..io.tables import LINK_COLUMN
 from . import edits
 from .metrics import match_points, parse_voxel_size
 
@@ -137,11 +136,8 @@ def quick_review(predicted: pd.DataFrame, truth: pd.DataFrame, voxel_size_um: Se
         raise InputError(f"patience must be at least 1 (got {patience}).")
     scale, truth, data, features, effort = _start(predicted, truth, voxel_size_um)
     true_ids = _true_ids(data, truth, scale, tol_um)
-    predicted_rows = features["status"].to_numpy() == "predicted"
-    scores = features["score"].to_numpy(float) if "score" in features.columns else np.ones(len(data))
-    order = np.lexsort((np.arange(len(data)), scores))  # N's order (edits.next_unconfirmed)
     false, run = [], 0
-    for row in order[predicted_rows[order]]:
+    for row in edits.unconfirmed_order(features):
         if run >= patience:
             break
         effort.checked += 1
@@ -201,16 +197,14 @@ def _visit_suggestions(data, features, truth, scale, tol_um, suggestions, patien
 
 def _check_links(data, features, truth, scale, tol_um, patience: int, effort: ReviewEffort):
     """J through the predicted links, farthest from where their track was expected first
-    (``edits.next_doubtful_link``), until ``patience`` in a row were right. A link is wrong where
+    (``edits.doubtful_link_order``), until ``patience`` in a row were right. A link is wrong where
     the point and its track's point in the nearest earlier session are different true spines: the
     track is cut there, and then the tracks that each of the two spines is now alone on are joined
     where they share no session. A false point met on the way is deleted."""
-    if LINK_COLUMN not in features.columns or not len(data):
+    order = edits.doubtful_link_order(features)
+    if not len(order):
         return data, features
     true_ids, sessions = _true_ids(data, truth, scale, tol_um), edits.sessions_of(data)
-    distance = pd.to_numeric(features[LINK_COLUMN], errors="coerce").to_numpy(float)
-    order = np.lexsort((np.arange(len(data)), -distance))
-    order = order[np.isfinite(distance[order]) & (features["status"].to_numpy()[order] == "predicted")]
     false, run = [], 0
     for row in order:
         if run >= patience:
