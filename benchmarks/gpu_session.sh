@@ -6,7 +6,7 @@
 #             python has pytest, not napari; those tests need neither Qt nor napari)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU
-#             and read on the CPU
+#             (copied through page-locked buffers, and without them) and read on the CPU
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -66,6 +66,7 @@ wants() { [[ " $PHASES " == *" $1 "* ]]; }
 stamp "environment (phases: $PHASES)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 nproc
+lscpu 2>/dev/null | grep -E "^(Model name|CPU max MHz|Thread\(s\) per core|Hypervisor vendor)" || true
 $PY -c "import sys, torch, numpy, scipy, pandas, skimage, tifffile, filelock, tqdm
 print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
@@ -83,6 +84,8 @@ if wants speed; then
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
     stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
+    stamp "speed: the same, the series held on the GPU but each session copied from pageable memory (no staging)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --staging pageable
     stamp "speed: the same, tiles read on the CPU and copied over"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident off
     stamp "speed: linking alone, on this host's CPU"

@@ -8,6 +8,7 @@ tiling, copies, building the table.
     python benchmarks/profile_detect.py --case crowded --model runs/stage2.pt
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4   # a 16x larger series on a GPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --resident off   # tiles read on the CPU
+    python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --staging pageable   # held, copied without staging
 
 A first run of the series pays for what each size needs once (kernels chosen, FFT plans, memory
 first allocated) and is shown apart; then it is timed ``--repeat`` times without the profiler (the
@@ -29,7 +30,7 @@ STAGES = [
     ("intensity range per session", "core/intensity.py", "session_range"),
     ("intensity range per session, counted on the device", "core/infer.py", "range"),
     ("reading + resampling tiles", "core/intensity.py", "read_resampled"),
-    ("holding the series on the device", "core/infer.py", "hold_on_device"),
+    ("holding the series on the device", "core/infer.py", "for_run"),
     ("cutting held tiles (read_resampled_tensor)", "core/intensity.py", "read_resampled_tensor"),
     ("reading turned tiles (read_turned)", "core/infer.py", "read_turned"),
     ("network (forward_sessions)", "core/model.py", "forward_sessions"),
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
                         help="hold the series in the device's memory and cut tiles there (auto: on a "
                              "CUDA GPU when it fits in a quarter of its free memory)")
+    parser.add_argument("--staging", choices=["pinned", "pageable"], default="pinned",
+                        help="how a held series crosses to a GPU: through page-locked buffers, the next "
+                             "session read while the last one crosses (the default), or each session "
+                             "copied from where it is read")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most time of their own")
     parser.add_argument("--trace", type=int, default=0,
                         help="also run once under torch.profiler and list its N operations with the most time "
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_spine_tracker.core.detect import detect_series
-    from napari_spine_tracker.core.infer import InferenceOptions
+    from napari_spine_tracker.core.infer import DeviceSessions, InferenceOptions
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
     series = synthesize_series(SynthConfig.preset(args.case, seed=args.seed))
     image = np.tile(series.image, (1, 1, args.repeat_xy, args.repeat_xy))
     options = InferenceOptions(resident={"auto": None, "on": True, "off": False}[args.resident])
+    DeviceSessions.staged = args.staging == "pinned"
 
     def run():
         detect_series(image, series.voxel_size_um, model=model, options=options)
@@ -93,7 +99,7 @@ def main(argv=None) -> int:
     voxels = image.size
     where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU"
     print(f"{args.case} seed {args.seed}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; series held on the device: {args.resident}")
+          f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies)")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "
           f"(best of {args.repeat}; median {np.median(plain):.2f} s)")

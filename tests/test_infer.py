@@ -607,6 +607,54 @@ def test_device_sessions_hold_the_stored_form_and_read_like_numpy():
     assert not DeviceSessions.worth_it(data, [(2, 2, 2)], torch.device("cpu"))
 
 
+def test_staging_is_for_cuda_and_copies_as_they_are_without_page_locked_memory(monkeypatch, caplog):
+    """Off CUDA sessions are copied as they are; where page-locked memory is refused, the staging
+    says so once and copies each array as it is, with the same values."""
+    from napari_spine_tracker.core.devices import PinnedStaging, as_stored_on
+
+    assert PinnedStaging.for_device(torch.device("cpu")) is None and PinnedStaging.for_device(None) is None
+    real_empty = torch.empty
+
+    def refused(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("page-locked memory refused (simulated)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refused)
+    data = np.array([[[0, 40000], [65535, 7]]], np.uint16)
+    with PinnedStaging(torch.device("cpu")) as staging:
+        for _ in range(3):
+            held, to_float = as_stored_on(data, torch.device("cpu"), staging)
+            np.testing.assert_array_equal(to_float(held).numpy(), data.astype(np.float32))
+    assert staging.refused and caplog.text.count("copying from pageable memory") == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [np.uint16, np.int8, np.float64])
+def test_staged_copies_to_cuda_hold_what_was_read(dtype):
+    """Arrays of many chunks through a ring of few buffers, and arrays smaller than one: each
+    staged copy holds its own array (a buffer is not written again while its copy runs), as the
+    copy from pageable memory does, and a series held this way is the series."""
+    from napari_spine_tracker.core.devices import PinnedStaging, as_stored_on
+    from napari_spine_tracker.core.infer import DeviceSessions, _SessionView
+
+    rng = np.random.default_rng(5)
+    sessions = [(rng.random((4 + t, 64, 64)) * 120).astype(dtype) for t in range(5)]
+    for chunk in (4096, 8 << 20):  # 8-40 chunks per array through 4 buffers; one chunk each
+        with PinnedStaging(torch.device("cuda"), chunk_bytes=chunk) as staging:
+            staged = [as_stored_on(s, torch.device("cuda"), staging) for s in sessions]
+        for session, (held, to_float) in zip(sessions, staged, strict=True):
+            plain, plain_float = as_stored_on(session, torch.device("cuda"))
+            assert held.is_cuda and held.dtype == plain.dtype and held.shape == plain.shape
+            assert torch.equal(to_float(held), plain_float(plain))
+        assert not staging.refused and staging.buffers == [None] * 4
+    series = np.stack([s[:4] for s in sessions])
+    held = DeviceSessions([_SessionView(series, t) for t in range(5)], torch.device("cuda"))
+    for t in range(5):
+        np.testing.assert_array_equal(held[t].cpu().numpy(), series[t].astype(np.float32))
+
+
 @pytest.mark.parametrize(("dtype", "low", "top"), [(np.uint16, 100, 60000), (np.uint8, 0, 255), (np.int16, -900, 3000),
                                                   (np.uint32, 0, 2**25), (np.float32, -1.5, 9.5)])
 def test_device_sessions_count_the_intensity_range_of_the_cpu(dtype, low, top):

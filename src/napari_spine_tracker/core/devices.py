@@ -106,13 +106,14 @@ def stored_dtype(dtype) -> np.dtype:
     return dtype if dtype in _TRAVEL_AS_THEY_ARE else np.dtype(np.float32)
 
 
-def as_stored_on(array, device):
+def as_stored_on(array, device, staging: PinnedStaging | None = None):
     """``array`` copied to a torch ``device`` as stored, and a function that turns (a block of)
     the copy into float32 there: (tensor, to_float).
 
     16-bit data stay two bytes a voxel (uint16 travels as the bits of int16: torch before 2.3 has
     no uint16, and later ones barely handle it on a GPU); types torch handles on a GPU only in part
-    (uint32, uint64, float64, bool, ...) travel as float32.
+    (uint32, uint64, float64, bool, ...) travel as float32. With a ``staging`` (a GPU's), the copy
+    passes through its page-locked buffers and runs on while the caller goes on.
     """
     import torch
 
@@ -121,8 +122,95 @@ def as_stored_on(array, device):
     if array.dtype == np.uint16:
         def to_float(raw):
             return raw.to(torch.int32).bitwise_and_(0xFFFF).float()
-        return torch.from_numpy(array.view(np.int16)).to(device), to_float
-    return torch.from_numpy(array).to(device), lambda raw: raw.float()
+        host = torch.from_numpy(array.view(np.int16))
+    else:
+        def to_float(raw):
+            return raw.float()
+        host = torch.from_numpy(array)
+    return (host.to(device) if staging is None else staging.to_device(host)), to_float
+
+
+class PinnedStaging:
+    """A ring of small page-locked host buffers that arrays pass through on their way to a CUDA
+    device, so that the copies over the bus overlap with the copies into the buffers.
+
+    A copy from ordinary (pageable) host memory blocks the caller until it is done, and runs at
+    what the driver's own staging allows: holding a 6 x 32 x 1024 x 1024 uint16 series on an H200
+    took 0.08 s of a 0.40 s run, 47 ms of it the copies themselves (8.6 GB/s;
+    ``benchmarks/results/gpu_session_h200_8.txt``). From page-locked memory a copy is
+    asynchronous: each array goes over in chunks of ``chunk_bytes``, and while one chunk crosses
+    the CPU writes the next into the next buffer. A buffer is written again only once its last
+    copy is done, and device work queued after :meth:`to_device` on the same stream sees the
+    data. The buffers are few and small (4 x 8 MiB), whatever the arrays' size: PyTorch rounds
+    page-locked blocks up to a power of two and keeps them for reuse, so buffers of a session's
+    size would lock up to twice that much memory. :meth:`close` (or the end of a ``with`` block)
+    waits for the copies still running and lets the buffers go, back to PyTorch's cache of
+    page-locked memory for the next run. Not yet timed on a GPU: ``benchmarks/gpu_session.sh``
+    runs ``profile_detect.py --staging pinned`` and ``--staging pageable`` side by side.
+    """
+
+    def __init__(self, device, chunk_bytes: int = 8 << 20, slots: int = 4):
+        import torch
+
+        self.torch, self.device, self.chunk_bytes = torch, torch.device(device), int(chunk_bytes)
+        self.buffers: list = [None] * slots
+        self.copied: list = [None] * slots  # an event after each buffer's last copy
+        self.turn = 0
+        self.refused = False  # page-locked memory was refused: arrays are copied as they are
+
+    @classmethod
+    def for_device(cls, device) -> PinnedStaging | None:
+        """A staging for ``device`` where it pays (CUDA), else None (copies as they are)."""
+        return cls(device) if device is not None and device.type == "cuda" else None
+
+    def to_device(self, host):
+        """A CPU tensor copied to the device through the buffers (the last chunks may still be
+        crossing when this returns)."""
+        torch = self.torch
+        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+        source = host.contiguous().reshape(-1).view(torch.uint8)
+        target = out.reshape(-1).view(torch.uint8)
+        for start in range(0, source.numel(), self.chunk_bytes):
+            buffer = None if self.refused else self._next_buffer()
+            if buffer is None:  # page-locked memory refused: the rest as it is
+                target[start:].copy_(source[start:])
+                break
+            n = min(self.chunk_bytes, source.numel() - start)
+            buffer[:n].copy_(source[start:start + n])
+            target[start:start + n].copy_(buffer[:n], non_blocking=True)
+            self.copied[self.turn] = torch.cuda.Event()
+            self.copied[self.turn].record(torch.cuda.current_stream(self.device))
+        return out
+
+    def _next_buffer(self):
+        """The next buffer of the ring once its last copy is done (made on first use), or None
+        where page-locked memory is refused (a container's limit)."""
+        self.turn = (self.turn + 1) % len(self.buffers)
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        if self.buffers[self.turn] is None:
+            try:
+                self.buffers[self.turn] = self.torch.empty(self.chunk_bytes, dtype=self.torch.uint8, pin_memory=True)
+            except RuntimeError as exc:
+                log.warning("no page-locked buffer of %.0f MiB (%s); copying from pageable memory",
+                            self.chunk_bytes / 2**20, exc)
+                self.refused = True
+                return None
+        return self.buffers[self.turn]
+
+    def close(self) -> None:
+        """Wait for the copies still running, and let the buffers go."""
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
+        self.buffers = [None] * len(self.buffers)
+        self.copied = [None] * len(self.copied)
+
+    def __enter__(self) -> PinnedStaging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def free_memory(device) -> None:

@@ -38,6 +38,7 @@ import pandas as pd
 from ..errors import Cancelled, InputError, number_or_nan
 from .decode import ADAPT_FLOOR, decode_peaks, nms_kernel, series_threshold
 from .devices import (
+    PinnedStaging,
     as_stored_on,
     free_memory,
     give_back_free_memory,
@@ -294,15 +295,27 @@ class DeviceSessions:
     stays at one session at a time, read from wherever the series is (a lazy reader too).
     """
 
+    #: sessions cross to a GPU through page-locked buffers (:class:`~.devices.PinnedStaging`), the
+    #: next one read while the last one crosses; False: each copied from where it is read
+    #: (``benchmarks/profile_detect.py --staging pageable`` measures the difference)
+    staged = True
+    _staging = None  # during __init__: the staging the sessions pass through
+
     def __init__(self, sessions: Sequence, device):
         self.device = device
         self.volumes, self.decoders, self.whole = [], [], []
-        for session in sessions:
-            self.hold_on_device(session[:, :, :])
+        staging = self._staging = PinnedStaging.for_device(device) if self.staged else None
+        try:
+            for session in sessions:
+                self.hold_on_device(session[:, :, :])
+        finally:
+            self._staging = None
+            if staging is not None:
+                staging.close()
 
     def hold_on_device(self, raw) -> None:
         """Copy one session (Z, Y, X) to the device as stored."""
-        volume, to_float = as_stored_on(raw, self.device)
+        volume, to_float = as_stored_on(raw, self.device, self._staging)
         self.volumes.append(volume)
         self.decoders.append(to_float)
         self.whole.append(np.asarray(raw).dtype.kind in "ui")
