@@ -621,10 +621,11 @@ def test_staging_is_for_cuda_and_copies_as_they_are_without_page_locked_memory(m
         return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", refused)
-    data = np.array([[[0, 40000], [65535, 7]]], np.uint16)
+    uint16 = np.array([[[0, 40000], [65535, 7]]], np.uint16)
     with PinnedStaging(torch.device("cpu")) as staging:
-        for _ in range(3):
+        for data in (uint16, uint16, uint16.astype(np.float64) / 7):  # float64 travels as float32
             held, to_float = as_stored_on(data, torch.device("cpu"), staging)
+            assert held.shape == data.shape
             np.testing.assert_array_equal(to_float(held).numpy(), data.astype(np.float32))
     assert staging.refused and caplog.text.count("copying from pageable memory") == 1
 

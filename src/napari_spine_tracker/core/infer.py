@@ -295,9 +295,9 @@ class DeviceSessions:
     stays at one session at a time, read from wherever the series is (a lazy reader too).
     """
 
-    #: sessions cross to a GPU through page-locked buffers (:class:`~.devices.PinnedStaging`), the
-    #: next one read while the last one crosses; False: each copied from where it is read
-    #: (``benchmarks/profile_detect.py --staging pageable`` measures the difference)
+    #: sessions cross to a GPU in chunks through page-locked buffers (:class:`~.devices.PinnedStaging`),
+    #: each chunk written while the one before crosses; False: each session copied from where it is
+    #: read (``benchmarks/profile_detect.py --staging pageable`` measures the difference)
     staged = True
     _staging = None  # during __init__: the staging the sessions pass through
 
