@@ -174,11 +174,12 @@ def _visit_suggestions(data, features, truth, scale, tol_um, suggestions, patien
     if suggestions is not None and len(suggestions):
         offered = edits.review_order(suggestions[edits.open_suggestions(data, suggestions, scale)])
         hits = np.zeros(len(offered), bool)  # the offered suggestions that are missed spines
-        for t, _, truth_rows in _matches(data, truth, scale, tol_um):
-            missed = np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows)
+        missed = _missed(data, truth, scale, tol_um)
+        for t in np.unique(offered["t"].to_numpy()):
             mine = np.flatnonzero(offered["t"].to_numpy() == t)
+            theirs = missed[truth["t"].to_numpy()[missed] == t]
             hit, _ = match_points(offered.loc[mine, ["z", "y", "x"]].to_numpy(float) * scale,
-                                  truth.loc[missed, ["z", "y", "x"]].to_numpy(float) * scale, tol_um)
+                                  truth.loc[theirs, ["z", "y", "x"]].to_numpy(float) * scale, tol_um)
             hits[mine[hit]] = True
         passed = 0
         for row in offered.itertuples():  # in G's order
@@ -245,6 +246,13 @@ def _matches(data: np.ndarray, truth: pd.DataFrame, scale: np.ndarray, tol_um: f
         yield t, pred_rows[i], truth_rows[j]
 
 
+def _missed(data: np.ndarray, truth: pd.DataFrame, scale: np.ndarray, tol_um: float) -> np.ndarray:
+    """Rows of ``truth`` that no point of ``data`` matches, session by session."""
+    missed = [np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows)
+              for t, _, truth_rows in _matches(data, truth, scale, tol_um)]
+    return np.concatenate(missed).astype(int) if missed else np.zeros(0, dtype=int)
+
+
 def _true_ids(data: np.ndarray, truth: pd.DataFrame, scale: np.ndarray, tol_um: float) -> np.ndarray:
     """The true track id each point of ``data`` matches (0: none)."""
     ids = np.zeros(len(data), dtype=np.int64)
@@ -256,12 +264,9 @@ def _true_ids(data: np.ndarray, truth: pd.DataFrame, scale: np.ndarray, tol_um: 
 def _add_misses(data, features, truth, scale, tol_um, effort: ReviewEffort):
     """Place every true spine still unmatched: with link mode where its true track already has a
     point (nearest session first) whose id is free in this session, as a new spine otherwise."""
-    missed = []
-    for t, _, truth_rows in _matches(data, truth, scale, tol_um):
-        missed.extend(np.setdiff1d(np.flatnonzero(truth["t"].to_numpy() == t), truth_rows))
     # matched once; each point placed lies on its own true spine and is appended (add_spine)
     true_ids, sessions = _true_ids(data, truth, scale, tol_um), edits.sessions_of(data)
-    for row in missed:
+    for row in _missed(data, truth, scale, tol_um):
         spine = truth.loc[row]
         ids = features["track_id"].to_numpy()
         same = np.flatnonzero(true_ids == spine["track_id"])
