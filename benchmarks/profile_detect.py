@@ -9,16 +9,23 @@ tiling, copies, building the table.
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4   # a 16x larger series on a GPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --resident off   # tiles read on the CPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --staging pageable   # held, copied without staging
+    python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --series 3 --memory keep   # as in a batch
 
 A first run of the series pays for what each size needs once (kernels chosen, FFT plans, memory
 first allocated) and is shown apart; then it is timed ``--repeat`` times without the profiler (the
-best is the figure to quote) and once under it (the stages).
+best is the figure to quote) and once under it (the stages). With ``--series N`` the timed runs
+take N series of consecutive seeds in turn (each with its own drift, so its own registration
+shapes), as a batch of one experiment's series would; ``--memory keep`` keeps the GPU memory and
+cuFFT plans from run to run as ``detect`` with many inputs does (``detect_series(...,
+release_gpu_memory=False)``), ``release`` (the default) gives them back after each run, as a lone
+series does.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import pstats
 import sys
 import time
@@ -54,6 +61,11 @@ def main(argv=None) -> int:
                         help="how a held series crosses to a GPU: through page-locked buffers, the next "
                              "session read while the last one crosses (the default), or each session "
                              "copied from where it is read")
+    parser.add_argument("--series", type=int, default=1,
+                        help="time N series of consecutive seeds in turn (default 1: the same series each run)")
+    parser.add_argument("--memory", choices=["release", "keep"], default="release",
+                        help="give the GPU memory and FFT plans back after each run (a lone series), or keep "
+                             "them for the next (a batch; released after the last)")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most time of their own")
     parser.add_argument("--trace", type=int, default=0,
                         help="also run once under torch.profiler and list its N operations with the most time "
@@ -65,18 +77,23 @@ def main(argv=None) -> int:
     import torch
 
     from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.devices import free_memory
     from napari_spine_tracker.core.infer import DeviceSessions, InferenceOptions
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
     model = load_model(args.model, device=args.device)
-    series = synthesize_series(SynthConfig.preset(args.case, seed=args.seed))
-    image = np.tile(series.image, (1, 1, args.repeat_xy, args.repeat_xy))
+    batch = [synthesize_series(SynthConfig.preset(args.case, seed=args.seed + k)) for k in range(max(1, args.series))]
+    images = [np.tile(s.image, (1, 1, args.repeat_xy, args.repeat_xy)) for s in batch]
+    image = images[0]
+    turn = itertools.count()
     options = InferenceOptions(resident={"auto": None, "on": True, "off": False}[args.resident])
     DeviceSessions.staged = args.staging == "pinned"
 
     def run():
-        detect_series(image, series.voxel_size_um, model=model, options=options)
+        k = next(turn) % len(images)
+        detect_series(images[k], batch[k].voxel_size_um, model=model, options=options,
+                      release_gpu_memory=args.memory == "release")
         if model.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -94,12 +111,15 @@ def main(argv=None) -> int:
     run()
     profiler.disable()
     total = time.perf_counter() - start
+    free_memory(model.device)
 
     stats = pstats.Stats(profiler).stats
     voxels = image.size
     where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU"
-    print(f"{args.case} seed {args.seed}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies)")
+    seeds = f"seeds {args.seed}-{args.seed + len(images) - 1} in turn" if len(images) > 1 else f"seed {args.seed}"
+    print(f"{args.case} {seeds}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies); "
+          f"GPU memory and FFT plans: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "
           f"(best of {args.repeat}; median {np.median(plain):.2f} s)")

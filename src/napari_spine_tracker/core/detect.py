@@ -62,7 +62,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, max_rotation_deg: float = 3.0, views: int | None = None,
                   options: InferenceOptions | None = None, track_evidence: bool = True,
-                  return_suggestions: bool = False, progress: Callable[[int, int], None] | None = None,
+                  return_suggestions: bool = False, release_gpu_memory: bool = True,
+                  progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Detect and track spines in a series; returns a spine table (DESIGN §3).
 
@@ -113,6 +114,12 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         hold a third to a half of the spines the detection misses (36-51 % on held-out synthetic
         series with track evidence), among many that are not spines; the review offers them one
         by one (docs/model_report.md, "Suggestions of missed spines").
+    release_gpu_memory
+        Give the GPU memory PyTorch cached during the run, and registration's cuFFT plans, back
+        when the run ends (default), so that other programs (napari's canvas) can use it. False
+        keeps them for the next series of a batch, which then skips allocating that memory and
+        planning its FFTs again (``detect_many`` and the ``detect`` command release after their
+        last series); call ``devices.free_memory(device)`` after your own last one.
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).
@@ -180,7 +187,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     finally:
         if held is not None:
             held.release()
-        free_memory(loaded.device)
+        if release_gpu_memory:
+            free_memory(loaded.device)
     drop = [c for c in ("dz", "dy", "dx") if c in table.columns]
     log.info("detected %d spine-sessions in %d tracks (peak threshold %.2f, linking gate %.2f µm)", len(table),
              table["track_id"].nunique(), detections.attrs["threshold"], table.attrs["gate_um"])
