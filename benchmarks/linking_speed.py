@@ -2,8 +2,8 @@
 
 On a GPU, linking runs on the CPU and was the largest share of end-to-end detection (the sixth
 lease: 0.10 s of 0.40 s on the H200's host for a 16x series); this times it apart from the rest, on
-the detections ``detect_series`` hands it (captured from the call), with linking's local motion on
-threads as shipped and on one thread.
+the detections ``detect_series`` hands it (captured from the call), with linking's local motion
+on the GPU (as ``detect`` links on CUDA), on the CPU in threads (as on a CPU) and on one thread.
 
     python benchmarks/linking_speed.py                     # the 16x default series, detected on the CPU
     python benchmarks/linking_speed.py --device cuda --repeat-xy 4
@@ -54,13 +54,20 @@ def main(argv=None) -> int:
     print(f"{args.case} seed {args.seed}: {image.shape} voxels, {len(detections)} detections to link "
           f"(detected on {args.device}); {link.usable_cores()} usable cores")
     cores = link.usable_cores
-    for label, one in (("threads (as shipped)", False), ("one thread", True)):
+    gpu = kwargs.pop("device", None)
+    variants = [("local motion on the CPU in threads", None, False), ("one thread", None, True)]
+    if gpu is not None and gpu.type == "cuda":  # as detect links on a GPU
+        variants.insert(0, ("local motion's mean shifts on the GPU (as shipped on CUDA)", gpu, False))
+    else:
+        variants[0] = ("local motion on the CPU in threads (as shipped)", None, False)
+    for label, device, one in variants:
         link.usable_cores = (lambda: 1) if one else cores
         times = []
         try:
+            link.link_detections(detections, voxel, device=device, **kwargs)  # a first run: kernels, imports
             for _ in range(args.runs):
                 start = time.perf_counter()
-                table = link.link_detections(detections, voxel, **kwargs)
+                table = link.link_detections(detections, voxel, device=device, **kwargs)
                 times.append(time.perf_counter() - start)
         finally:
             link.usable_cores = cores

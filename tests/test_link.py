@@ -305,6 +305,57 @@ def test_votes_of_zero_weight_change_no_mode():
     np.testing.assert_array_equal(alone, modes[:7])
 
 
+def _deformed_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(sources, targets) µm of three session pairs: a field moved and deformed, each by its own
+    amount, with a tenth of the targets gone and some new; and a pair too small to vote."""
+    rng = np.random.default_rng(5)
+    pairs = []
+    for k, n in enumerate((60, 90, 45)):
+        sources = scattered_spines(n, seed=10 + k) * VOXEL
+        moved = sources + [0.2 * k, 1.1 - 0.4 * k, 0.8] + 0.4 * np.sin(sources[:, [2, 1, 1]] / 6.0)
+        kept = moved[rng.random(n) > 0.1]
+        pairs.append((sources, np.vstack([kept, scattered_spines(5, seed=20 + k) * VOXEL])))
+    pairs.append((pairs[0][0][:2], pairs[0][1]))
+    return pairs
+
+
+def test_local_motion_of_all_pairs_at_once_on_torch_gives_each_pairs_own():
+    torch = pytest.importorskip("torch")
+    from napari_spine_tracker.core.link import _local_motion, _local_motions, _local_motions_on
+
+    pairs = _deformed_pairs()
+    each = [_local_motion(s, t, 3.0, 4.0) for s, t in pairs]
+    assert all(np.abs(m).max() > 0.5 for m in each[:3]) and not each[3].any()
+    np.testing.assert_array_equal(np.vstack(_local_motions(pairs, 3.0, 4.0)), np.vstack(each))  # threads
+    # votes padded to one width, in calls of a few rows: the same modes within the climb's 1e-3 µm stop
+    for rows in (1 << 15, 7):
+        together = _local_motions_on(torch.device("cpu"), pairs, 3.0, 4.0, rows_per_call=rows)
+        assert [m.shape for m in together] == [m.shape for m in each]
+        np.testing.assert_allclose(np.vstack(together), np.vstack(each), atol=2e-3)
+
+
+@pytest.mark.cuda
+def test_linking_with_its_local_motion_on_cuda_gives_the_cpu_links():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from napari_spine_tracker.core.link import _local_motion, _local_motions_on
+
+    pairs = _deformed_pairs()
+    on_gpu = _local_motions_on(torch.device("cuda"), pairs, 3.0, 4.0)
+    np.testing.assert_allclose(np.vstack(on_gpu), np.vstack([_local_motion(s, t, 3.0, 4.0) for s, t in pairs]),
+                               atol=2e-3)
+    # three sessions of a field that moves and deforms each time (registration says nothing)
+    first = scattered_spines(60, seed=4)
+    step_y = 11.0 + 3.0 * np.sin(first[:, 2] / 40)  # voxels: 1.1 µm, and up to 0.3 µm more or less
+    sessions = [first + t * np.column_stack([0 * step_y, step_y, 0 * step_y]) for t in range(3)]
+    det = pd.concat([pd.DataFrame(p, columns=["z", "y", "x"]).assign(t=t, score=0.9) for t, p in enumerate(sessions)],
+                    ignore_index=True)
+    on_cpu = link_detections(det, VOXEL)
+    assert on_cpu["track_id"].nunique() == 60  # (83 without the local motion)
+    pd.testing.assert_frame_equal(link_detections(det, VOXEL, device=torch.device("cuda")), on_cpu, atol=1e-3)
+
+
 def test_votes_heard_are_packed_row_by_row():
     from napari_spine_tracker.core.link import _heard
 

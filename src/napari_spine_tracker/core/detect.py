@@ -181,7 +181,8 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         used = detections.attrs["threshold"]
         linked_from = used - VOUCH_BELOW if track_evidence else used
         table = link_detections(detections[detections["score"] >= linked_from].reset_index(drop=True), voxel,
-                                motion=motion, gate_um=gate_um, max_gap=max_gap, should_stop=should_stop)
+                                motion=motion, gate_um=gate_um, max_gap=max_gap, device=loaded.device,
+                                should_stop=should_stop)
         if track_evidence:
             table = keep_vouched(table, used)
     finally:

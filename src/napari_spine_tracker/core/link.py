@@ -130,8 +130,7 @@ def _smooth_field(at_um: np.ndarray, samples_um: np.ndarray, values_um: np.ndarr
     return total / (weight_sum[:, None] + 1.0)
 
 
-def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
-                widths_um: Sequence[float]) -> np.ndarray:
+def _mean_shift(votes, weights, start, widths_um: Sequence[float]):
     """Modes of weighted displacement votes, for many points at once.
 
     ``votes`` (3, n, m) µm, one (n, m) array per axis (reductions over a last axis of 3 were half
@@ -140,35 +139,77 @@ def _mean_shift(votes: np.ndarray, weights: np.ndarray, start: np.ndarray,
     steps per width; a point stops climbing at a width once its step is below 1e-3 µm, so its mode
     does not depend on the other points. A point whose kernel holds no weight keeps its start.
     Votes of zero weight cost time and add nothing: leave them out where rows hear few (see
-    :func:`_heard`).
+    :func:`_heard`). NumPy arrays, or torch tensors on one device (the mode comes back as a
+    tensor there).
     """
-    mode = np.array(start, dtype=float)
-    votes = np.asarray(votes, dtype=np.float32)
-    weights = np.asarray(weights, dtype=np.float32)
+    ops = _Ops.of(votes)
+    mode = ops.float64(start)
+    votes, weights = ops.float32(votes), ops.float32(weights)
     for width in widths_um:
-        climbing = np.arange(len(mode))  # the points still climbing, and their votes
+        climbing = ops.arange(len(mode))  # the points still climbing, and their votes
         v, wv = votes, weights
         for _ in range(10):
             here = mode[climbing]
-            offset = v - here.T[:, :, None].astype(np.float32)
-            np.square(offset, out=offset)
-            w = offset.sum(axis=0)
-            w *= np.float32(-1 / (2 * width**2))
-            np.exp(w, out=w)
+            offset = v - ops.float32(here.T[:, :, None])
+            offset *= offset
+            w = offset.sum(0)
+            w *= -1 / (2 * width**2)
+            ops.exp_(w)
             w *= wv
-            total = w.sum(axis=1)
+            total = w.sum(1)
             heard = total > 1e-9
-            new = here.copy()
-            new[heard] = np.einsum("ij,kij->ik", w, v)[heard] / total[heard, None]
+            new = ops.copy(here)
+            new[heard] = ops.float64(ops.einsum("ij,kij->ik", w, v)[heard] / total[heard, None])
             mode[climbing] = new
-            going = np.abs(new - here).max(axis=1, initial=0.0) >= 1e-3
-            if not going.any():
+            going = (abs(new - here) >= 1e-3).any(1)
+            still = int(going.sum())
+            if not still:
                 break
-            if going.mean() < 0.5:  # fewer, smaller arrays from here on
+            if still < 0.5 * len(going):  # fewer, smaller arrays from here on
                 climbing, v, wv = climbing[going], v[:, going], wv[going]
             else:  # the arrays as they are; a point that stopped hears nothing, so keeps its mode
-                wv = np.where(going[:, None], wv, np.float32(0))
+                wv = wv * going[:, None]
     return mode
+
+
+class _Ops:
+    """What :func:`_mean_shift` needs that NumPy and torch spell differently."""
+
+    def __init__(self, torch=None, device=None):
+        self.torch, self.device = torch, device
+
+    @classmethod
+    def of(cls, array) -> _Ops:
+        if isinstance(array, np.ndarray) or not hasattr(array, "device"):
+            return cls()
+        import torch
+
+        return cls(torch, array.device)
+
+    def float32(self, x):
+        if self.torch is None:
+            return np.asarray(x, np.float32)
+        return self.torch.as_tensor(x, dtype=self.torch.float32, device=self.device)
+
+    def float64(self, x):
+        if self.torch is None:
+            return np.array(x, dtype=float)
+        return self.torch.as_tensor(x, dtype=self.torch.float64, device=self.device).clone()
+
+    def arange(self, n: int):
+        return np.arange(n) if self.torch is None else self.torch.arange(n, device=self.device)
+
+    def copy(self, x):
+        return x.copy() if self.torch is None else x.clone()
+
+    def exp_(self, x) -> None:
+        if self.torch is None:
+            np.exp(x, out=x)
+        else:
+            x.exp_()
+
+    def einsum(self, *args):
+        return (np if self.torch is None else self.torch).einsum(*args)
 
 
 def _heard(valid: np.ndarray, found: np.ndarray, near: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -193,6 +234,11 @@ def _ranks(counts: np.ndarray) -> np.ndarray:
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
+#: µm: the widths of the mean shifts that find the common motion of a session pair, and then each
+#: detection's own (:func:`_local_motion`)
+COMMON_WIDTHS_UM, LOCAL_WIDTHS_UM = (1.0, 0.5, 0.3), (1.0, 0.5)
+
+
 def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float,
                   scale_um: float, votes_per_source: int = 12, neighbours: int = 32) -> np.ndarray:
     """(n_sources, 3) µm: how far each source must move to land on its own target, from the
@@ -208,17 +254,30 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     motion. The numbers of votes and neighbours are capped, so the cost stays linear in the
     number of detections however dense they are. Zero when there are too few pairs.
     """
+    votes = _motion_votes(sources_um, targets_um, radius_um, scale_um, votes_per_source, neighbours)
+    if votes is None:
+        return np.zeros((len(sources_um), 3))
+    cast, heard_votes, heard_weights = votes
+    common = _mean_shift(cast[:, None], np.ones((1, cast.shape[1])), np.zeros((1, 3)), COMMON_WIDTHS_UM)[0]
+    return _mean_shift(heard_votes, heard_weights, np.repeat(common[None], len(sources_um), axis=0),
+                       LOCAL_WIDTHS_UM)
+
+
+def _motion_votes(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: float, scale_um: float,
+                  votes_per_source: int = 12, neighbours: int = 32) -> tuple[np.ndarray, ...] | None:
+    """The votes of :func:`_local_motion` (same parameters): every vote cast, (3, m) µm, and the
+    votes each source hears from its neighbours, (3, n, width) µm, with their weights (n, width);
+    None when there are too few pairs."""
     n = len(sources_um)
     if n < 3 or len(targets_um) < 3:
-        return np.zeros((n, 3))
+        return None
     k = min(votes_per_source, len(targets_um))
     dist, idx = cKDTree(targets_um).query(sources_um, k=k, distance_upper_bound=radius_um)
     dist, idx = dist.reshape(n, k), idx.reshape(n, k)
     valid = np.isfinite(dist)
     if valid.sum() < 3:
-        return np.zeros((n, 3))
+        return None
     cast = (targets_um[idx[valid]] - sources_um[np.nonzero(valid)[0]]).T  # (3, votes)
-    common = _mean_shift(cast[:, None], np.ones((1, cast.shape[1])), np.zeros((1, 3)), (1.0, 0.5, 0.3))[0]
     m = min(neighbours, n)
     near_dist, near = cKDTree(sources_um).query(sources_um, k=m, distance_upper_bound=3 * scale_um)
     near_dist, near = near_dist.reshape(n, m), near.reshape(n, m)
@@ -233,8 +292,67 @@ def _local_motion(sources_um: np.ndarray, targets_um: np.ndarray, radius_um: flo
     heard_weights, heard_votes = np.zeros(n * width, np.float32), np.zeros((3, n * width), np.float32)
     heard_weights[at] = spatial[rows, slots]
     heard_votes[:, at] = cast[:, heard]
-    return _mean_shift(heard_votes.reshape(3, n, width), heard_weights.reshape(n, width),
-                       np.repeat(common[None], n, axis=0), (1.0, 0.5))
+    return cast, heard_votes.reshape(3, n, width), heard_weights.reshape(n, width)
+
+
+def _local_motions(jobs: Sequence[tuple[np.ndarray, np.ndarray]], radius_um: float, scale_um: float,
+                   device=None) -> list[np.ndarray]:
+    """:func:`_local_motion` of each (sources, targets) pair: on the CPU in threads (NumPy and
+    SciPy release the GIL in most of it), or with a CUDA ``device`` the mean shifts of all pairs
+    at once there (:func:`_local_motions_on`)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        try:
+            return _local_motions_on(device, jobs, radius_um, scale_um)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory in linking's local motion; finding it on the CPU")
+    with ThreadPoolExecutor(max(1, min(len(jobs), usable_cores()))) as pool:
+        return list(pool.map(lambda job: _local_motion(*job, radius_um, scale_um), jobs))
+
+
+def _local_motions_on(device, jobs: Sequence[tuple[np.ndarray, np.ndarray]], radius_um: float, scale_um: float,
+                      rows_per_call: int = 1 << 15) -> list[np.ndarray]:
+    """:func:`_local_motion` of each (sources, targets) pair, the votes gathered on the CPU and the
+    mean shifts of all pairs run together on a torch ``device``, their vote arrays padded to one
+    width with votes of zero weight (which change no mode), at most ``rows_per_call`` points at a
+    time. On a GPU host's CPU, one mean shift per pair in NumPy took most of linking."""
+    import torch
+
+    def on_device(array):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    def padded(arrays, width):  # (3, rows, w) and (rows, w) arrays -> one (3, sum rows, width), (.., width)
+        votes = np.zeros((3, sum(a.shape[1] for a, _ in arrays), width), np.float32)
+        weights = np.zeros(votes.shape[1:], np.float32)
+        row = 0
+        for v, w in arrays:
+            votes[:, row:row + v.shape[1], :v.shape[2]] = v
+            weights[row:row + v.shape[1], :v.shape[2]] = w
+            row += v.shape[1]
+        return votes, weights
+
+    with ThreadPoolExecutor(max(1, min(len(jobs), usable_cores()))) as pool:
+        gathered = list(pool.map(lambda job: _motion_votes(*job, radius_um, scale_um), jobs))
+    out = [np.zeros((len(sources), 3)) for sources, _ in jobs]
+    voting = [i for i, votes in enumerate(gathered) if votes is not None]
+    if not voting:
+        return out
+    casts = [gathered[i][0] for i in voting]
+    votes, weights = padded([(c[:, None], np.ones((1, c.shape[1]), np.float32)) for c in casts],
+                            max(c.shape[1] for c in casts))
+    common = _mean_shift(on_device(votes), on_device(weights), on_device(np.zeros((len(casts), 3))),
+                         COMMON_WIDTHS_UM).cpu().numpy()
+    heard = [gathered[i][1:] for i in voting]
+    starts = np.concatenate([np.repeat(common[j][None], v.shape[1], axis=0) for j, (v, _) in enumerate(heard)])
+    votes, weights = padded(heard, max(v.shape[2] for v, _ in heard))
+    calls = [slice(a, a + rows_per_call) for a in range(0, len(starts), rows_per_call)]
+    modes = np.concatenate([_mean_shift(on_device(votes[:, rows]), on_device(weights[rows]), on_device(starts[rows]),
+                                        LOCAL_WIDTHS_UM).cpu().numpy() for rows in calls])
+    bounds = np.cumsum([0] + [v.shape[1] for v, _ in heard])
+    for j, i in enumerate(voting):
+        out[i] = modes[bounds[j]:bounds[j + 1]]
+    return out
 
 
 def vouched_by_track(table: pd.DataFrame, threshold: float, mean_above: float = VOUCH_MEAN_ABOVE) -> np.ndarray:
@@ -260,7 +378,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
                     drift_vox: np.ndarray | None = None, motion=None, gate_um: float | str = DEFAULT_GATE_UM,
                     max_gap: int = DEFAULT_MAX_GAP,
                     gap_gate_growth_um: float = 0.25, local_scale_um: float | None = 4.0,
-                    progress: Callable[[int, int], None] | None = None,
+                    device=None, progress: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
     """Give every detection a ``track_id`` so that the same spine keeps its id across sessions.
 
@@ -297,6 +415,10 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
         ghosts of missed tracks): the motion of the spines within about this distance (Gaussian
         sigma, µm) is shared. Tissue deforms smoothly, so neighbours move together. None: rigid
         registration only.
+    device
+        A torch CUDA device: the local motion's mean shifts run there, all session pairs at once
+        (the same links; on a GPU run, linking on the host's CPU was its largest share). None (the
+        default) or another device: on the CPU, the session pairs in threads.
 
     Returns
     -------
@@ -348,8 +470,7 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
     has_disp = np.isfinite(disp).all(axis=1)
 
     # the local motion of session t against session t-1 depends only on their detections (every
-    # detection of t-1 is a track seen in t-1), so it is found for all sessions at once, in threads
-    # (NumPy and SciPy release the GIL in most of it)
+    # detection of t-1 is a track seen in t-1), so it is found for all sessions at once
     of_session = [np.flatnonzero(t_all == t) for t in range(n_sessions)]
     # each detection of session t mapped into session t-1 by registration alone
     rigid = {t: between(pos[rows], t, t - 1) for t, rows in enumerate(of_session) if t and len(rows)}
@@ -358,10 +479,8 @@ def link_detections(detections: pd.DataFrame, voxel_size_um: Sequence[float] | f
             for t, rows in enumerate(of_session)
             if local_scale_um and t in rigid and len(of_session[t - 1]) and (~has_disp[rows]).any()}
     if jobs:
-        search_um = max(MOTION_SEARCH_UM, 2 * reach_um)
-        with ThreadPoolExecutor(min(len(jobs), usable_cores())) as pool:
-            found = pool.map(lambda job: _local_motion(*job, search_um, local_scale_um), jobs.values())
-            local_motion = dict(zip(jobs, found, strict=True))
+        found = _local_motions(list(jobs.values()), max(MOTION_SEARCH_UM, 2 * reach_um), local_scale_um, device)
+        local_motion = dict(zip(jobs, found, strict=True))
     # where each detection of session t is expected in session t-1, µm
     expected: dict[int, np.ndarray] = {}
     for t, back in rigid.items():
