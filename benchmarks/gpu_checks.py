@@ -111,6 +111,23 @@ def main(argv=None) -> int:
     gap = float(np.abs(motions[args.device].drift_vox - motions["cpu"].drift_vox).max())
     print(f"[2c] registration of {wide.shape}: {timings['cpu']:.2f} s on the CPU, {timings[args.device]:.2f} s on "
           f"{args.device}; largest difference {gap:.1e} voxel{'' if gap < 1e-2 else '  FAILED'}")
+    if model.device.type == "cuda":  # what keeping registration's cuFFT plans and cached memory saves
+        plans = torch.backends.cuda.cufft_plan_cache[model.device.index or 0]
+        again, count, plans_hold = {}, plans.size, 0
+        for label in ("all kept", "memory given back", "memory and plans given back"):
+            if label != "all kept":
+                torch.cuda.empty_cache()
+            if label == "memory and plans given back":
+                free_before = torch.cuda.mem_get_info(model.device)[0]
+                plans.clear()
+                plans_hold = torch.cuda.mem_get_info(model.device)[0] - free_before
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            estimate_motion(wide, voxel, device=args.device)
+            torch.cuda.synchronize()
+            again[label] = time.perf_counter() - start
+        print("    registered again, " + "; ".join(f"{k}: {v:.3f} s" for k, v in again.items())
+              + f" ({count} cuFFT plans, holding {plans_hold / 2**20:.1f} MiB of device memory)")
 
     # 2d. a drifting series: each session cut to its own field on the GPU (infer.session_cuts), as on the CPU
     drifting = synthesize_series(SynthConfig.preset("large_drift", seed=1000, sessions=4))

@@ -5,8 +5,12 @@
 #             detection is broken; then the test suite's CUDA tests under pytest (the device's
 #             python has pytest, not napari; those tests need neither Qt nor napari)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
-#             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU
-#             (copied through page-locked buffers, and without them) and read on the CPU
+#             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
+#             a lone series, then three series in turn with the GPU memory and FFT plans released
+#             after each and kept (a batch), and with cuDNN's benchmark mode; linking alone
+#             (benchmarks/linking_speed.py); turned sessions; a 64x field if time is left
+#             (the seventh lease compared page-locked staging with pageable copies, and tiles read
+#             on the CPU: benchmarks/results/gpu_session_h200_9.txt)
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -75,23 +79,29 @@ if wants checks; then
     $PY benchmarks/gpu_checks.py --device "$DEVICE" 2>&1 | grep -v "^INFO"
     [ "${PIPESTATUS[0]}" = 0 ] || exit 1
     stamp "the test suite's CUDA tests (pytest -m cuda; they skip on a machine without CUDA)"
-    $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py 2>&1 | tail -n 15
+    $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py tests/test_link.py 2>&1 | tail -n 15
 fi
 
 if wants speed; then
     stamp "speed: network alone"
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
-    stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU)"
+    stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU), a lone series"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
-    stamp "speed: the same, the series held on the GPU but each session copied from pageable memory (no staging)"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --staging pageable
-    stamp "speed: the same, tiles read on the CPU and copied over"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident off
-    stamp "speed: linking alone, on this host's CPU"
+    stamp "speed: three series in turn, GPU memory and FFT plans released after each (as detect_series by default)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory release
+    stamp "speed: the same three, memory and plans kept from series to series (as detect with many inputs)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --trace 25
+    stamp "speed: the same, cuDNN's benchmark mode on (not the package's setting)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --cudnn-benchmark
+    stamp "speed: linking alone (its local motion on the GPU, on this host's CPU in threads, on one thread)"
     $PY benchmarks/linking_speed.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
     stamp "speed: end to end on turned sessions (rotated preset)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --case rotated
+    if [ "$(left)" -gt 90 ]; then
+        stamp "speed: a 64x field of view (6 x 32 x 2048 x 2048 on the default preset), a lone series"
+        $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy $(( 2 * REPEAT_XY )) --resident on --repeat 2
+    fi
 fi
 
 finetune() {

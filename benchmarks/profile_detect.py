@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", choices=["release", "keep"], default="release",
                         help="give the GPU memory and FFT plans back after each run (a lone series), or keep "
                              "them for the next (a batch; released after the last)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms for each new shape "
+                             "(torch.backends.cudnn.benchmark; off in the package)")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most time of their own")
     parser.add_argument("--trace", type=int, default=0,
                         help="also run once under torch.profiler and list its N operations with the most time "
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
     turn = itertools.count()
     options = InferenceOptions(resident={"auto": None, "on": True, "off": False}[args.resident])
     DeviceSessions.staged = args.staging == "pinned"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     def run():
         k = next(turn) % len(images)
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
     seeds = f"seeds {args.seed}-{args.seed + len(images) - 1} in turn" if len(images) > 1 else f"seed {args.seed}"
     print(f"{args.case} {seeds}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies); "
-          f"GPU memory and FFT plans: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}")
+          f"GPU memory and FFT plans: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}"
+          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "
           f"(best of {args.repeat}; median {np.median(plain):.2f} s)")
