@@ -6,7 +6,7 @@
 #             python has pytest, not napari; those tests need neither Qt nor napari)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
-#             a lone series, then three series in turn with the GPU memory and FFT plans released
+#             a lone series, then three series in turn with the cached GPU memory released
 #             after each and kept (a batch), and with cuDNN's benchmark mode; linking alone
 #             (benchmarks/linking_speed.py); turned sessions; a 64x field if time is left
 #             (the seventh lease compared page-locked staging with pageable copies, and tiles read
@@ -88,9 +88,9 @@ if wants speed; then
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
     stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU), a lone series"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
-    stamp "speed: three series in turn, GPU memory and FFT plans released after each (as detect_series by default)"
+    stamp "speed: three series in turn, cached GPU memory released after each (as detect_series by default)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory release
-    stamp "speed: the same three, memory and plans kept from series to series (as detect with many inputs)"
+    stamp "speed: the same three, cached memory kept from series to series (as detect with many inputs)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --trace 25
     stamp "speed: the same, cuDNN's benchmark mode on (not the package's setting)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --cudnn-benchmark

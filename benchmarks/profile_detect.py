@@ -15,10 +15,10 @@ A first run of the series pays for what each size needs once (kernels chosen, FF
 first allocated) and is shown apart; then it is timed ``--repeat`` times without the profiler (the
 best is the figure to quote) and once under it (the stages). With ``--series N`` the timed runs
 take N series of consecutive seeds in turn (each with its own drift, so its own registration
-shapes), as a batch of one experiment's series would; ``--memory keep`` keeps the GPU memory and
-cuFFT plans from run to run as ``detect`` with many inputs does (``detect_series(...,
-release_gpu_memory=False)``), ``release`` (the default) gives them back after each run, as a lone
-series does.
+shapes), as a batch of one experiment's series would; ``--memory keep`` keeps the
+cached GPU memory from run to run as ``detect`` with many inputs does (``detect_series(...,
+release_gpu_memory=False)``), ``release`` (the default) gives it back after each run, as a lone
+series does (registration's cuFFT plans are kept either way: ``devices.free_memory``).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--series", type=int, default=1,
                         help="time N series of consecutive seeds in turn (default 1: the same series each run)")
     parser.add_argument("--memory", choices=["release", "keep"], default="release",
-                        help="give the GPU memory and FFT plans back after each run (a lone series), or keep "
-                             "them for the next (a batch; released after the last)")
+                        help="give the cached GPU memory back after each run (a lone series), or keep "
+                             "it for the next (a batch; released after the last)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms for each new shape "
                              "(torch.backends.cudnn.benchmark; off in the package)")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     seeds = f"seeds {args.seed}-{args.seed + len(images) - 1} in turn" if len(images) > 1 else f"seed {args.seed}"
     print(f"{args.case} {seeds}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies); "
-          f"GPU memory and FFT plans: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}"
+          f"cached GPU memory: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}"
           f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "

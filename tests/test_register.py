@@ -279,22 +279,28 @@ def test_detection_holds_the_series_once_for_registration_and_inference(monkeypa
 
 
 @pytest.mark.cuda
-def test_registration_on_a_gpu_gives_the_cpu_answer(series, turned_series):
+def test_registration_on_a_gpu_gives_the_cpu_answer(series, turned_series, monkeypatch):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from napari_spine_tracker.core import devices
+    from napari_spine_tracker.core.devices import free_memory
     from napari_spine_tracker.core.register import estimate_motion
 
+    plans = torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()]
+    plans.clear()  # those of earlier tests
     voxel = np.asarray(turned_series.voxel_size_um)
     for data, size in ((series, VOXEL), (turned_series.image, voxel)):
         cpu, gpu = estimate_motion(data, size), estimate_motion(data, size, device="cuda")
         np.testing.assert_allclose(gpu.drift_vox, cpu.drift_vox, atol=1e-3)
         np.testing.assert_allclose(gpu.angle_rad, cpu.angle_rad, atol=1e-5)
-    assert torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()].size > 0
-    from napari_spine_tracker.core.devices import free_memory
-
-    free_memory(torch.device("cuda"))  # what detect_series does at the end of a run
-    assert torch.backends.cuda.cufft_plan_cache[torch.cuda.current_device()].size == 0
+    made = plans.size
+    assert 0 < made <= devices.KEPT_FFT_PLANS
+    free_memory(torch.device("cuda"))  # what detect_series does at the end of a run: a few plans are kept
+    assert plans.size == made
+    monkeypatch.setattr(devices, "KEPT_FFT_PLANS", made - 1)
+    free_memory(torch.device("cuda"))  # more than that: all given back
+    assert plans.size == 0
 
 
 def test_out_of_gpu_memory_in_registration_goes_on_on_the_cpu(series, monkeypatch, caplog):

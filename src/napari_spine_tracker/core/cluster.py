@@ -441,7 +441,7 @@ def _run_in_process(jobs: dict[int, _Job], model, device, progress, should_stop)
                 if progress is not None and of:
                     progress(base + min(SERIES_UNITS - 1, SERIES_UNITS * done // of), total)
 
-            # GPU memory and FFT plans kept from series to series, released after the last
+            # the GPU memory cached kept from series to series, released after the last
             results[i] = _run_job(job, get_model, series_progress, should_stop, release_gpu_memory=False)
             if progress is not None:
                 progress((n + 1) * SERIES_UNITS, total)

@@ -115,11 +115,12 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         series with track evidence), among many that are not spines; the review offers them one
         by one (docs/model_report.md, "Suggestions of missed spines").
     release_gpu_memory
-        Give the GPU memory PyTorch cached during the run, and registration's cuFFT plans, back
-        when the run ends (default), so that other programs (napari's canvas) can use it. False
-        keeps them for the next series of a batch, which then skips allocating that memory and
-        planning its FFTs again (``detect_many`` and the ``detect`` command release after their
-        last series); call ``devices.free_memory(device)`` after your own last one.
+        Give the GPU memory PyTorch cached during the run back when the run ends (default), so
+        that other programs (napari's canvas) can use it; registration's cuFFT plans are kept
+        unless there are many (``devices.free_memory``). False keeps the memory for the next
+        series of a batch, which then skips allocating it again (``detect_many`` and the
+        ``detect`` command release it after their last series); call
+        ``devices.free_memory(device)`` after your own last one.
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).

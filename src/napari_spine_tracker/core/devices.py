@@ -213,14 +213,25 @@ class PinnedStaging:
         self.close()
 
 
+#: cuFFT plans kept when a run ends, up to this many (see :func:`free_memory`)
+KEPT_FFT_PLANS = 64
+
+
 def free_memory(device) -> None:
-    """Give cached GPU memory back when a run ends."""
+    """Give cached GPU memory back when a run ends.
+
+    Registration's cuFFT plans are kept, up to ``KEPT_FFT_PLANS``: on an H200 the 18 plans of a
+    registration held 2 MiB of device memory, and planning them again cost 31 ms of a 0.08 s
+    registration (a 3 x 32 x 1024 x 1024 series; ``benchmarks/gpu_checks.py`` [2c],
+    ``benchmarks/results/gpu_session_h200_10.txt``). A process that has gathered more (many
+    shapes) gives them all back."""
     import torch
 
     if device is not None and device.type == "cuda":
-        # registration's FFTs leave cuFFT plans, which hold device memory of their own
         index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.backends.cuda.cufft_plan_cache[index].clear()
+        plans = torch.backends.cuda.cufft_plan_cache[index]
+        if plans.size > KEPT_FFT_PLANS:
+            plans.clear()
         torch.cuda.empty_cache()
     elif device is not None and device.type == "mps":
         with contextlib.suppress(AttributeError, RuntimeError):
