@@ -31,6 +31,16 @@ def test_round_trip_keeps_unknown_columns(tmp_path):
     pd.testing.assert_frame_equal(back, expected, check_dtype=False)
 
 
+def test_status_written_by_hand_is_read_stripped_and_a_missing_one_as_predicted():
+    from napari_spine_tracker.io.tables import validate_spine_table
+
+    table = validate_spine_table(_table(status=[" confirmed", None, "added "]))
+    assert table["status"].tolist() == ["confirmed", "predicted", "added"]
+    assert table["status"].dtype == object
+    with pytest.raises(InputError, match=r"unknown status \['1'\]"):
+        validate_spine_table(_table(status=[1, "added", "added"]))
+
+
 @pytest.mark.parametrize("column", ["track_id", "t", "x"])
 def test_missing_column_is_named(tmp_path, column):
     path = tmp_path / "bad.csv"
