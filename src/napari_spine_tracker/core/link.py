@@ -158,16 +158,17 @@ def _mean_shift(votes, weights, start, widths_um: Sequence[float]):
             w *= wv
             total = w.sum(1)
             heard = total > 1e-9
-            new = ops.copy(here)
-            new[heard] = ops.float64(ops.einsum("ij,kij->ik", w, v)[heard] / total[heard, None])
+            shifted = ops.einsum("ij,kij->ik", w, v) / ops.where(heard, total, 1)[:, None]
+            new = ops.where(heard[:, None], ops.float64(shifted), here)
             mode[climbing] = new
             going = (abs(new - here) >= 1e-3).any(1)
-            still = int(going.sum())
+            still = int(going.sum())  # on a GPU the one wait of a step
             if not still:
                 break
-            if still < 0.5 * len(going):  # fewer, smaller arrays from here on
+            if ops.torch is None and still < 0.5 * len(going):  # fewer, smaller arrays from here on
                 climbing, v, wv = climbing[going], v[:, going], wv[going]
-            else:  # the arrays as they are; a point that stopped hears nothing, so keeps its mode
+            else:  # the arrays as they are; a point that stopped hears nothing, so keeps its mode (on a
+                # GPU always: selecting by a mask waits for the GPU to count it)
                 wv = wv * going[:, None]
     return mode
 
@@ -199,8 +200,8 @@ class _Ops:
     def arange(self, n: int):
         return np.arange(n) if self.torch is None else self.torch.arange(n, device=self.device)
 
-    def copy(self, x):
-        return x.copy() if self.torch is None else x.clone()
+    def where(self, condition, x, y):
+        return (np if self.torch is None else self.torch).where(condition, x, y)
 
     def exp_(self, x) -> None:
         if self.torch is None:
