@@ -7,10 +7,11 @@
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
 #             a lone series, then three series in turn with the cached GPU memory released
-#             after each and kept (a batch), and with cuDNN's benchmark mode; linking alone
+#             after each and kept (a batch); linking alone
 #             (benchmarks/linking_speed.py); turned sessions; a 64x field if time is left
-#             (the seventh lease compared page-locked staging with pageable copies, and tiles read
-#             on the CPU: benchmarks/results/gpu_session_h200_9.txt)
+#             (page-locked staging against pageable copies, and tiles read on the CPU:
+#             benchmarks/results/gpu_session_h200_9.txt; cuDNN's benchmark mode, slower:
+#             profile_detect.py --cudnn-benchmark, gpu_session_h200_10.txt)
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -92,8 +93,6 @@ if wants speed; then
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory release
     stamp "speed: the same three, cached memory kept from series to series (as detect with many inputs)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --trace 25
-    stamp "speed: the same, cuDNN's benchmark mode on (not the package's setting)"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --cudnn-benchmark
     stamp "speed: linking alone (its local motion on the GPU, on this host's CPU in threads, on one thread)"
     $PY benchmarks/linking_speed.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
     stamp "speed: end to end on turned sessions (rotated preset)"
