@@ -6,8 +6,7 @@ end) on a batch of 4 sessions of 32 x 256 x 256 voxels, after warm-up, best of t
 break-even series size can be read off.
 
     python benchmarks/speed.py                  # CPU, the shipped model's architecture and deep
-    python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses); and the
-                                                # decoder's skips added in place as on a CPU
+    python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses)
     python benchmarks/speed.py --variants       # also group widths 4, 8 and dense convolutions
 """
 
@@ -78,19 +77,6 @@ def main(argv=None) -> int:
             fast = measure(compiled, x, device)
             line += f"  compiled {fast / 1e6:8.2f} Mvoxel/s (compile {compile_s:.0f} s)"
         print(line, flush=True)
-    if device.type == "cuda":  # the decoder's skips broadcast in place, as on a CPU (as before this session)
-        from napari_spine_tracker.core import model as model_module
-
-        net = fuse_for_inference(SpineNet(shipped).eval()).to(device)
-        model_module.UPSAMPLED_COPY_ON_GPU = False
-        try:
-            with torch.inference_mode(), inference_autocast(device):
-                net(x)
-            eager = measure(net, x, device)
-        finally:
-            model_module.UPSAMPLED_COPY_ON_GPU = True
-        print(f"{'shipped, skips added in place':36s} {count_parameters(net):7d} params  eager "
-              f"{eager / 1e6:8.2f} Mvoxel/s", flush=True)
     return 0
 
 

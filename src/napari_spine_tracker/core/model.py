@@ -289,38 +289,21 @@ class SpineNet(nn.Module):
         return self.forward_sessions(x)[0]
 
 
-#: on a GPU, inference adds the upsampled skip tensor as a copy in channels-last memory (see
-#: :func:`_add_upsampled`); False: broadcast in place, as on a CPU (``benchmarks/speed.py`` times both)
-UPSAMPLED_COPY_ON_GPU = True
-
-
-def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor, copy: bool | None = None) -> torch.Tensor:
+def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """``fine + coarse`` upsampled by nearest neighbour (both (N, C, Z, Y, X), channels-last memory).
 
     Each coarse voxel covers a block of ``stride`` fine voxels; where a size is not a multiple of
     the stride (a strided convolution gives ``ceil(fine / stride)``), the last blocks are cut at
     the fine edge, so the network takes inputs of any size, not only multiples of its total
-    stride. On a CPU the upsampled tensor is never built in inference: ``coarse`` is broadcast over
-    each block of ``fine`` it covers and added in place (upsampling and adding were a fifth of the
-    CPU time). On a GPU those broadcast and strided additions ran as generic elementwise kernels, a
-    quarter of the GPU's time in a run (``benchmarks/results/gpu_session_h200_10.txt``), so there
-    (``copy``; None: on CUDA, as ``UPSAMPLED_COPY_ON_GPU`` says) the upsampled tensor is made in
-    channels-last memory, cut to ``fine``'s size, and added as it lies.
+    stride. The upsampled tensor is never built in inference: ``coarse`` is broadcast over each
+    block of ``fine`` it covers and added in place. Upsampling and adding were a fifth of the CPU
+    time.
     """
     n, c, z, y, x = fine.shape
     size = fine.shape[2:]
     factors = [-(-f // k) for f, k in zip(size, coarse.shape[2:])]
     if [-(-f // s) for f, s in zip(size, factors)] != list(coarse.shape[2:]):
         raise ValueError(f"cannot upsample {tuple(coarse.shape)} onto {tuple(fine.shape)}")
-    if copy is None:
-        copy = fine.is_cuda and UPSAMPLED_COPY_ON_GPU
-    if copy and not torch.is_grad_enabled():
-        _, _, cz, cy, cx = coarse.shape
-        spread = coarse.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
-        up = spread.expand(n, cz, factors[0], cy, factors[1], cx, factors[2], c)
-        up = up.reshape(n, cz * factors[0], cy * factors[1], cx * factors[2], c)[:, :z, :y, :x].contiguous()
-        fine += up.permute(0, 4, 1, 2, 3)
-        return fine
     exact = [f * k for f, k in zip(factors, coarse.shape[2:])] == [z, y, x]
     last = fine.permute(0, 2, 3, 4, 1)  # a view of channels-last memory
     if not exact or not last.is_contiguous():
