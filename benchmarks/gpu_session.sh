@@ -6,12 +6,12 @@
 #             python has pytest, not napari; those tests need neither Qt nor napari)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
-#             a lone series, then three series in turn with the cached GPU memory released
-#             after each and kept (a batch); linking alone
+#             a lone series, then three series in turn; linking alone
 #             (benchmarks/linking_speed.py); turned sessions; a 64x field if time is left
 #             (page-locked staging against pageable copies, and tiles read on the CPU:
 #             benchmarks/results/gpu_session_h200_9.txt; cuDNN's benchmark mode, slower:
-#             profile_detect.py --cudnn-benchmark, gpu_session_h200_10.txt)
+#             profile_detect.py --cudnn-benchmark, gpu_session_h200_10.txt; keeping the cached GPU
+#             memory from series to series, no gain: gpu_session_h200_11.txt)
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -89,10 +89,8 @@ if wants speed; then
     $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
     stamp "speed: end to end, ${REPEAT_XY}x${REPEAT_XY} field of view (the series held on the GPU), a lone series"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --top 25 --trace 25
-    stamp "speed: three series in turn, cached GPU memory released after each (as detect_series by default)"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory release
-    stamp "speed: the same three, cached memory kept from series to series (as detect with many inputs)"
-    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 --memory keep --trace 25
+    stamp "speed: three series in turn (each its own drift, so its own registration shapes)"
+    $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3
     stamp "speed: linking alone (its local motion on the GPU, on this host's CPU in threads, on one thread)"
     $PY benchmarks/linking_speed.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
     stamp "speed: end to end on turned sessions (rotated preset)"

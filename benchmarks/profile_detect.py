@@ -9,16 +9,13 @@ tiling, copies, building the table.
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4   # a 16x larger series on a GPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --resident off   # tiles read on the CPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --staging pageable   # held, copied without staging
-    python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --series 3 --memory keep   # as in a batch
+    python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --series 3   # three series in turn
 
 A first run of the series pays for what each size needs once (kernels chosen, FFT plans, memory
 first allocated) and is shown apart; then it is timed ``--repeat`` times without the profiler (the
 best is the figure to quote) and once under it (the stages). With ``--series N`` the timed runs
 take N series of consecutive seeds in turn (each with its own drift, so its own registration
-shapes), as a batch of one experiment's series would; ``--memory keep`` keeps the
-cached GPU memory from run to run as ``detect`` with many inputs does (``detect_series(...,
-release_gpu_memory=False)``), ``release`` (the default) gives it back after each run, as a lone
-series does (registration's cuFFT plans are kept either way: ``devices.free_memory``).
+shapes), as a batch of one experiment's series would.
 """
 
 from __future__ import annotations
@@ -63,9 +60,6 @@ def main(argv=None) -> int:
                              "copied from where it is read")
     parser.add_argument("--series", type=int, default=1,
                         help="time N series of consecutive seeds in turn (default 1: the same series each run)")
-    parser.add_argument("--memory", choices=["release", "keep"], default="release",
-                        help="give the cached GPU memory back after each run (a lone series), or keep "
-                             "it for the next (a batch; released after the last)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms for each new shape "
                              "(torch.backends.cudnn.benchmark; off in the package)")
@@ -80,7 +74,6 @@ def main(argv=None) -> int:
     import torch
 
     from napari_spine_tracker.core.detect import detect_series
-    from napari_spine_tracker.core.devices import free_memory
     from napari_spine_tracker.core.infer import DeviceSessions, InferenceOptions
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
@@ -96,8 +89,7 @@ def main(argv=None) -> int:
 
     def run():
         k = next(turn) % len(images)
-        detect_series(images[k], batch[k].voxel_size_um, model=model, options=options,
-                      release_gpu_memory=args.memory == "release")
+        detect_series(images[k], batch[k].voxel_size_um, model=model, options=options)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -115,15 +107,13 @@ def main(argv=None) -> int:
     run()
     profiler.disable()
     total = time.perf_counter() - start
-    free_memory(model.device)
 
     stats = pstats.Stats(profiler).stats
     voxels = image.size
     where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU"
     seeds = f"seeds {args.seed}-{args.seed + len(images) - 1} in turn" if len(images) > 1 else f"seed {args.seed}"
     print(f"{args.case} {seeds}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies); "
-          f"cached GPU memory: {'kept from run to run' if args.memory == 'keep' else 'released after each run'}"
+          f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies)"
           f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "

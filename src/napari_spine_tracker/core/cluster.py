@@ -180,10 +180,8 @@ def _process_name() -> str:
 
 def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
              progress: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, release_gpu_memory: bool = True) -> SeriesResult:
-    """Detect one series and write its table; every error but a cancel becomes a failed result.
-    ``release_gpu_memory``: as for ``detect_series`` (False where the caller releases it after the
-    batch)."""
+             should_stop: Callable[[], bool] | None = None) -> SeriesResult:
+    """Detect one series and write its table; every error but a cancel becomes a failed result."""
     from ..io.series import load_series
     from ..io.tables import suggestions_path, write_spine_table, write_suggestions
     from .detect import detect_series, threshold_note
@@ -198,7 +196,7 @@ def _run_job(job: _Job, get_model: Callable[[], tuple[Any, bool]],
                       if getattr(job, name) is not None}  # the others: detect_series's defaults
             found = detect_series(series, model=model, threshold=job.threshold, views=job.views, **chosen,
                                   track_evidence=job.track_evidence, progress=progress, should_stop=should_stop,
-                                  return_suggestions=job.suggestions, release_gpu_memory=release_gpu_memory)
+                                  return_suggestions=job.suggestions)
         finally:
             series.close()
         table, suggestions = found if job.suggestions else (found, None)
@@ -441,8 +439,7 @@ def _run_in_process(jobs: dict[int, _Job], model, device, progress, should_stop)
                 if progress is not None and of:
                     progress(base + min(SERIES_UNITS - 1, SERIES_UNITS * done // of), total)
 
-            # the GPU memory cached kept from series to series, released after the last
-            results[i] = _run_job(job, get_model, series_progress, should_stop, release_gpu_memory=False)
+            results[i] = _run_job(job, get_model, series_progress, should_stop)
             if progress is not None:
                 progress((n + 1) * SERIES_UNITS, total)
     finally:

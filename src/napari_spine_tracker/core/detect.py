@@ -62,8 +62,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
                   gate_um: float | str = DEFAULT_GATE_UM,
                   max_gap: int = DEFAULT_MAX_GAP, max_rotation_deg: float = 3.0, views: int | None = None,
                   options: InferenceOptions | None = None, track_evidence: bool = True,
-                  return_suggestions: bool = False, release_gpu_memory: bool = True,
-                  progress: Callable[[int, int], None] | None = None,
+                  return_suggestions: bool = False, progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Detect and track spines in a series; returns a spine table (DESIGN §3).
 
@@ -114,13 +113,6 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
         hold a third to a half of the spines the detection misses (36-51 % on held-out synthetic
         series with track evidence), among many that are not spines; the review offers them one
         by one (docs/model_report.md, "Suggestions of missed spines").
-    release_gpu_memory
-        Give the GPU memory PyTorch cached during the run back when the run ends (default), so
-        that other programs (napari's canvas) can use it; registration's cuFFT plans are kept
-        unless there are many (``devices.free_memory``). False keeps the memory for the next
-        series of a batch, which then skips allocating it again (``detect_many`` and the
-        ``detect`` command release it after their last series); call
-        ``devices.free_memory(device)`` after your own last one.
     progress, should_stop
         ``progress(done, total)`` is called as work proceeds; ``should_stop()`` is polled per tile
         and per session, and a True answer raises ``errors.Cancelled`` (nothing is written).
@@ -189,8 +181,7 @@ def detect_series(series, voxel_size_um: Sequence[float] | None = None, *,
     finally:
         if held is not None:
             held.release()
-        if release_gpu_memory:
-            free_memory(loaded.device)
+        free_memory(loaded.device)
     drop = [c for c in ("dz", "dy", "dx") if c in table.columns]
     log.info("detected %d spine-sessions in %d tracks (peak threshold %.2f, linking gate %.2f µm)", len(table),
              table["track_id"].nunique(), detections.attrs["threshold"], table.attrs["gate_um"])
