@@ -7,7 +7,8 @@
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
 #             a lone series, then three series in turn; linking alone
-#             (benchmarks/linking_speed.py); turned sessions; a 64x field if time is left
+#             (benchmarks/linking_speed.py); the layouts and types of the network's additions
+#             (benchmarks/addition_layouts.py); turned sessions; a 64x field if time is left
 #             (page-locked staging against pageable copies, and tiles read on the CPU:
 #             benchmarks/results/gpu_session_h200_9.txt; cuDNN's benchmark mode, slower:
 #             profile_detect.py --cudnn-benchmark, gpu_session_h200_10.txt; keeping the cached GPU
@@ -93,6 +94,8 @@ if wants speed; then
     $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3
     stamp "speed: linking alone (its local motion on the GPU, on this host's CPU in threads, on one thread)"
     $PY benchmarks/linking_speed.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
+    stamp "speed: the network's additions whose operands differ in layout or type (generic kernels)"
+    $PY benchmarks/addition_layouts.py --device "$DEVICE" --repeat-xy "$REPEAT_XY"
     stamp "speed: end to end on turned sessions (rotated preset)"
     $PY benchmarks/profile_detect.py --device "$DEVICE" --case rotated
     if [ "$(left)" -gt 90 ]; then
