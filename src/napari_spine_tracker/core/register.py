@@ -62,21 +62,6 @@ class _SciPyFFT:
         """The maximum along z."""
         return volume.max(axis=0)
 
-    def bin_yx(self, volume, factor: int) -> np.ndarray:
-        """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped),
-        summed slice by slice, rows first (whole rows are read once) and then columns on the third
-        as large sum: a mean over two axes of a reshaped view took 9x longer, nine strided sums 1.6x."""
-        z, y, x = volume.shape
-        y2, x2 = y - y % factor, x - x % factor
-        rows = np.zeros((z, y2 // factor, x2), np.float32)
-        for i in range(factor):
-            rows += volume[:, i:y2:factor, :x2]
-        out = np.zeros((z, y2 // factor, x2 // factor), np.float32)
-        for j in range(factor):
-            out += rows[:, :, j:x2:factor]
-        out *= 1 / factor**2
-        return out
-
     def zeros(self, shape) -> np.ndarray:
         return np.zeros(shape, np.float32)
 
@@ -125,12 +110,6 @@ class _TorchFFT:
 
     def project(self, volume):
         return self.torch.amax(volume, dim=0)
-
-    def bin_yx(self, volume, factor: int):
-        """The same block mean as one pooling kernel: the strided sums that serve the CPU best ran
-        as slow strided kernels on an H200, about 30 ms of GPU time per 6 x 32 x 1024 x 1024 series
-        on registration's critical path (``benchmarks/results/gpu_session_h200_9.txt``)."""
-        return self.torch.nn.functional.avg_pool2d(volume.float()[None], factor)[0]
 
     def zeros(self, shape):
         return self.torch.zeros(tuple(int(n) for n in shape), dtype=self.torch.float32, device=self.device)
@@ -280,9 +259,19 @@ def _outer(factors, fft=_SCIPY):
 
 
 def _bin_yx(volume, factor: int, fft=_SCIPY):
-    """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped), where
-    ``fft`` computes."""
-    return fft.bin_yx(volume, factor)
+    """Mean over ``factor`` x ``factor`` blocks in y, x (float32; a ragged edge is dropped), summed
+    slice by slice, rows first (whole rows are read once) and then columns on the third as large
+    sum: a mean over two axes of a reshaped view took 9x longer, nine strided sums 1.6x."""
+    z, y, x = volume.shape
+    y2, x2 = y - y % factor, x - x % factor
+    rows = fft.zeros((z, y2 // factor, x2))
+    for i in range(factor):
+        rows += volume[:, i:y2:factor, :x2]
+    out = fft.zeros((z, y2 // factor, x2 // factor))
+    for j in range(factor):
+        out += rows[:, :, j:x2:factor]
+    out *= 1 / factor**2
+    return out
 
 
 def _windowed_spectrum(vol, fft=_SCIPY):
