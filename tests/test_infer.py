@@ -715,7 +715,7 @@ def test_a_series_is_held_for_a_whole_run_only_where_it_can_be():
 def test_a_series_that_does_not_fit_on_the_device_is_read_from_where_it_is(monkeypatch, caplog):
     from napari_spine_tracker.core.infer import DeviceSessions
 
-    def out_of_memory(self, raw):
+    def out_of_memory(self, raw, staging=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(DeviceSessions, "hold_on_device", out_of_memory)

@@ -266,8 +266,8 @@ def test_detection_holds_the_series_once_for_registration_and_inference(monkeypa
     real_motion, real_hold = register.estimate_motion, infer.DeviceSessions.hold_on_device
     monkeypatch.setattr(register, "estimate_motion", lambda data, *a, **k: registered.append(data) or
                         real_motion(data, *a, **k))
-    monkeypatch.setattr(infer.DeviceSessions, "hold_on_device", lambda self, raw: held.append(raw.shape) or
-                        real_hold(self, raw))
+    monkeypatch.setattr(infer.DeviceSessions, "hold_on_device", lambda self, raw, staging=None:
+                        held.append(raw.shape) or real_hold(self, raw, staging))
     tables = {resident: detect.detect_series(series, VOXEL, model="spinenet-synth", device="cpu",
                                              options=InferenceOptions(resident=resident))
               for resident in (False, True)}

@@ -25,6 +25,7 @@ x, so that the output grid (stride 2) of a mirrored tile is exactly the mirror o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -299,23 +300,18 @@ class DeviceSessions:
     #: each chunk written while the one before crosses; False: each session copied from where it is
     #: read (``benchmarks/profile_detect.py --staging pageable`` measures the difference)
     staged = True
-    _staging = None  # during __init__: the staging the sessions pass through
 
     def __init__(self, sessions: Sequence, device):
         self.device = device
         self.volumes, self.decoders, self.whole = [], [], []
-        staging = self._staging = PinnedStaging.for_device(device) if self.staged else None
-        try:
+        staging = PinnedStaging.for_device(device) if self.staged else None
+        with staging or contextlib.nullcontext():  # its end waits for the last copies
             for session in sessions:
-                self.hold_on_device(session[:, :, :])
-        finally:
-            self._staging = None
-            if staging is not None:
-                staging.close()
+                self.hold_on_device(session[:, :, :], staging)
 
-    def hold_on_device(self, raw) -> None:
-        """Copy one session (Z, Y, X) to the device as stored."""
-        volume, to_float = as_stored_on(raw, self.device, self._staging)
+    def hold_on_device(self, raw, staging: PinnedStaging | None = None) -> None:
+        """Copy one session (Z, Y, X) to the device as stored (through ``staging`` if given)."""
+        volume, to_float = as_stored_on(raw, self.device, staging)
         self.volumes.append(volume)
         self.decoders.append(to_float)
         self.whole.append(np.asarray(raw).dtype.kind in "ui")

