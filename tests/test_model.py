@@ -6,7 +6,7 @@ import torch
 
 from napari_spine_tracker.core.batches import make_batch
 from napari_spine_tracker.core.decode import decode_peaks, nms_kernel
-from napari_spine_tracker.core.model import SpineNet, build_config
+from napari_spine_tracker.core.model import SpineNet, build_config, fuse_for_inference
 from napari_spine_tracker.core.targets import SessionPoints, make_targets
 from napari_spine_tracker.core.train import compute_loss
 from napari_spine_tracker.errors import InputError
@@ -250,7 +250,10 @@ def test_heads_at_the_peaks_equal_dense_heads():
         decode_peaks({name: value[:, 0] for name, value in sparse.items()}, (1, 2, 2), kernel, 0.4)
 
 
-def test_a_lean_model_grows_into_deep_without_changing_its_output():
+@pytest.mark.parametrize(("preset", "added_blocks"), [("deep", ["down.1.1", "down.2.1"]), ("fine", ["up.0.0"])])
+def test_a_lean_model_grows_without_changing_its_output(preset, added_blocks):
+    """Deeper coarse levels (deep) or a block at the finest level (fine): the grown model computes
+    what the lean one did, and the added blocks learn."""
     from napari_spine_tracker.core.model import grow_config, load_grown
 
     torch.manual_seed(0)
@@ -261,20 +264,35 @@ def test_a_lean_model_grows_into_deep_without_changing_its_output():
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
-    grown = SpineNet(grow_config(small.config, "deep"))
+    old_config = {key: value for key, value in small.config.items() if key != "fine_blocks"}  # an older checkpoint's
+    grown = SpineNet(grow_config(old_config, preset))
     added = load_grown(grown, small.state_dict())
-    assert added == ["down.1.1", "down.2.1"]
-    assert grown.config["blocks"] == [1, 2, 2] and grown.config["preset"] == "deep"
+    assert added == added_blocks
+    assert grown.config["blocks"] == build_config(preset)["blocks"] and grown.config["preset"] == preset
+    assert grown.config["fine_blocks"] == build_config(preset)["fine_blocks"]
     x = torch.randn(1, 2, 1, 16, 64, 64)
     small.eval(), grown.eval()
     with torch.no_grad():
         before, after = small(x), grown(x)
+        fused = SpineNet(grown.config)
+        fused.load_state_dict(grown.state_dict())
+        folded = fuse_for_inference(fused.eval())(x)  # BatchNorm folded, the added blocks' too
     for name in SpineNet.HEADS:
         torch.testing.assert_close(after[name], before[name])
+        torch.testing.assert_close(folded[name], after[name], rtol=1e-4, atol=1e-4)
     grown.train()  # and the added blocks learn: their last BatchNorm scale gets a gradient
     loss = grown(x)["heatmap"].square().mean()
     loss.backward()
-    assert grown.down[2][1].expand[1].weight.grad.abs().sum() > 0
+    modules = dict(grown.named_modules())
+    for name in added_blocks:
+        assert modules[name].expand[1].weight.grad.abs().sum() > 0
+
+
+def test_a_fine_model_cannot_lose_its_fine_block():
+    from napari_spine_tracker.core.model import grow_config
+
+    with pytest.raises(ValueError, match="fine blocks 1 -> 0"):
+        grow_config(build_config("fine"), "deep")
 
 
 @pytest.mark.parametrize("preset", ["base", "tiny"])

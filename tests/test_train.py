@@ -133,15 +133,22 @@ def test_fine_tuning_validates_more_often(tmp_path):
     assert TrainOptions(out=tmp_path / "a.pt", init="spinenet-synth", val_every=7).validation_interval == 7
 
 
-def test_a_lean_model_grows_into_a_deeper_one(tmp_path):
-    """--init with a deeper --size: the initial weights are kept and the added blocks trained
+@pytest.mark.parametrize(("size", "added"), [("deep", ["down.1.1", "down.2.1"]), ("fine", ["up.0.0"])])
+def test_a_lean_model_grows_into_a_larger_one(tmp_path, size, added):
+    """--init with a larger --size: the initial weights are kept and the added blocks trained
     (how the shipped model was made from the earlier lean one)."""
+    from napari_spine_tracker.core.model import build_config
+    from napari_spine_tracker.core.models import load_model
+
     lean = train_model(tiny_options(tmp_path / "lean.pt", size="lean", steps=1, val_every=1))
-    path = train_model(tiny_options(tmp_path / "deep.pt", init=str(lean), size="deep", steps=2, val_every=2))
+    path = train_model(tiny_options(tmp_path / f"{size}.pt", init=str(lean), size=size, steps=2, val_every=2))
     checkpoint = load_checkpoint(path)
-    assert checkpoint["config"]["preset"] == "deep" and checkpoint["config"]["blocks"] == [1, 2, 2]
-    assert checkpoint["training"]["grown_blocks"] == ["down.1.1", "down.2.1"]
-    assert checkpoint["state_dict"]["down.2.1.expand.1.weight"].abs().sum() > 0, "the added blocks were trained"
+    assert checkpoint["config"]["preset"] == size and checkpoint["config"]["blocks"] == build_config(size)["blocks"]
+    assert checkpoint["training"]["grown_blocks"] == added
+    for block in added:
+        assert checkpoint["state_dict"][f"{block}.expand.1.weight"].abs().sum() > 0, "the added blocks were trained"
+    loaded = load_model(path, device="cpu")  # and loads for detection, the added blocks with it
+    assert loaded.config["fine_blocks"] == build_config(size)["fine_blocks"]
 
 
 def test_growing_into_other_widths_is_a_clear_error(tmp_path):

@@ -38,6 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # lean model grows into it (grow_config). Tried as stage 4, not shipped (docs/model_report.md,
     # "The shipped weights: how they were made")
     "deep": {"widths": [16, 32, 48, 64], "blocks": [1, 2, 2], "group_width": 16},
+    # lean with a residual block at the finest level, before the head trunk: capacity where small,
+    # dim heads and close pairs are told apart (the misses of low_snr and crowded); the network
+    # ~40 % slower on a CPU. A lean model grows into it (grow_config)
+    "fine": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16, "fine_blocks": 1},
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -48,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "lstm_kernel": 1,  # the coarsest level already sees far; a 3x3x3 kernel there cost 20% of the time
     "bottleneck": 0.5,  # block width / output width, as in ResNeXt-50
     "head_width": 16,
+    # residual blocks at the finest level of the decoder (full width, one dense group); the lean
+    # model has none: its head trunk, one plain 3x3x3 conv, does that level's work
+    "fine_blocks": 0,
 }
 
 
@@ -67,14 +74,17 @@ def grow_config(config: dict[str, Any], preset: str) -> dict[str, Any]:
     :func:`load_grown`). Only depth can grow: the widths, strides and other settings must be the
     same, and no level may lose a block."""
     target = build_config(preset)
-    fixed = [key for key in target if key not in ("blocks", "preset") and target[key] != config.get(key)]
-    if fixed or len(target["blocks"]) != len(config["blocks"]) or any(
+    grows = ("blocks", "fine_blocks", "preset")
+    fixed = [key for key in target if key not in grows and target[key] != config.get(key)]
+    old_fine = config.get("fine_blocks", 0)  # checkpoints from before fine blocks have none
+    if fixed or len(target["blocks"]) != len(config["blocks"]) or target["fine_blocks"] < old_fine or any(
             new < old for new, old in zip(target["blocks"], config["blocks"])):
-        differ = ", ".join(fixed) if fixed else f"blocks {config['blocks']} -> {target['blocks']}"
+        differ = ", ".join(fixed) if fixed else (f"blocks {config['blocks']} -> {target['blocks']}, fine blocks "
+                                                 f"{old_fine} -> {target['fine_blocks']}")
         raise ValueError(f"a {config.get('preset', 'custom')!r} model cannot grow into {preset!r} ({differ}): "
                          "only blocks can be added; train from scratch instead (leave out --init)")
     grown = copy.deepcopy(config)
-    grown["blocks"], grown["preset"] = list(target["blocks"]), preset
+    grown["blocks"], grown["fine_blocks"], grown["preset"] = list(target["blocks"]), target["fine_blocks"], preset
     return grown
 
 
@@ -85,7 +95,7 @@ def load_grown(net: SpineNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
     the smaller one did, and training starts from there (the zero-initialised residual of Goyal
     et al., 2017)."""
     missing, unexpected = net.load_state_dict(state_dict, strict=False)
-    added = sorted({key.rsplit(".", 3)[0] for key in missing if key.startswith("down.")})
+    added = sorted({key.rsplit(".", 3)[0] for key in missing if key.startswith(("down.", "up.0."))})
     stray = [key for key in missing if not any(key.startswith(block + ".") for block in added)]
     if unexpected or stray:
         raise ValueError(f"weights do not fit the grown model (unexpected {unexpected[:3]}, missing {stray[:3]})")
@@ -174,8 +184,9 @@ class SpineNet(nn.Module):
         # plain 3x3x3 conv, does a block's job at half its cost (docs/model_report.md, "Design choices
         # measured here"); a depthwise block is cheaper still to run, but its backward pass is 20-50x
         # slower in oneDNN (untrainable on CPU)
-        self.up = nn.ModuleList([nn.Identity()] + [ResNeXtBlock(widths[i], widths[i], 1, gw, bn)
-                                                   for i in range(1, len(strides))])
+        fine = [ResNeXtBlock(widths[0], widths[0], 1, gw, 1.0) for _ in range(config.get("fine_blocks", 0))]
+        self.up = nn.ModuleList([nn.Sequential(*fine) if fine else nn.Identity()]
+                                + [ResNeXtBlock(widths[i], widths[i], 1, gw, bn) for i in range(1, len(strides))])
         hw = config["head_width"]
         self.head_trunk = ConvBNReLU(widths[0], hw, 3)
         self.heads = nn.ModuleDict({name: nn.Conv3d(hw, n, 1) for name, n in self.HEADS.items()})
