@@ -17,8 +17,9 @@
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
 #             the engine's axon boutons (`train --hard-negative-weight`); CONTROL=1
-#             trains a second model beside it with neither (the default mix) and the same seed
-#             (control.log, control.pt), the workers shared;
+#             trains a second model beside it with none of these nor TRAIN_SIZE (the default mix,
+#             the initial model's architecture) and the same seed (control.log, control.pt), the
+#             workers shared;
 #             VAL_SERIES validates on that many synthetic series instead of six (`train --val-series`);
 #             TRAIN_COARSE renders that share of the preset series at coarser voxels (`train
 #             --coarse-fraction`); TRAIN_INIT starts from another model (a name or a path, default
@@ -111,17 +112,18 @@ finetune() {
 if wants train; then
     workers=$TRAIN_WORKERS
     [ -n "$CONTROL" ] && workers=$(( TRAIN_WORKERS / 2 ))
-    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_HARD:+, hard negatives x$TRAIN_HARD}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${TRAIN_EMA:+, moving average $TRAIN_EMA}${CONTROL:+; a control with the default mix beside it}"
+    stamp "training from $TRAIN_INIT for $TRAIN_MINUTES min with $workers batch workers${TRAIN_SIZE:+, grown into $TRAIN_SIZE}${TRAIN_PRESETS:+, presets $TRAIN_PRESETS}${TRAIN_HARD:+, hard negatives x$TRAIN_HARD}${TRAIN_COARSE:+, coarse share $TRAIN_COARSE}${TRAIN_EMA:+, moving average $TRAIN_EMA}${CONTROL:+; a control with the default mix and size beside it}"
     (nvidia-smi dmon -s u -d 10 > "$OUT/gpu_util.txt" 2>&1 &)
     train() {  # train OUT_NAME EXTRA_ARGS...
         local name=$1; shift
         $PY -m napari_spine_tracker -v train --init "$TRAIN_INIT" --out "$OUT/$name.pt" --device "$DEVICE" \
             --minutes "$TRAIN_MINUTES" --lr "$TRAIN_LR" --val-every "$VAL_EVERY" --workers "$workers" \
-            --seed "$TRAIN_SEED" ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${VAL_SERIES:+--val-series "$VAL_SERIES"} \
+            --seed "$TRAIN_SEED" ${VAL_SERIES:+--val-series "$VAL_SERIES"} \
             ${TRAIN_COARSE:+--coarse-fraction "$TRAIN_COARSE"} ${TRAIN_EMA:+--ema "$TRAIN_EMA"} -q "$@"
     }
     # shellcheck disable=SC2086
-    train spinenet-synth ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} ${TRAIN_HARD:+--hard-negative-weight "$TRAIN_HARD"} \
+    train spinenet-synth ${TRAIN_SIZE:+--size "$TRAIN_SIZE"} ${TRAIN_PRESETS:+--presets $TRAIN_PRESETS} \
+        ${TRAIN_HARD:+--hard-negative-weight "$TRAIN_HARD"} \
         > "$OUT/train.log" 2>&1 &
     train_pid=$!
     if [ -n "$CONTROL" ]; then

@@ -5,7 +5,7 @@ end) on a batch of 4 sessions of 32 x 256 x 256 voxels, after warm-up, best of t
 ``torch.compile`` the one-off compile time is printed beside the steady speed, so that the
 break-even series size can be read off.
 
-    python benchmarks/speed.py                  # CPU, the shipped model's architecture and deep
+    python benchmarks/speed.py                  # CPU, the shipped model's architecture, deep and fine
     python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses)
     python benchmarks/speed.py --variants       # also group widths 4, 8 and dense convolutions
 """
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     device = get_device(args.device)
     x = torch.randn(1, args.shape[0], 1, *args.shape[1:], device=device)
     shipped = load_checkpoint(resolve_model(DEFAULT_MODEL))["config"]
-    other = "deep" if shipped.get("preset") != "deep" else "lean"
-    configs = {f"{shipped.get('preset', 'custom')} (shipped)": shipped, other: build_config(other)}
+    configs = {f"{shipped.get('preset', 'custom')} (shipped)": shipped}
+    configs.update({other: build_config(other) for other in ("lean", "deep", "fine") if other != shipped.get("preset")})
     if args.variants:
         configs["lean, 8-channel groups"] = build_config("lean", group_width=8)
         configs["lean, 4-channel groups"] = build_config("lean", group_width=4)
