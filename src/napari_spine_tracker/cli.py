@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop after this many minutes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--size", help="architecture preset (tiny, lean, deep, fine, base): from scratch (default lean), "
-                   "or with --init a deeper one the initial model grows into (lean -> deep)")
+                   "or with --init a larger one the initial model grows into (lean -> deep or fine)")
     p.add_argument("--patch", nargs=3, type=int, metavar=("Z", "Y", "X"),
                    help="training patch in model-grid voxels (default 16 96 96)")
     p.add_argument("--patch-sessions", type=int, help="sessions per training patch (default 3)")

@@ -39,8 +39,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # "The shipped weights: how they were made")
     "deep": {"widths": [16, 32, 48, 64], "blocks": [1, 2, 2], "group_width": 16},
     # lean with a residual block at the finest level, before the head trunk: capacity where small,
-    # dim heads and close pairs are told apart (the misses of low_snr and crowded); the network
-    # ~40 % slower on a CPU. A lean model grows into it (grow_config)
+    # dim heads and close pairs are told apart (the misses of low_snr and crowded); the network takes
+    # ~40 % longer on a CPU. A lean model grows into it (grow_config). Tried as stage 10, not shipped
     "fine": {"widths": [16, 32, 48, 64], "blocks": [1, 1, 1], "group_width": 16, "fine_blocks": 1},
 }
 
@@ -52,8 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "lstm_kernel": 1,  # the coarsest level already sees far; a 3x3x3 kernel there cost 20% of the time
     "bottleneck": 0.5,  # block width / output width, as in ResNeXt-50
     "head_width": 16,
-    # residual blocks at the finest level of the decoder (full width, one dense group); the lean
-    # model has none: its head trunk, one plain 3x3x3 conv, does that level's work
+    # residual blocks at the finest level of the decoder (no bottleneck: the 3x3x3 conv at full
+    # width, in groups of group_width); the lean model has none: its head trunk, one plain 3x3x3
+    # conv, does that level's work
     "fine_blocks": 0,
 }
 
@@ -91,7 +92,8 @@ def grow_config(config: dict[str, Any], preset: str) -> dict[str, Any]:
 def load_grown(net: SpineNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Load a smaller model's weights into ``net`` built from :func:`grow_config`; returns the
     names of the blocks it adds. Each added block starts as the identity (the scale of its last
-    BatchNorm is zero and its input comes out of a ReLU), so the grown model computes exactly what
+    BatchNorm is zero and its input is not negative: it comes out of a ReLU, or at the finest level
+    is the sum of two that do), so the grown model computes exactly what
     the smaller one did, and training starts from there (the zero-initialised residual of Goyal
     et al., 2017)."""
     missing, unexpected = net.load_state_dict(state_dict, strict=False)
