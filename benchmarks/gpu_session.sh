@@ -13,6 +13,10 @@
 #             benchmarks/results/gpu_session_h200_9.txt; cuDNN's benchmark mode, slower:
 #             profile_detect.py --cudnn-benchmark, gpu_session_h200_10.txt; keeping the cached GPU
 #             memory from series to series, no gain: gpu_session_h200_11.txt)
+#   epilogues the biases, residual additions and ReLUs inside cuDNN's convolutions against apart
+#             (model.use_cudnn_epilogues): the network alone, then end to end on the 16x series,
+#             alternating on and off twice, each kernel table once; three series in turn; the 64x
+#             field if time is left
 #   train     the shipped weights: `train --init spinenet-synth` on the GPU for TRAIN_MINUTES with
 #             batch workers (train.log, spinenet-synth.pt and .json); TRAIN_PRESETS sets its mix of
 #             synthetic presets (`train --presets`) and TRAIN_HARD weights its heatmap's negatives at
@@ -39,7 +43,7 @@
 #   OUT=/tmp/out DEVICE=cpu TRAIN_MINUTES=0.3 FT_MINUTES=0.2 REPEAT_XY=1 QUICK=--quick bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
-PHASES=${PHASES:-checks speed train finetune compare compile}
+PHASES=${PHASES:-checks speed train finetune compare compile}  # epilogues: on demand
 DEVICE=${DEVICE:-cuda}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5.5}
 TRAIN_WORKERS=${TRAIN_WORKERS:-11}
@@ -82,7 +86,8 @@ if wants checks; then
     $PY benchmarks/gpu_checks.py --device "$DEVICE" 2>&1 | grep -v "^INFO"
     [ "${PIPESTATUS[0]}" = 0 ] || exit 1
     stamp "the test suite's CUDA tests (pytest -m cuda; they skip on a machine without CUDA)"
-    $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py tests/test_link.py 2>&1 | tail -n 15
+    $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py tests/test_link.py \
+        tests/test_model.py 2>&1 | tail -n 15
 fi
 
 if wants speed; then
@@ -103,6 +108,32 @@ if wants speed; then
         stamp "speed: a 64x field of view (6 x 32 x 2048 x 2048 on the default preset), a lone series"
         $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy $(( 2 * REPEAT_XY )) --resident on --repeat 2
     fi
+fi
+
+if wants epilogues; then
+    stamp "cuDNN epilogues: the network alone"
+    $PY benchmarks/speed.py --device "$DEVICE" --no-compile
+    $PY benchmarks/speed.py --device "$DEVICE" --no-compile --shape 4 32 512 512
+    for round in 1 2; do
+        for epilogues in on off; do
+            stamp "cuDNN epilogues $epilogues, round $round: end to end, ${REPEAT_XY}x${REPEAT_XY} field, a lone series"
+            # shellcheck disable=SC2046
+            $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on \
+                --epilogues "$epilogues" $([ "$round" = 1 ] && echo --trace 25)
+        done
+    done
+    for epilogues in on off; do
+        stamp "cuDNN epilogues $epilogues: three series in turn"
+        $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy "$REPEAT_XY" --resident on --series 3 \
+            --epilogues "$epilogues"
+    done
+    for epilogues in on off; do
+        if [ "$(left)" -gt 60 ]; then
+            stamp "cuDNN epilogues $epilogues: a $(( 2 * REPEAT_XY ))x field of view, a lone series"
+            $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy $(( 2 * REPEAT_XY )) --resident on \
+                --repeat 2 --epilogues "$epilogues"
+        fi
+    done
 fi
 
 finetune() {

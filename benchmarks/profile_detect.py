@@ -10,6 +10,7 @@ tiling, copies, building the table.
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --resident off   # tiles read on the CPU
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --staging pageable   # held, copied without staging
     python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --series 3   # three series in turn
+    python benchmarks/profile_detect.py --device cuda --repeat-xy 4 --epilogues off   # biases and ReLUs apart
 
 A first run of the series pays for what each size needs once (kernels chosen, FFT plans, memory
 first allocated) and is shown apart; then it is timed ``--repeat`` times without the profiler (the
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms for each new shape "
                              "(torch.backends.cudnn.benchmark; off in the package)")
+    parser.add_argument("--epilogues", choices=["on", "off"], default="on",
+                        help="on CUDA, run the biases, residual additions and ReLUs inside cuDNN's "
+                             "convolutions (on, as shipped) or as kernels of their own (off)")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most time of their own")
     parser.add_argument("--trace", type=int, default=0,
                         help="also run once under torch.profiler and list its N operations with the most time "
@@ -75,10 +79,12 @@ def main(argv=None) -> int:
 
     from napari_spine_tracker.core.detect import detect_series
     from napari_spine_tracker.core.infer import DeviceSessions, InferenceOptions
+    from napari_spine_tracker.core.model import use_cudnn_epilogues
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
     model = load_model(args.model, device=args.device)
+    use_cudnn_epilogues(model.net, args.epilogues == "on")
     batch = [synthesize_series(SynthConfig.preset(args.case, seed=args.seed + k)) for k in range(max(1, args.series))]
     images = [np.tile(s.image, (1, 1, args.repeat_xy, args.repeat_xy)) for s in batch]
     image = images[0]
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
     seeds = f"seeds {args.seed}-{args.seed + len(images) - 1} in turn" if len(images) > 1 else f"seed {args.seed}"
     print(f"{args.case} {seeds}: {image.shape} voxels on {where}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; series held on the device: {args.resident} ({args.staging} copies)"
-          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
+          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
+          f"{'; cuDNN epilogues off' if args.epilogues == 'off' and model.device.type == 'cuda' else ''}")
     print(f"first run {first:.2f} s = {voxels / first / 1e6:.2f} Mvoxel/s")
     print(f"end to end {plain[0]:.2f} s = {voxels / plain[0] / 1e6:.2f} Mvoxel/s without the profiler "
           f"(best of {args.repeat}; median {np.median(plain):.2f} s)")

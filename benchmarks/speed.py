@@ -6,7 +6,8 @@ end) on a batch of 4 sessions of 32 x 256 x 256 voxels, after warm-up, best of t
 break-even series size can be read off.
 
     python benchmarks/speed.py                  # CPU, the shipped model's architecture, deep and fine
-    python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses)
+    python benchmarks/speed.py --device cuda    # on a GPU: fp16 autocast (as detect uses), and the
+                                                # shipped one with its biases and ReLUs outside cuDNN
     python benchmarks/speed.py --variants       # also group widths 4, 8 and dense convolutions
 """
 
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     shipped = load_checkpoint(resolve_model(DEFAULT_MODEL))["config"]
     configs = {f"{shipped.get('preset', 'custom')} (shipped)": shipped}
     configs.update({other: build_config(other) for other in ("lean", "deep", "fine") if other != shipped.get("preset")})
+    plain = f"{shipped.get('preset', 'custom')}, cuDNN epilogues off"  # biases, residuals, ReLUs apart
+    if device.type == "cuda":
+        configs[plain] = shipped
     if args.variants:
         configs["lean, 8-channel groups"] = build_config("lean", group_width=8)
         configs["lean, 4-channel groups"] = build_config("lean", group_width=4)
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
     print(f"device {device}, input {tuple(x.shape)} (B, T, 1, Z, Y, X), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for name, config in configs.items():
-        net = fuse_for_inference(SpineNet(config).eval()).to(device)
+        net = fuse_for_inference(SpineNet(config).eval(), cudnn_epilogues=name != plain).to(device)
         with torch.inference_mode(), inference_autocast(device):
             net(x)  # warm-up
         eager = measure(net, x, device)

@@ -1,12 +1,22 @@
 """SpineNet architecture, training step, targets/decoding round trip and checkpoints."""
 
+import collections
+import logging
+
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from napari_spine_tracker.core.batches import make_batch
 from napari_spine_tracker.core.decode import decode_peaks, nms_kernel
-from napari_spine_tracker.core.model import SpineNet, build_config, fuse_for_inference
+from napari_spine_tracker.core.model import (
+    ResNeXtBlock,
+    SpineNet,
+    build_config,
+    fuse_for_inference,
+    use_cudnn_epilogues,
+)
 from napari_spine_tracker.core.targets import SessionPoints, make_targets
 from napari_spine_tracker.core.train import compute_loss
 from napari_spine_tracker.errors import InputError
@@ -337,3 +347,104 @@ def test_sessions_cut_from_a_larger_field(tiny_net):
             tiny_net.forward_sessions(cut[:, :1], pairs=cut[:, :1], cut_at=[(0, 0, 2)], field_grid=grid)
         with pytest.raises(ValueError, match="field_grid"):
             tiny_net.forward_sessions(cut[:, :1], pairs=cut[:, :1], cut_at=[(0, 0, 1)])
+
+
+def _cudnn_on_cpu(monkeypatch, fail=None):
+    """Stand-ins for cuDNN's fused convolutions on the CPU, and the epilogues let run there: the
+    wiring of the fused path (biases joined, residuals, types) is checked without a GPU."""
+    from napari_spine_tracker.core import model as model_module
+
+    calls = collections.Counter()
+
+    def conv_relu(x, weight, bias, stride, padding, dilation, groups):
+        calls["relu"] += 1
+        if fail is not None:
+            raise fail
+        return F.relu(F.conv3d(x, weight, bias, stride, padding, dilation, groups))
+
+    def conv_add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        calls["add_relu"] += 1
+        if fail is not None:
+            raise fail
+        assert z.shape[1] == weight.shape[0] and z.dtype == x.dtype == weight.dtype == bias.dtype
+        return F.relu(F.conv3d(x, weight, bias, stride, padding, dilation, groups) + alpha * z)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu, raising=False)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu, raising=False)
+    monkeypatch.setattr(model_module, "_epilogue_ready", lambda x: not torch.is_grad_enabled())
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["lean", "fine", "tiny"])
+def test_cudnn_epilogues_give_the_plain_outputs(monkeypatch, preset):
+    from napari_spine_tracker.core.model import ConvBNReLU
+
+    torch.manual_seed(0)
+    net = fuse_for_inference(_randomised(SpineNet(build_config(preset))).eval())
+    blocks = [m for m in net.modules() if isinstance(m, ResNeXtBlock)]
+    assert all(block.epilogue for block in blocks)
+    assert all(m.epilogue == (len(m) == 3) for m in net.modules() if isinstance(m, ConvBNReLU))
+    x = torch.randn(1, 2, 1, 12, 40, 36)  # not multiples of the strides
+    with torch.no_grad():
+        plain = use_cudnn_epilogues(net, False)(x)
+        calls = _cudnn_on_cpu(monkeypatch)
+        fused = use_cudnn_epilogues(net, True)(x)
+    assert calls["add_relu"] == len(blocks)  # every block once: the sessions run as one batch
+    for name in SpineNet.HEADS:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-4)
+    with torch.enable_grad():  # training never takes the fused path
+        calls.clear()
+        net(x)
+    assert not calls
+
+
+def test_a_cudnn_epilogue_that_fails_falls_back_for_good(monkeypatch, caplog):
+    torch.manual_seed(0)
+    net = fuse_for_inference(_randomised(SpineNet(build_config("tiny"))).eval())
+    x = torch.randn(1, 2, 1, 8, 32, 32)
+    with torch.no_grad():
+        plain = use_cudnn_epilogues(net, False)(x)["heatmap"]
+        use_cudnn_epilogues(net, True)
+        _cudnn_on_cpu(monkeypatch, fail=RuntimeError("GET was unable to find an engine to execute this computation"))
+        with caplog.at_level(logging.WARNING):
+            fallen = net(x)["heatmap"]
+    assert "could not fuse" in caplog.text
+    assert not any(getattr(m, "epilogue", False) for m in net.modules())
+    torch.testing.assert_close(fallen, plain)
+
+
+def test_out_of_memory_in_a_cudnn_epilogue_is_not_swallowed(monkeypatch):
+    net = fuse_for_inference(SpineNet(build_config("tiny")).eval())
+    _cudnn_on_cpu(monkeypatch, fail=torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
+        net(torch.randn(1, 1, 1, 8, 32, 32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cudnn_epilogues_match_the_plain_path_on_cuda(dtype):
+    from napari_spine_tracker.core.devices import inference_autocast
+
+    torch.manual_seed(0)
+    net = fuse_for_inference(_randomised(SpineNet(build_config("lean"))).eval()).to("cuda")
+    x = torch.randn(1, 3, 1, 16, 72, 64, device="cuda")
+    with torch.inference_mode(), inference_autocast(torch.device("cuda"), dtype):
+        plain = use_cudnn_epilogues(net, False)(x)
+        fused = use_cudnn_epilogues(net, True)(x)
+    assert all(getattr(m, "epilogue", True) for m in net.modules() if isinstance(m, ResNeXtBlock))  # no fallback
+    tolerance = 2e-2 if dtype == "float16" else 1e-3
+    for name in SpineNet.HEADS:
+        torch.testing.assert_close(fused[name].float(), plain[name].float(), rtol=tolerance, atol=tolerance)
+
+
+def _randomised(net: SpineNet) -> SpineNet:
+    """Trained-looking BatchNorm statistics and affine terms, so that folded biases are not zero."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return net

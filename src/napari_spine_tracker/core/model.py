@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 #: architecture presets; "lean" is the shipped default (CPU-friendly; measurements: docs/model_report.md)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -110,7 +113,51 @@ def load_grown(net: SpineNet, state_dict: dict[str, torch.Tensor]) -> list[str]:
     return added
 
 
+def _epilogue_ready(x: torch.Tensor) -> bool:
+    """Whether a convolution's bias, residual and ReLU can run inside cuDNN's convolution: CUDA
+    inference with cuDNN on, in a type cuDNN's fused graphs take."""
+    return (x.is_cuda and not torch.is_grad_enabled() and torch.backends.cudnn.enabled
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def _run_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type a CUDA convolution runs in: autocast's where it is on (the fused cuDNN operations
+    are not on its lists, so their operands are cast here), else the input's."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        on, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    else:
+        on, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if on else x.dtype
+
+
+def _as_dtype(module: nn.Module, conv: nn.Conv3d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv``'s weight and bias in ``dtype``, cast once and kept on ``module`` (a fused model's
+    weights do not change; an in-place change bumps their version and casts them again)."""
+    key = (dtype, conv.weight.device, conv.weight._version, conv.bias._version)
+    cached = module.__dict__.get("_epilogue_cast")
+    if cached is None or cached[0] != key:
+        cached = (key, conv.weight.to(dtype), conv.bias.to(dtype))
+        module.__dict__["_epilogue_cast"] = cached
+    return cached[1], cached[2]
+
+
+def _epilogue_failed(module: nn.Module, exc: RuntimeError) -> None:
+    """A fused cuDNN convolution this cuDNN cannot run (no engine for the graph): the module goes
+    back to the plain path for good. Out of memory is not that: the caller retries smaller."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise exc
+    module.epilogue = False
+    log.warning("cuDNN could not fuse a convolution's bias and ReLU (%s); running them apart",
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
 class ConvBNReLU(nn.Sequential):
+    #: set by fuse_for_inference on those with a ReLU: on CUDA, in inference, the bias (the folded
+    #: BatchNorm) and the ReLU run inside cuDNN's convolution, not as two passes over its output
+    #: (the bias alone was a strided elementwise kernel after every convolution, a fifth of the
+    #: GPU's work in a run; docs/model_report.md, "What limits it now")
+    epilogue: bool = False
+
     def __init__(self, cin: int, cout: int, kernel=3, stride=1, groups: int = 1, relu: bool = True):
         padding = tuple(k // 2 for k in _triple(kernel))
         layers = [nn.Conv3d(cin, cout, kernel, stride, padding, groups=groups, bias=False), nn.BatchNorm3d(cout)]
@@ -118,9 +165,24 @@ class ConvBNReLU(nn.Sequential):
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.epilogue and _epilogue_ready(x):
+            conv, dtype = self[0], _run_dtype(x)
+            weight, bias = _as_dtype(self, conv, dtype)
+            try:
+                return torch.cudnn_convolution_relu(x.to(dtype), weight, bias, conv.stride, conv.padding,
+                                                    conv.dilation, conv.groups)
+            except RuntimeError as exc:
+                _epilogue_failed(self, exc)
+        return super().forward(x)
+
 
 class ResNeXtBlock(nn.Module):
     """Bottleneck: 1x1x1 reduce, grouped 3x3x3 (maybe strided), 1x1x1 expand, residual."""
+
+    #: set by fuse_for_inference: on CUDA, in inference, the expanding convolution's bias, the
+    #: residual addition and the ReLU run inside cuDNN's convolution (one pass, not three)
+    epilogue: bool = False
 
     def __init__(self, cin: int, cout: int, stride=1, group_width: int = 8, bottleneck: float = 0.5):
         super().__init__()
@@ -135,11 +197,34 @@ class ResNeXtBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.epilogue and _epilogue_ready(x):
+            try:
+                return self._forward_fused(x)
+            except RuntimeError as exc:
+                _epilogue_failed(self, exc)
         out = self.expand(self.grouped(self.reduce(x)))
         if torch.is_grad_enabled():
             return F.relu(out + self.shortcut(x), inplace=True)
         out += self.shortcut(x)  # inference: no new tensor (memory traffic is a third of CPU time)
         return out.relu_()
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(expand(h) + shortcut(x)) as one cuDNN convolution with its bias and residual: a
+        convolved shortcut runs without its bias, which joins the expanding convolution's."""
+        dtype = _run_dtype(x)
+        x = x.to(dtype)
+        h = self.grouped(self.reduce(x))
+        conv = self.expand[0]
+        weight, bias = _as_dtype(self.expand, conv, dtype)
+        if isinstance(self.shortcut, nn.Identity):
+            z = x
+        else:
+            short = self.shortcut[0]
+            short_weight, short_bias = _as_dtype(self.shortcut, short, dtype)
+            z = F.conv3d(x, short_weight, None, short.stride, short.padding, short.dilation, short.groups)
+            bias = bias + short_bias
+        return torch.cudnn_convolution_add_relu(h, weight, z, 1.0, bias, conv.stride, conv.padding,
+                                                conv.dilation, conv.groups)
 
 
 class ConvLSTMCell(nn.Module):
@@ -335,9 +420,11 @@ def _add_upsampled(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     return fine
 
 
-def fuse_for_inference(net: SpineNet) -> SpineNet:
+def fuse_for_inference(net: SpineNet, cudnn_epilogues: bool = True) -> SpineNet:
     """Fold every BatchNorm into the convolution before it (eval mode only): same outputs, less
-    memory traffic. Returns ``net`` itself, modified in place."""
+    memory traffic. With ``cudnn_epilogues``, on CUDA the biases, residuals and ReLUs then run
+    inside cuDNN's convolutions (:func:`use_cudnn_epilogues`). Returns ``net`` itself, modified in
+    place."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if net.training:
@@ -346,7 +433,21 @@ def fuse_for_inference(net: SpineNet) -> SpineNet:
         if isinstance(module, ConvBNReLU) and isinstance(module[1], nn.BatchNorm3d):
             module[0] = fuse_conv_bn_eval(module[0], module[1])
             module[1] = nn.Identity()
+    use_cudnn_epilogues(net, cudnn_epilogues)
     return net.to(memory_format=torch.channels_last_3d)
+
+
+def use_cudnn_epilogues(net: SpineNet, on: bool = True) -> SpineNet:
+    """On CUDA, run the biases, residual additions and ReLUs of a fused model's blocks inside cuDNN's
+    convolutions (``torch.cudnn_convolution_relu`` and ``_add_relu``), or not (``on=False``; the
+    benchmarks compare the two). Other devices, and training, are not affected."""
+    for module in net.modules():
+        if isinstance(module, ConvBNReLU):
+            module.epilogue = on and len(module) == 3 and isinstance(module[1], nn.Identity)
+        elif isinstance(module, ResNeXtBlock):
+            module.epilogue = on and all(isinstance(part[1], nn.Identity) for part in module.modules()
+                                         if isinstance(part, ConvBNReLU))
+    return net
 
 
 def _triple(value) -> tuple[int, int, int]:
