@@ -3,7 +3,8 @@
 On a GPU, linking runs on the CPU and was the largest share of end-to-end detection (the sixth
 lease: 0.10 s of 0.40 s on the H200's host for a 16x series); this times it apart from the rest, on
 the detections ``detect_series`` hands it (captured from the call), with linking's local motion
-on the GPU (as ``detect`` links on CUDA), on the CPU in threads (as on a CPU) and on one thread.
+on the GPU (as ``detect`` links on CUDA), on the CPU in the process's kept threads (as on a CPU),
+in threads started for each call (as before the pool was kept) and on one thread.
 
     python benchmarks/linking_speed.py                     # the 16x default series, detected on the CPU
     python benchmarks/linking_speed.py --device cuda --repeat-xy 4
@@ -27,11 +28,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import logging
+    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     import napari_spine_tracker.core.detect as detect
     import napari_spine_tracker.core.link as link
+    from napari_spine_tracker.core.devices import usable_cores
     from napari_spine_tracker.core.models import load_model
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
@@ -52,16 +55,20 @@ def main(argv=None) -> int:
         detect.link_detections = linked
     (detections, voxel, kwargs), = calls
     print(f"{args.case} seed {args.seed}: {image.shape} voxels, {len(detections)} detections to link "
-          f"(detected on {args.device}); {link.usable_cores()} usable cores")
-    cores = link.usable_cores
+          f"(detected on {args.device}); {usable_cores()} usable cores")
+    kept = link.thread_pool
+    one = ThreadPoolExecutor(1)
     gpu = kwargs.pop("device", None)
-    variants = [("local motion on the CPU in threads", None, False), ("one thread", None, True)]
+    # (label, device, the pool linking's local motion runs on)
+    variants = [("local motion on the CPU in threads (as shipped)", None, kept),
+                ("the same, a pool of threads started for each call (before)",
+                 None, lambda: ThreadPoolExecutor(usable_cores())),
+                ("one thread", None, lambda: one)]
     if gpu is not None and gpu.type == "cuda":  # as detect links on a GPU
-        variants.insert(0, ("local motion's mean shifts on the GPU (as shipped on CUDA)", gpu, False))
-    else:
-        variants[0] = ("local motion on the CPU in threads (as shipped)", None, False)
-    for label, device, one in variants:
-        link.usable_cores = (lambda: 1) if one else cores
+        variants[0] = ("local motion on the CPU in threads", None, kept)
+        variants.insert(0, ("local motion's mean shifts on the GPU (as shipped on CUDA)", gpu, kept))
+    for label, device, pool in variants:
+        link.thread_pool = pool
         times = []
         try:
             link.link_detections(detections, voxel, device=device, **kwargs)  # a first run: kernels, imports
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
                 table = link.link_detections(detections, voxel, device=device, **kwargs)
                 times.append(time.perf_counter() - start)
         finally:
-            link.usable_cores = cores
+            link.thread_pool = kept
         print(f"link_detections, {label}: best {min(times):.4f} s, median {np.median(times):.4f} s; "
               f"{table['track_id'].nunique()} tracks", flush=True)
     return 0

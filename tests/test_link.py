@@ -412,3 +412,42 @@ def test_a_track_vouches_for_its_dim_sessions_when_its_mean_score_is_high():
     assert vouched_by_track(table, 0.4).tolist() == [True, True, True, False, False, True, False, False]
     assert vouched_by_track(table, 0.4, mean_above=0.15).tolist() == [True, True, False, False, False, True,
                                                                       False, False]
+
+
+def _pool_works_in_a_child(queue):
+    from napari_spine_tracker.core.devices import thread_pool
+
+    queue.put(list(thread_pool().map(abs, [-1, -2, -3])))
+
+
+def test_linking_threads_are_kept_and_a_forked_process_gets_its_own():
+    """The pool linking's local motion runs on is made once per process; a forked batch worker
+    cannot use its parent's (its threads are not in the child) and gets a working one."""
+    import multiprocessing
+    import queue as queues
+    import threading
+
+    from napari_spine_tracker.core.devices import thread_pool, usable_cores
+
+    pool = thread_pool()
+    assert thread_pool() is pool and pool._max_workers == usable_cores()
+    together = threading.Barrier(usable_cores())
+
+    def met(k):  # every thread of the pool started at once, all idle after
+        together.wait(timeout=30)
+        return k
+
+    assert list(pool.map(met, range(usable_cores()))) == list(range(usable_cores()))
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_pool_works_in_a_child, args=(results,))
+    child.start()
+    try:
+        assert results.get(timeout=30) == [1, 2, 3]
+    except queues.Empty:
+        pytest.fail("the forked process's jobs never ran: it was given its parent's threads")
+    finally:
+        child.kill()
+        child.join(timeout=30)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -44,7 +43,7 @@ from scipy.spatial import cKDTree
 from ..errors import Cancelled, InputError, number_or_nan
 from ..io.tables import LINK_COLUMN, REQUIRED_COLUMNS, validate_spine_table
 from .decode import VOUCH_MEAN_ABOVE
-from .devices import usable_cores
+from .devices import thread_pool
 from .metrics import parse_voxel_size, sparse_assignment
 from .register import as_motion
 
@@ -309,8 +308,7 @@ def _local_motions(jobs: Sequence[tuple[np.ndarray, np.ndarray]], radius_um: flo
             return _local_motions_on(device, jobs, radius_um, scale_um)
         except torch.cuda.OutOfMemoryError:
             log.warning("out of GPU memory in linking's local motion; finding it on the CPU")
-    with ThreadPoolExecutor(max(1, min(len(jobs), usable_cores()))) as pool:
-        return list(pool.map(lambda job: _local_motion(*job, radius_um, scale_um), jobs))
+    return list(thread_pool().map(lambda job: _local_motion(*job, radius_um, scale_um), jobs))
 
 
 def _local_motions_on(device, jobs: Sequence[tuple[np.ndarray, np.ndarray]], radius_um: float, scale_um: float,
@@ -334,8 +332,7 @@ def _local_motions_on(device, jobs: Sequence[tuple[np.ndarray, np.ndarray]], rad
             row += v.shape[1]
         return votes, weights
 
-    with ThreadPoolExecutor(max(1, min(len(jobs), usable_cores()))) as pool:
-        gathered = list(pool.map(lambda job: _motion_votes(*job, radius_um, scale_um), jobs))
+    gathered = list(thread_pool().map(lambda job: _motion_votes(*job, radius_um, scale_um), jobs))
     out = [np.zeros((len(sources), 3)) for sources, _ in jobs]
     voting = [i for i, votes in enumerate(gathered) if votes is not None]
     if not voting:
