@@ -137,5 +137,7 @@ def test_linking_speed_links_what_detection_links(monkeypatch, capsys):
     out = capsys.readouterr().out
     detections = int(out.split(" detections to link")[0].split()[-1])
     tracks = [int(line.split("; ")[-1].split()[0]) for line in out.splitlines() if line.startswith("link_detections")]
-    # both ways of running give the same tracks, and there are fewer tracks than detections
-    assert detections > 0 and len(tracks) == 2 and tracks[0] == tracks[1] and 0 < tracks[0] < detections
+    # every way of running (threads kept, threads started per call, one thread) gives the same
+    # tracks, and there are fewer tracks than detections
+    assert detections > 0 and len(tracks) == 3 and len(set(tracks)) == 1 and 0 < tracks[0] < detections
+    assert "a pool of threads started for each call" in out
