@@ -129,7 +129,7 @@ if wants epilogues; then
     done
     for epilogues in on off; do
         if [ "$(left)" -gt 60 ]; then
-            stamp "cuDNN epilogues $epilogues: a $(( 2 * REPEAT_XY ))x field of view, a lone series"
+            stamp "cuDNN epilogues $epilogues: a $(( 2 * REPEAT_XY ))x$(( 2 * REPEAT_XY )) field of view, a lone series"
             $PY benchmarks/profile_detect.py --device "$DEVICE" --repeat-xy $(( 2 * REPEAT_XY )) --resident on \
                 --repeat 2 --epilogues "$epilogues"
         fi
