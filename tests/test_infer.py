@@ -50,6 +50,50 @@ def test_tile_cores_partition_the_volume(shape, max_input):
     assert (covered == 1).all()
 
 
+@pytest.mark.parametrize("shape", [(20, 100, 70), (33, 530, 517), (10, 30, 200)])
+def test_tiles_are_aligned_to_the_networks_grid(shape):
+    """With ``align``, every tile origin is a multiple of it (the network's total stride), each
+    core has at least ``halo`` context on both sides, and the cores still partition the volume."""
+    align, halo = (4, 16, 16), (4, 24, 24)
+    plan = plan_tiles(shape, (16, 128, 128), halo, align=align)
+    covered = np.zeros(shape, int)
+    for tile in plan.tiles:
+        assert all(o % a == 0 for o, a in zip(tile.origin, align)), tile
+        for n, o, k, h, size in zip(shape, tile.origin, tile.keep, halo, plan.input_shape):
+            if size < n:  # a cut axis: context on both sides (or the volume's edge)
+                assert k.start >= h or o + k.start == 0
+                assert size - k.stop >= h or o + k.stop == n
+        covered[tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))] += 1
+    assert (covered == 1).all()
+    assert max(plan.input_shape) <= 128
+
+
+def test_tiles_too_small_for_an_aligned_halo_are_refused_with_the_size_that_works():
+    with pytest.raises(InputError, match="at least 72 voxels"):
+        plan_tiles((32, 300, 300), (64, 64, 64), (4, 24, 24), align=(4, 16, 16))
+    assert plan_tiles((32, 300, 300), (64, 72, 72), (4, 24, 24), align=(4, 16, 16)).input_shape == (32, 72, 72)
+
+
+def test_peaks_next_to_tile_cores_fill_in_only_what_no_core_holds():
+    """Near a seam two tiles may each put a spine's peak in the other's core; the peaks they find
+    next to their cores come along, and only where no other tile's core peak is within the
+    suppression window does one stay (the higher of two such)."""
+    from napari_spine_tracker.core.infer import _join_seams
+
+    table = pd.DataFrame({"t": [0, 0, 0, 0, 0, 1, 0], "z": [5, 5.2, 10, 10, 20, 5, 10],
+                          "y": [31.8, 32.3, 50, 50.5, 70, 31.8, 52],
+                          "x": [10, 10, 10, 10, 10, 10, 10], "score": [0.5, 0.6, 0.7, 0.7, 0.4, 0.5, 0.6]})
+    owner = np.array([-2, -1, 0, -2, -1, -2, 1])  # tile k: k in its core, -1 - k next to it
+    joined = _join_seams(table, owner, (1, 4, 4))
+    # dropped: the lower of the pair each put in the other's core (row 0) and the twin of tile
+    # 0's core peak (row 3); kept: both core peaks (rows 2, 6: cores never overrule each other),
+    # a lone peak next to a core (row 4), the same place in another session (row 5)
+    expected = table.iloc[[1, 2, 4, 5, 6]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(joined, expected)
+    cores = table.iloc[[2, 6]].reset_index(drop=True)  # core peaks only: nothing to join
+    pd.testing.assert_frame_equal(_join_seams(cores, np.array([0, 1]), (1, 4, 4)), cores)
+
+
 def test_a_volume_slightly_larger_than_a_tile_costs_little_more():
     """268 x 273 (a 256 x 256 field that drifted) with 256-voxel tiles: 2 x 2 tiles, but small ones."""
     plan = plan_tiles((33, 268, 273), (64, 256, 256), halo=(4, 24, 24), multiple=(4, 16, 16))
@@ -122,7 +166,7 @@ def test_progress_reaches_total(random_model):
 
 def test_out_of_memory_retries_smaller(random_model, monkeypatch):
     series = np.random.default_rng(4).poisson(5, (2, 8, 64, 64)).astype(np.uint16)
-    options = InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=1)
+    options = InferenceOptions(max_tile=(16, 48, 48), halo=(0, 8, 8), batch_size=1)
     expected = predict_series(series, (0.5, 0.1, 0.1), random_model, options=options)
     forward = random_model.net.forward_sessions
     batches = []
@@ -135,7 +179,7 @@ def test_out_of_memory_retries_smaller(random_model, monkeypatch):
 
     monkeypatch.setattr(random_model.net, "forward_sessions", flaky_forward)
     got = predict_series(series, (0.5, 0.1, 0.1), random_model,
-                         options=InferenceOptions(max_tile=(16, 32, 32), halo=(0, 8, 8), batch_size=2))
+                         options=InferenceOptions(max_tile=(16, 48, 48), halo=(0, 8, 8), batch_size=2))
     assert batches[0] == 2 and batches[-1] == 1  # tried a batch of 2, finished with batches of 1
     assert len(got) > 0
     np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), atol=1e-4, equal_nan=True)

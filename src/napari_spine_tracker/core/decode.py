@@ -45,6 +45,9 @@ class Peaks:
     """Peaks of one session of one tile, in model-grid voxels of the tile's input (z, y, x)."""
 
     zyx: np.ndarray  # (N, 3) float
+    # (N, 3) the first input voxel of each peak's output voxel: on a grid that tiles aligned to the
+    # network's stride share, so that it decides which tile's core a peak belongs to
+    voxel: np.ndarray
     score: np.ndarray  # (N,)
     displacement_um: np.ndarray  # (N, 3) position in previous session minus position here
     radius_um: np.ndarray  # (N,)
@@ -91,6 +94,7 @@ def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int,
     zyx = (torch.stack([z, y, x], 1).float() + heads["offset"] + 0.5) * stride_t - 0.5
     columns = {
         "zyx": zyx,
+        "voxel": torch.stack([z, y, x], 1).float() * stride_t,
         "score": torch.sigmoid(logits[b, z, y, x]),
         "displacement_um": heads["displacement"],
         "radius_um": heads["size"][:, 0],

@@ -85,32 +85,43 @@ class TilePlan:
 
 
 def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Sequence[int],
-               multiple: Sequence[int] = (1, 1, 1)) -> TilePlan:
+               multiple: Sequence[int] = (1, 1, 1), align: Sequence[int] = (1, 1, 1)) -> TilePlan:
     """Cut ``model_shape`` into tiles whose cores partition it.
 
     Along an axis that fits in ``max_input`` there is one tile (no halo needed: the volume edge is
-    the edge); otherwise as few tiles as cores of at most ``max_input - 2 * halo`` allow, with
-    equal cores and ``halo`` context on each side, so that a volume a little larger than one tile
-    costs a little more than one tile, not twice as much per axis. Input shapes are rounded up to
-    ``multiple``; SpineNet takes any size, so inference reads exactly what it needs (rounding a
-    drifted 256 x 256 x 32 field up to the network's total stride read a third more voxels).
+    the edge); otherwise as few tiles as cores of at most ``max_input`` less the halos allow, with
+    equal cores and at least ``halo`` context on each side, so that a volume a little larger than
+    one tile costs a little more than one tile, not twice as much per axis. Input shapes are
+    rounded up to ``multiple``; SpineNet takes any size, so inference reads exactly what it needs
+    (rounding a drifted 256 x 256 x 32 field up to the network's total stride read a third more
+    voxels).
+
+    Tile origins are multiples of ``align`` (the cores, and the context before them, are rounded
+    up to it). With the network's total stride there, every tile puts its voxels at the same place
+    on the strided levels' grids as one tile for the whole volume would, so that tiling changes
+    only what lies beyond a tile's context, not how every voxel is sampled: unaligned tiles of a
+    drifted series moved confident spines by up to a z voxel (docs/model_report.md, "Tiles on the
+    network's grid").
     """
     axes_origins, axes_keep, input_shape = [], [], []
-    for n, limit, h, m in zip(model_shape, max_input, halo, multiple):
-        n, limit, h, m = int(n), int(limit), int(h), int(m)
+    for n, limit, h, m, a in zip(model_shape, max_input, halo, multiple, align):
+        n, limit, h, m, a = int(n), int(limit), int(h), int(m), int(a)
         if n <= limit:
             size = math.ceil(n / m) * m
             axes_origins.append([0])
             axes_keep.append([slice(0, n)])
         else:
             largest = max(m, (limit // m) * m)
-            if largest - 2 * h < m:
-                raise ValueError(f"tile input {largest} too small for halo {h}")
-            count = math.ceil(n / (largest - 2 * h))
-            size = min(largest, math.ceil((math.ceil(n / count) + 2 * h) / m) * m)
-            core = size - 2 * h
-            axes_origins.append([i * core - h for i in range(count)])
-            axes_keep.append([slice(h, h + min(core, n - i * core)) for i in range(count)])
+            lead = math.ceil(h / a) * a  # context before a core, so that its origin is on the grid
+            widest = (largest - lead - h) // a * a
+            if widest < a:
+                raise InputError(f"tiles of {largest} voxels are too small for a halo of {h} voxels on a network "
+                                 f"of stride {a}: use tiles of at least {lead + a + h} voxels, or a smaller halo.")
+            count = math.ceil(n / widest)
+            core = math.ceil(n / count / a) * a
+            size = math.ceil((lead + core + h) / m) * m
+            axes_origins.append([i * core - lead for i in range(count)])
+            axes_keep.append([slice(lead, lead + min(core, n - i * core)) for i in range(count)])
         input_shape.append(size)
     tiles = tuple(
         Tile(tuple(o), tuple(k))
@@ -150,7 +161,11 @@ class InferenceOptions:
     # model's, lowered where the series' own peak scores split lower (decode.series_threshold)
     threshold: float | str | None = None
     max_tile: tuple[int, int, int] | None = None  # model-grid voxels; None: by device
-    halo: tuple[int, int, int] = (4, 24, 24)
+    # context around a tile's core, model-grid voxels (the context before a core is rounded up to
+    # the network's stride, see plan_tiles): with 16, tiles find what one tile for the whole
+    # field finds to within ~1 % of peaks moved by more than 0.1 voxel; with 24, the same to float
+    # rounding, reading 20-35 % more voxels (docs/model_report.md, "Tiles on the network's grid")
+    halo: tuple[int, int, int] = (4, 16, 16)
     batch_size: int | None = None  # tiles per batch
     session_chunk: int | None = None  # sessions per network call (the ConvLSTM carries state between)
     precision: str = "float16"  # on CUDA: float16, bfloat16 or float32 (see devices.inference_autocast)
@@ -505,7 +520,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     low = np.min([b[0] for b in boxes], axis=0)
     high = np.max([b[1] for b in boxes], axis=0)
     # mirrored tiles need an even size where the output is strided, to mirror the output grid exactly
-    plan = plan_tiles(high - low, max_tile, options.halo, net.output_stride if options.views > 1 else (1, 1, 1))
+    plan = plan_tiles(high - low, max_tile, options.halo, net.output_stride if options.views > 1 else (1, 1, 1),
+                      align=net.total_stride)
     plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
     threshold, adapt = options.decoding(model)
@@ -515,12 +531,16 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
         threshold = min(threshold, options.suggest_floor)
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
+    # a tile also reports the peaks this close to its core, for _join_seams (model voxels, and µm)
+    margin = np.asarray(kernel) // 2 * np.asarray(net.output_stride)
+    window_um = np.asarray(kernel) // 2 * out_vox
     ranges = [session_range(s, model.normalization) if frames.resident is None
               else frames.resident.range(t, model.normalization) for t, s in enumerate(sessions)]
     model_vox = np.asarray(model.voxel_size_um)
 
     chunks = session_chunks(t_count, options.session_chunk, device)
     rows: list[np.ndarray] = []
+    owner: list[np.ndarray] = []  # per row: the tile's number where the row is in that tile's core, else -1 - it
     total, done = len(plan.tiles) * t_count, 0
     stride = np.asarray(net.total_stride)
     field_grid = tuple(int(n) for n in -(-np.asarray(plan.input_shape) // stride))  # a tile's coarsest level
@@ -561,7 +581,10 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                     found = peaks[i * len(times) + j]
                     if cuts is not None:
                         found.zyx += cuts[1][t]
-                    rows.append(_to_native(found, tile, t, frames, model_vox))
+                        found.voxel += cuts[1][t]
+                    native, own = _to_native(found, tile, t, frames, model_vox, margin, (low, high))
+                    rows.append(native)
+                    owner.append(np.where(own, first + i, -1 - (first + i)))
             del outputs, flat  # before the next chunk's network call allocates
             done += len(tiles) * len(times)
             if progress is not None:
@@ -570,6 +593,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
+    if len(plan.tiles) > 1 and len(table):
+        table = _join_seams(table, np.concatenate(owner), window_um / np.asarray(voxel_size_um, float))
     return _inside_sessions(table, shapes)
 
 
@@ -602,20 +627,74 @@ def _forward_views(net, x, previous, states: list):
     return outputs, after
 
 
-def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray) -> np.ndarray:
-    """Peaks of one tile-session (tile-input model voxels) -> rows in session t's native voxels."""
-    inside = np.ones(len(peaks.score), bool)
+def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray, margin=(0, 0, 0),
+               bounds=None) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks of one tile-session (tile-input model voxels) -> (rows in session t's native voxels,
+    whether each is in the tile's core).
+
+    A peak belongs to the tile whose core holds its output voxel, not its refined position: tiles
+    on the network's grid share the output grid, so exactly one core holds it. The peaks within
+    ``margin`` model voxels of the core (and inside ``bounds``, the tiled region) come too: near
+    a seam two tiles may put one spine's peak in neighbouring output voxels, each in the other's
+    core, and both would drop it (see _join_seams)."""
+    own = np.ones(len(peaks.score), bool)
+    near = np.ones(len(peaks.score), bool)
     for axis, keep in enumerate(tile.keep):
-        inside &= (peaks.zyx[:, axis] >= keep.start - 0.5) & (peaks.zyx[:, axis] < keep.stop - 0.5)
-    q = peaks.zyx[inside]
+        at = peaks.voxel[:, axis]
+        own &= (at >= keep.start) & (at < keep.stop)
+        near &= (at >= keep.start - margin[axis]) & (at < keep.stop + margin[axis])
+        if bounds is not None:
+            near &= (at + tile.origin[axis] >= bounds[0][axis]) & (at + tile.origin[axis] < bounds[1][axis])
+    near |= own
+    q = peaks.zyx[near]
     model_pos = q + np.asarray(tile.origin)
     native = frames.to_native(model_pos, t)
     if t > 0:
-        disp = frames.to_native(model_pos + peaks.displacement_um[inside] / model_vox, t - 1) - native
+        disp = frames.to_native(model_pos + peaks.displacement_um[near] / model_vox, t - 1) - native
     else:
         disp = np.full_like(native, np.nan)
-    return np.column_stack([np.full(len(q), t), native, peaks.score[inside], disp,
-                            np.maximum(peaks.radius_um[inside], 0.0)])
+    rows = np.column_stack([np.full(len(q), t), native, peaks.score[near], disp,
+                            np.maximum(peaks.radius_um[near], 0.0)])
+    return rows, own[near]
+
+
+def _join_seams(table: pd.DataFrame, owner: np.ndarray, window_vox) -> pd.DataFrame:
+    """The peaks of all tiles, each spine once.
+
+    ``owner``: per row, the tile's number where the peak is in that tile's core, else ``-1 - tile``
+    (a peak next to the core, see _to_native). Every core peak stays. A peak next to a core stays
+    unless another tile's peak lies within ``window_vox`` (native voxels, z, y, x: the
+    non-maximum suppression window) in the same session: where that one is in its tile's core,
+    the spine is that tile's; where it is next to its core too (each tile put the spine's peak in
+    the other's core), the higher score stays. Where tiles agree, as on the network's grid with a
+    wide enough halo, every peak next to a core has its core twin, and none stays.
+    """
+    from scipy.spatial import cKDTree
+
+    own = owner >= 0
+    if own.all():
+        return table
+    tile = np.where(own, owner, -1 - owner)
+    # scaled so that the window is the unit cube; sessions far apart
+    points = np.column_stack([table["t"].to_numpy() * 4.0,
+                              table[["z", "y", "x"]].to_numpy() / np.asarray(window_vox, float)])
+    beside = np.flatnonzero(~own)
+    near = cKDTree(points).query_ball_point(points[beside], 1.0, p=np.inf, return_sorted=False)
+    i = np.repeat(beside, [len(n) for n in near])  # (i, j): i next to its core, j within its window
+    j = np.concatenate(near).astype(int)
+    other = tile[i] != tile[j]
+    i, j = i[other], j[other]
+    keep = own.copy()
+    keep[beside] = True
+    keep[i[own[j]]] = False  # another tile's core holds the spine
+    # what is left: pairs of peaks next to their cores (each pair twice); the higher score stays
+    both = ~own[j] & keep[i] & keep[j]
+    i, j = i[both], j[both]
+    score = table["score"].to_numpy()
+    for k in sorted(set(i), key=lambda k: -score[k]):
+        if keep[k]:
+            keep[j[i == k]] = False
+    return table[keep].reset_index(drop=True)
 
 
 def _inside_sessions(table: pd.DataFrame, shapes) -> pd.DataFrame:
