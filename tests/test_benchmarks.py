@@ -141,3 +141,16 @@ def test_linking_speed_links_what_detection_links(monkeypatch, capsys):
     # tracks, and there are fewer tracks than detections
     assert detections > 0 and len(tracks) == 3 and len(set(tracks)) == 1 and 0 < tracks[0] < detections
     assert "a pool of threads started for each call" in out
+
+
+@pytest.mark.slow
+def test_tiling_benchmark_compares_small_tiles_with_one(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run("tiling.py", "--cases", "sample", "--sessions", "2", "--tile", "96", "--halo", "24",
+             monkeypatch=monkeypatch)
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("sample"))
+    # tiles on the network's grid with a halo of 24 find one tile's peaks, and read more voxels
+    assert "halo 24:" in line and "same place 1.000" in line
+    assert float(line.split("read ")[1].rstrip("x")) > 1
