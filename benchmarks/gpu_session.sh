@@ -3,7 +3,8 @@
 #
 #   checks    the CUDA paths (benchmarks/gpu_checks.py); the session stops here if training or
 #             detection is broken; then the test suite's CUDA tests under pytest (the device's
-#             python has pytest, not napari; those tests need neither Qt nor napari)
+#             python has pytest, not napari; those tests need neither Qt nor napari); small tiles
+#             against one tile in fp16 (benchmarks/tiling.py)
 #   speed     the network alone (benchmarks/speed.py) and end to end on a 16x larger field of view
 #             with the time per stage (benchmarks/profile_detect.py), the series held on the GPU:
 #             a lone series, then three series in turn; linking alone
@@ -88,6 +89,8 @@ if wants checks; then
     stamp "the test suite's CUDA tests (pytest -m cuda; they skip on a machine without CUDA)"
     $PY -m pytest -m cuda -p no:cacheprovider -q -rs tests/test_infer.py tests/test_register.py tests/test_link.py \
         tests/test_model.py 2>&1 | tail -n 15
+    stamp "small tiles against one tile, in fp16 (benchmarks/tiling.py; on the CPU results/tiling.txt)"
+    $PY benchmarks/tiling.py --device "$DEVICE" --tile 192 --cases default large_drift rotated 2>&1 | grep -v "^INFO"
 fi
 
 if wants speed; then

@@ -9,6 +9,7 @@ multiple of one tile's.
 
     python benchmarks/tiling.py                       # five presets, tiles of 128, halos 16 and 24
     python benchmarks/tiling.py --tile 96 --halo 8 16 24 --cases crowded
+    python benchmarks/tiling.py --device cuda --tile 192 --cases default large_drift   # a GPU lease
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=int, default=128, help="tile input in y and x, model-grid voxels")
     parser.add_argument("--halo", type=int, nargs="+", default=[16, 24], help="halos in y and x to compare")
     parser.add_argument("--within", type=float, default=0.1, help="voxels: a detection at the same place")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (where detection runs in fp16)")
     args = parser.parse_args(argv)
 
     import logging
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
 
     logging.getLogger("napari_spine_tracker").setLevel(logging.WARNING)
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device=args.device)
     plan_tiles = infer.plan_tiles
     read = []
 
@@ -63,11 +65,12 @@ def main(argv=None) -> int:
 
     def run(series, **options):
         del read[:]
-        table = detect_series(series.image, series.voxel_size_um, model=model, device="cpu",
+        table = detect_series(series.image, series.voxel_size_um, model=model, device=args.device,
                               options=infer.InferenceOptions(**options))
         return table, evaluate_tracks(table, series.truth, series.voxel_size_um), sum(read)
 
-    print(f"model {args.model}; tiles of {args.tile} in y, x; the same place: within {args.within} voxels")
+    print(f"model {args.model} on {args.device}; tiles of {args.tile} in y, x; "
+          f"the same place: within {args.within} voxels")
     try:
         for n, case in enumerate(args.cases):
             series = synthesize_series(SynthConfig.preset(case, seed=args.seed + n, sessions=args.sessions))
