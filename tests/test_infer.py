@@ -76,22 +76,24 @@ def test_tiles_too_small_for_an_aligned_halo_are_refused_with_the_size_that_work
 
 def test_peaks_next_to_tile_cores_fill_in_only_what_no_core_holds():
     """Near a seam two tiles may each put a spine's peak in the other's core; the peaks they find
-    next to their cores come along, and only where no other tile's core peak is within the
-    suppression window does one stay (the higher of two such)."""
+    next to their cores come along, and only where no other tile's peak has its output voxel
+    within the suppression window does one stay (the higher of two such)."""
     from napari_spine_tracker.core.infer import _join_seams
 
-    table = pd.DataFrame({"t": [0, 0, 0, 0, 0, 1, 0], "z": [5, 5.2, 10, 10, 20, 5, 10],
-                          "y": [31.8, 32.3, 50, 50.5, 70, 31.8, 52],
-                          "x": [10, 10, 10, 10, 10, 10, 10], "score": [0.5, 0.6, 0.7, 0.7, 0.4, 0.5, 0.6]})
-    owner = np.array([-2, -1, 0, -2, -1, -2, 1])  # tile k: k in its core, -1 - k next to it
-    joined = _join_seams(table, owner, (1, 4, 4))
-    # dropped: the lower of the pair each put in the other's core (row 0) and the twin of tile
-    # 0's core peak (row 3); kept: both core peaks (rows 2, 6: cores never overrule each other),
-    # a lone peak next to a core (row 4), the same place in another session (row 5)
-    expected = table.iloc[[1, 2, 4, 5, 6]].reset_index(drop=True)
+    table = pd.DataFrame({"t": [0, 0, 0, 0, 0, 1, 0, 0], "score": [0.5, 0.6, 0.7, 0.7, 0.4, 0.5, 0.6, 0.45]})
+    # output voxels (model voxels, on a 1 x 2 x 2 grid); the window: 1 x 4 x 4
+    places = np.array([[5, 32, 10], [5, 30, 10], [10, 50, 10], [10, 50, 10], [20, 70, 10], [5, 32, 10],
+                       [10, 54, 10], [5, 36, 10]], float)
+    owner = np.array([-2, -1, 0, -2, -1, -2, 1, -1])  # tile k: k in its core, -1 - k next to it
+    joined = _join_seams(table, owner, places, (1, 4, 4))
+    # dropped: the lower of the pair each put in the other's core (row 0) and the twin of tile 0's
+    # core peak (row 3); kept: both core peaks (rows 2, 6: cores never overrule each other), a lone
+    # peak next to a core (row 4), the same place in another session (row 5), and tile 0's second
+    # peak beside row 1 (row 7: within the window of row 0 only, which a higher peak dropped)
+    expected = table.iloc[[1, 2, 4, 5, 6, 7]].reset_index(drop=True)
     pd.testing.assert_frame_equal(joined, expected)
     cores = table.iloc[[2, 6]].reset_index(drop=True)  # core peaks only: nothing to join
-    pd.testing.assert_frame_equal(_join_seams(cores, np.array([0, 1]), (1, 4, 4)), cores)
+    pd.testing.assert_frame_equal(_join_seams(cores, np.array([0, 1]), places[[2, 6]], (1, 4, 4)), cores)
 
 
 def test_a_volume_slightly_larger_than_a_tile_costs_little_more():

@@ -531,9 +531,9 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
         threshold = min(threshold, options.suggest_floor)
     out_vox = np.asarray(model.voxel_size_um) * np.asarray(net.output_stride)
     kernel = nms_kernel(out_vox, model.decode["nms_radius_um"])
-    # a tile also reports the peaks this close to its core, for _join_seams (model voxels, and µm)
+    # the non-maximum suppression window's half-width, model voxels: a tile also reports the peaks
+    # this close to its core, for _join_seams
     margin = np.asarray(kernel) // 2 * np.asarray(net.output_stride)
-    window_um = np.asarray(kernel) // 2 * out_vox
     ranges = [session_range(s, model.normalization) if frames.resident is None
               else frames.resident.range(t, model.normalization) for t, s in enumerate(sessions)]
     model_vox = np.asarray(model.voxel_size_um)
@@ -541,6 +541,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     chunks = session_chunks(t_count, options.session_chunk, device)
     rows: list[np.ndarray] = []
     owner: list[np.ndarray] = []  # per row: the tile's number where the row is in that tile's core, else -1 - it
+    places: list[np.ndarray] = []  # per row: its output voxel, model voxels of the reference frame
     total, done = len(plan.tiles) * t_count, 0
     stride = np.asarray(net.total_stride)
     field_grid = tuple(int(n) for n in -(-np.asarray(plan.input_shape) // stride))  # a tile's coarsest level
@@ -582,9 +583,10 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                     if cuts is not None:
                         found.zyx += cuts[1][t]
                         found.voxel += cuts[1][t]
-                    native, own = _to_native(found, tile, t, frames, model_vox, margin, (low, high))
+                    native, own, place = _to_native(found, tile, t, frames, model_vox, margin, (low, high))
                     rows.append(native)
                     owner.append(np.where(own, first + i, -1 - (first + i)))
+                    places.append(place)
             del outputs, flat  # before the next chunk's network call allocates
             done += len(tiles) * len(times)
             if progress is not None:
@@ -594,7 +596,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
     if len(plan.tiles) > 1 and len(table):
-        table = _join_seams(table, np.concatenate(owner), window_um / np.asarray(voxel_size_um, float))
+        table = _join_seams(table, np.concatenate(owner), np.concatenate(places), margin)
     return _inside_sessions(table, shapes)
 
 
@@ -628,9 +630,9 @@ def _forward_views(net, x, previous, states: list):
 
 
 def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray, margin=(0, 0, 0),
-               bounds=None) -> tuple[np.ndarray, np.ndarray]:
+               bounds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Peaks of one tile-session (tile-input model voxels) -> (rows in session t's native voxels,
-    whether each is in the tile's core).
+    whether each is in the tile's core, its output voxel in reference-frame model voxels).
 
     A peak belongs to the tile whose core holds its output voxel, not its refined position: tiles
     on the network's grid share the output grid, so exactly one core holds it. The peaks within
@@ -655,19 +657,21 @@ def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray
         disp = np.full_like(native, np.nan)
     rows = np.column_stack([np.full(len(q), t), native, peaks.score[near], disp,
                             np.maximum(peaks.radius_um[near], 0.0)])
-    return rows, own[near]
+    return rows, own[near], peaks.voxel[near] + np.asarray(tile.origin)
 
 
-def _join_seams(table: pd.DataFrame, owner: np.ndarray, window_vox) -> pd.DataFrame:
+def _join_seams(table: pd.DataFrame, owner: np.ndarray, places: np.ndarray, window) -> pd.DataFrame:
     """The peaks of all tiles, each spine once.
 
     ``owner``: per row, the tile's number where the peak is in that tile's core, else ``-1 - tile``
-    (a peak next to the core, see _to_native). Every core peak stays. A peak next to a core stays
-    unless another tile's peak lies within ``window_vox`` (native voxels, z, y, x: the
-    non-maximum suppression window) in the same session: where that one is in its tile's core,
-    the spine is that tile's; where it is next to its core too (each tile put the spine's peak in
-    the other's core), the higher score stays. Where tiles agree, as on the network's grid with a
-    wide enough halo, every peak next to a core has its core twin, and none stays.
+    (a peak next to the core, see _to_native); ``places``: its output voxel (reference-frame model
+    voxels). Every core peak stays. A peak next to a core stays unless another tile's peak of the
+    same session has its output voxel within ``window`` (model voxels, z, y, x: the half-width of
+    the non-maximum suppression, which would have kept one of the two in one tile): where that
+    one is in its tile's core, the spine is that tile's; where it is next to its core too (each
+    tile put the spine's peak in the other's core), the higher score stays. Where tiles agree, as
+    on the network's grid with a wide enough halo, every peak next to a core has its core twin,
+    and none stays.
     """
     from scipy.spatial import cKDTree
 
@@ -676,8 +680,7 @@ def _join_seams(table: pd.DataFrame, owner: np.ndarray, window_vox) -> pd.DataFr
         return table
     tile = np.where(own, owner, -1 - owner)
     # scaled so that the window is the unit cube; sessions far apart
-    points = np.column_stack([table["t"].to_numpy() * 4.0,
-                              table[["z", "y", "x"]].to_numpy() / np.asarray(window_vox, float)])
+    points = np.column_stack([table["t"].to_numpy() * 4.0, places / np.asarray(window, float)])
     beside = np.flatnonzero(~own)
     near = cKDTree(points).query_ball_point(points[beside], 1.0, p=np.inf, return_sorted=False)
     i = np.repeat(beside, [len(n) for n in near])  # (i, j): i next to its core, j within its window
