@@ -10,6 +10,7 @@ multiple of one tile's.
     python benchmarks/tiling.py                       # five presets, tiles of 128, halos 16 and 24
     python benchmarks/tiling.py --tile 96 --halo 8 16 24 --cases crowded
     python benchmarks/tiling.py --device cuda --tile 192 --cases default large_drift   # a GPU lease
+    python benchmarks/tiling.py --views 4 --halo 16 --cases default crowded rotated
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--halo", type=int, nargs="+", default=[16, 24], help="halos in y and x to compare")
     parser.add_argument("--within", type=float, default=0.1, help="voxels: a detection at the same place")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (where detection runs in fp16)")
+    parser.add_argument("--views", type=int, default=1, help="mirror views (test-time augmentation): 1, 2 or 4")
     args = parser.parse_args(argv)
 
     import logging
@@ -66,10 +68,10 @@ def main(argv=None) -> int:
     def run(series, **options):
         del read[:]
         table = detect_series(series.image, series.voxel_size_um, model=model, device=args.device,
-                              options=infer.InferenceOptions(**options))
+                              options=infer.InferenceOptions(views=args.views, **options))
         return table, evaluate_tracks(table, series.truth, series.voxel_size_um), sum(read)
 
-    print(f"model {args.model} on {args.device}; tiles of {args.tile} in y, x; "
+    print(f"model {args.model} on {args.device}, {args.views} view(s); tiles of {args.tile} in y, x; "
           f"the same place: within {args.within} voxels")
     try:
         for n, case in enumerate(args.cases):

@@ -68,6 +68,28 @@ def test_tiles_are_aligned_to_the_networks_grid(shape):
     assert max(plan.input_shape) <= 128
 
 
+@pytest.mark.parametrize("shape", [(33, 268, 273), (34, 530, 517), (10, 30, 200)])
+def test_mirrored_tiles_leave_the_whole_volumes_remainder(shape):
+    """For mirror views, a cut axis's tiles leave the remainder (by the stride) of one tile for the
+    whole volume, stay within the budget, and still partition the volume with their halos."""
+    align, halo, multiple = (4, 16, 16), (4, 16, 16), (1, 2, 2)
+    budget = (16, 128, 128)
+    whole = plan_tiles(shape, (64, 4096, 4096), halo, multiple, align, mirrored=True)
+    plan = plan_tiles(shape, budget, halo, multiple, align, mirrored=True)
+    assert len(plan.tiles) > 1
+    for n, size, one, limit, a, m in zip(shape, plan.input_shape, whole.input_shape, budget, align, multiple):
+        if n > limit:  # a cut axis
+            assert size % m == 0 and (size - one) % a == 0 and size <= limit
+        else:
+            assert size == one
+    covered = np.zeros(shape, int)
+    for tile in plan.tiles:
+        covered[tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))] += 1
+        for n, o, k, h, size in zip(shape, tile.origin, tile.keep, halo, plan.input_shape):
+            assert (k.start >= h or o + k.start == 0) and (size - k.stop >= h or o + k.stop == n)
+    assert (covered == 1).all()
+
+
 def test_tiles_too_small_for_an_aligned_halo_are_refused_with_the_size_that_works():
     with pytest.raises(InputError, match="at least 72 voxels"):
         plan_tiles((32, 300, 300), (64, 64, 64), (4, 24, 24), align=(4, 16, 16))

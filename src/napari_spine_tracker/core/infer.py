@@ -85,7 +85,8 @@ class TilePlan:
 
 
 def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Sequence[int],
-               multiple: Sequence[int] = (1, 1, 1), align: Sequence[int] = (1, 1, 1)) -> TilePlan:
+               multiple: Sequence[int] = (1, 1, 1), align: Sequence[int] = (1, 1, 1),
+               mirrored: bool = False) -> TilePlan:
     """Cut ``model_shape`` into tiles whose cores partition it.
 
     Along an axis that fits in ``max_input`` there is one tile (no halo needed: the volume edge is
@@ -102,6 +103,11 @@ def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Seque
     only what lies beyond a tile's context, not how every voxel is sampled: unaligned tiles of a
     drifted series moved confident spines by up to a z voxel (docs/model_report.md, "Tiles on the
     network's grid").
+
+    ``mirrored``: tiles that will also run mirrored (test-time augmentation) get a size that
+    leaves the same remainder, divided by ``align``, as one tile for the whole volume (the context
+    after a core grows by less than ``align``), so that a mirrored tile's voxels also lie on the
+    grids as the mirrored whole volume's do.
     """
     axes_origins, axes_keep, input_shape = [], [], []
     for n, limit, h, m, a in zip(model_shape, max_input, halo, multiple, align):
@@ -113,13 +119,14 @@ def plan_tiles(model_shape: Sequence[int], max_input: Sequence[int], halo: Seque
         else:
             largest = max(m, (limit // m) * m)
             lead = math.ceil(h / a) * a  # context before a core, so that its origin is on the grid
-            widest = (largest - lead - h) // a * a
+            trail = h + (math.ceil(n / m) * m - h) % a if mirrored else h  # and after it
+            widest = (largest - lead - trail) // a * a
             if widest < a:
                 raise InputError(f"tiles of {largest} voxels are too small for a halo of {h} voxels on a network "
-                                 f"of stride {a}: use tiles of at least {lead + a + h} voxels, or a smaller halo.")
+                                 f"of stride {a}: use tiles of at least {lead + a + trail} voxels, or a smaller halo.")
             count = math.ceil(n / widest)
             core = math.ceil(n / count / a) * a
-            size = math.ceil((lead + core + h) / m) * m
+            size = math.ceil((lead + core + trail) / m) * m
             axes_origins.append([i * core - lead for i in range(count)])
             axes_keep.append([slice(lead, lead + min(core, n - i * core)) for i in range(count)])
         input_shape.append(size)
@@ -521,7 +528,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
     high = np.max([b[1] for b in boxes], axis=0)
     # mirrored tiles need an even size where the output is strided, to mirror the output grid exactly
     plan = plan_tiles(high - low, max_tile, options.halo, net.output_stride if options.views > 1 else (1, 1, 1),
-                      align=net.total_stride)
+                      align=net.total_stride, mirrored=options.views > 1)
     plan = TilePlan(plan.input_shape, tuple(Tile(tuple(np.asarray(t.origin) + low), t.keep) for t in plan.tiles))
     batch_size = options.batch_size or _default_batch(device, plan.input_shape)
     threshold, adapt = options.decoding(model)
