@@ -109,6 +109,34 @@ def test_tiled_inference_equals_untiled(model, drifted):
         assert abs(len(a) - len(b)) <= max(1, 0.05 * len(a))
 
 
+def test_running_out_of_gpu_memory_does_not_change_what_is_found(model, drifted, monkeypatch):
+    """A run that runs out of memory starts again with smaller tiles (down to 96 voxels here);
+    on the network's grid, with a halo of 24, it finds the very peaks of the run that did not."""
+    import torch
+
+    series, motion = drifted
+    options = InferenceOptions(threshold=0.3, halo=(4, 24, 24))
+
+    def run():
+        table = predict_series(series.image, series.voxel_size_um, model, motion=motion, options=options)
+        return table.sort_values(["t", "z", "y", "x"]).reset_index(drop=True)
+
+    whole = run()
+    forward, widths = model.net.forward_sessions, []
+
+    def small_memory(x, *args, **kwargs):  # as a GPU that holds tiles up to 100 voxels wide
+        widths.append(x.shape[-1])
+        if x.shape[-1] > 100:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(model.net, "forward_sessions", small_memory)
+    retried = run()
+    assert widths[0] > 100 and max(widths[-3:]) <= 96  # it did run out, and finished on small tiles
+    assert len(whole) > 20 and len(retried) == len(whole)
+    np.testing.assert_allclose(retried.to_numpy(float), whole.to_numpy(float), atol=2e-3, equal_nan=True)
+
+
 def test_tiled_mirrored_views_equal_untiled(model, drifted):
     """With mirror views (test-time augmentation), a tile's size leaves the same remainder by the
     network's stride as one tile's, so that its mirror image lies on the grids as the whole
