@@ -38,16 +38,24 @@ def random_model():
                        dict(DEFAULT_DECODE, threshold=0.3))
 
 
+def _assert_cores_partition(plan, shape, halo=None):
+    """Every voxel of ``shape`` in exactly one tile's core; with ``halo``, each core has at least
+    that much context on every side of a cut axis (or the volume's edge)."""
+    covered = np.zeros(shape, int)
+    for tile in plan.tiles:
+        covered[tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))] += 1
+        if halo is not None:
+            for n, o, k, h, size in zip(shape, tile.origin, tile.keep, halo, plan.input_shape):
+                assert (k.start >= h or o + k.start == 0) and (size - k.stop >= h or o + k.stop == n), tile
+    assert (covered == 1).all()
+
+
 @pytest.mark.parametrize(("shape", "max_input"), [((20, 100, 70), (64, 48, 48)), ((10, 30, 200), (8, 64, 64))])
 def test_tile_cores_partition_the_volume(shape, max_input):
     plan = plan_tiles(shape, max_input, halo=(2, 8, 8), multiple=(4, 16, 16))
     assert all(n % m == 0 for n, m in zip(plan.input_shape, (4, 16, 16)))
-    covered = np.zeros(shape, int)
-    for tile in plan.tiles:
-        region = tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))
-        covered[region] += 1
-        assert all(k.stop <= n for k, n in zip(tile.keep, plan.input_shape))
-    assert (covered == 1).all()
+    assert all(k.stop <= n for tile in plan.tiles for k, n in zip(tile.keep, plan.input_shape))
+    _assert_cores_partition(plan, shape)
 
 
 @pytest.mark.parametrize("shape", [(20, 100, 70), (33, 530, 517), (10, 30, 200)])
@@ -56,15 +64,8 @@ def test_tiles_are_aligned_to_the_networks_grid(shape):
     core has at least ``halo`` context on both sides, and the cores still partition the volume."""
     align, halo = (4, 16, 16), (4, 24, 24)
     plan = plan_tiles(shape, (16, 128, 128), halo, align=align)
-    covered = np.zeros(shape, int)
-    for tile in plan.tiles:
-        assert all(o % a == 0 for o, a in zip(tile.origin, align)), tile
-        for n, o, k, h, size in zip(shape, tile.origin, tile.keep, halo, plan.input_shape):
-            if size < n:  # a cut axis: context on both sides (or the volume's edge)
-                assert k.start >= h or o + k.start == 0
-                assert size - k.stop >= h or o + k.stop == n
-        covered[tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))] += 1
-    assert (covered == 1).all()
+    assert all(o % a == 0 for tile in plan.tiles for o, a in zip(tile.origin, align))
+    _assert_cores_partition(plan, shape, halo)
     assert max(plan.input_shape) <= 128
 
 
@@ -82,12 +83,7 @@ def test_mirrored_tiles_leave_the_whole_volumes_remainder(shape):
             assert size % m == 0 and (size - one) % a == 0 and size <= limit
         else:
             assert size == one
-    covered = np.zeros(shape, int)
-    for tile in plan.tiles:
-        covered[tuple(slice(o + k.start, o + k.stop) for o, k in zip(tile.origin, tile.keep))] += 1
-        for n, o, k, h, size in zip(shape, tile.origin, tile.keep, halo, plan.input_shape):
-            assert (k.start >= h or o + k.start == 0) and (size - k.stop >= h or o + k.stop == n)
-    assert (covered == 1).all()
+    _assert_cores_partition(plan, shape, halo)
 
 
 def test_tiles_too_small_for_an_aligned_halo_are_refused_with_the_size_that_works():
@@ -106,8 +102,9 @@ def test_peaks_next_to_tile_cores_fill_in_only_what_no_core_holds():
     # output voxels (model voxels, on a 1 x 2 x 2 grid); the window: 1 x 4 x 4
     places = np.array([[5, 32, 10], [5, 30, 10], [10, 50, 10], [10, 50, 10], [20, 70, 10], [5, 32, 10],
                        [10, 54, 10], [5, 36, 10]], float)
-    owner = np.array([-2, -1, 0, -2, -1, -2, 1, -1])  # tile k: k in its core, -1 - k next to it
-    joined = _join_seams(table, owner, places, (1, 4, 4))
+    tile = np.array([1, 0, 0, 1, 0, 1, 1, 0])
+    own = np.array([False, False, True, False, False, False, True, False])  # in its tile's core
+    joined = _join_seams(table, tile, own, places, (1, 4, 4))
     # dropped: the lower of the pair each put in the other's core (row 0) and the twin of tile 0's
     # core peak (row 3); kept: both core peaks (rows 2, 6: cores never overrule each other), a lone
     # peak next to a core (row 4), the same place in another session (row 5), and tile 0's second
@@ -115,7 +112,8 @@ def test_peaks_next_to_tile_cores_fill_in_only_what_no_core_holds():
     expected = table.iloc[[1, 2, 4, 5, 6, 7]].reset_index(drop=True)
     pd.testing.assert_frame_equal(joined, expected)
     cores = table.iloc[[2, 6]].reset_index(drop=True)  # core peaks only: nothing to join
-    pd.testing.assert_frame_equal(_join_seams(cores, np.array([0, 1]), places[[2, 6]], (1, 4, 4)), cores)
+    pd.testing.assert_frame_equal(_join_seams(cores, np.array([0, 1]), np.array([True, True]), places[[2, 6]],
+                                              (1, 4, 4)), cores)
 
 
 def test_a_volume_slightly_larger_than_a_tile_costs_little_more():

@@ -547,8 +547,9 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
 
     chunks = session_chunks(t_count, options.session_chunk, device)
     rows: list[np.ndarray] = []
-    owner: list[np.ndarray] = []  # per row: the tile's number where the row is in that tile's core, else -1 - it
-    places: list[np.ndarray] = []  # per row: its output voxel, model voxels of the reference frame
+    # per row: its tile's number, whether it is in that tile's core, and its output voxel
+    # (reference-frame model voxels), for _join_seams
+    tile_of, own, places = [], [], []
     total, done = len(plan.tiles) * t_count, 0
     stride = np.asarray(net.total_stride)
     field_grid = tuple(int(n) for n in -(-np.asarray(plan.input_shape) // stride))  # a tile's coarsest level
@@ -590,9 +591,10 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                     if cuts is not None:
                         found.zyx += cuts[1][t]
                         found.voxel += cuts[1][t]
-                    native, own, place = _to_native(found, tile, t, frames, model_vox, margin, (low, high))
+                    native, in_core, place = _to_native(found, tile, t, frames, model_vox, margin, (low, high))
                     rows.append(native)
-                    owner.append(np.where(own, first + i, -1 - (first + i)))
+                    tile_of.append(np.full(len(native), first + i))
+                    own.append(in_core)
                     places.append(place)
             del outputs, flat  # before the next chunk's network call allocates
             done += len(tiles) * len(times)
@@ -603,7 +605,7 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
     if len(plan.tiles) > 1 and len(table):
-        table = _join_seams(table, np.concatenate(owner), np.concatenate(places), margin)
+        table = _join_seams(table, np.concatenate(tile_of), np.concatenate(own), np.concatenate(places), margin)
     return _inside_sessions(table, shapes)
 
 
@@ -654,7 +656,6 @@ def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray
         near &= (at >= keep.start - margin[axis]) & (at < keep.stop + margin[axis])
         if bounds is not None:
             near &= (at + tile.origin[axis] >= bounds[0][axis]) & (at + tile.origin[axis] < bounds[1][axis])
-    near |= own
     q = peaks.zyx[near]
     model_pos = q + np.asarray(tile.origin)
     native = frames.to_native(model_pos, t)
@@ -667,25 +668,24 @@ def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray
     return rows, own[near], peaks.voxel[near] + np.asarray(tile.origin)
 
 
-def _join_seams(table: pd.DataFrame, owner: np.ndarray, places: np.ndarray, window) -> pd.DataFrame:
+def _join_seams(table: pd.DataFrame, tile: np.ndarray, own: np.ndarray, places: np.ndarray,
+                window) -> pd.DataFrame:
     """The peaks of all tiles, each spine once.
 
-    ``owner``: per row, the tile's number where the peak is in that tile's core, else ``-1 - tile``
-    (a peak next to the core, see _to_native); ``places``: its output voxel (reference-frame model
-    voxels). Every core peak stays. A peak next to a core stays unless another tile's peak of the
-    same session has its output voxel within ``window`` (model voxels, z, y, x: the half-width of
-    the non-maximum suppression, which would have kept one of the two in one tile): where that
-    one is in its tile's core, the spine is that tile's; where it is next to its core too (each
-    tile put the spine's peak in the other's core), the higher score stays. Where tiles agree, as
-    on the network's grid with a wide enough halo, every peak next to a core has its core twin,
-    and none stays.
+    Per row: ``tile``, the number of the tile that found it; ``own``, whether it is in that
+    tile's core (else next to it, see _to_native); ``places``, its output voxel (reference-frame
+    model voxels). Every core peak stays. A peak next to a core stays unless another tile's peak
+    of the same session has its output voxel within ``window`` (model voxels, z, y, x: the
+    half-width of the non-maximum suppression, which would have kept one of the two in one tile):
+    where that one is in its tile's core, the spine is that tile's; where it is next to its core
+    too (each tile put the spine's peak in the other's core), the higher score stays. Where tiles
+    agree, as on the network's grid with a wide enough halo, every peak next to a core has its
+    core twin, and none stays.
     """
     from scipy.spatial import cKDTree
 
-    own = owner >= 0
     if own.all():
         return table
-    tile = np.where(own, owner, -1 - owner)
     # scaled so that the window is the unit cube; sessions far apart
     points = np.column_stack([table["t"].to_numpy() * 4.0, places / np.asarray(window, float)])
     beside = np.flatnonzero(~own)
@@ -694,8 +694,7 @@ def _join_seams(table: pd.DataFrame, owner: np.ndarray, places: np.ndarray, wind
     j = np.concatenate(near).astype(int)
     other = tile[i] != tile[j]
     i, j = i[other], j[other]
-    keep = own.copy()
-    keep[beside] = True
+    keep = np.ones(len(table), bool)
     keep[i[own[j]]] = False  # another tile's core holds the spine
     # what is left: pairs of peaks next to their cores (each pair twice); the higher score stays
     both = ~own[j] & keep[i] & keep[j]
