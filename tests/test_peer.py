@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,6 +108,20 @@ def test_run_cases_isolated_measures_time_memory_and_scores():
     assert trackpy_result.peak_rss_mb > trackpy_result.added_rss_mb >= 0
     assert 0 <= trackpy_result.scores["f1"] <= 1 and trackpy_result.scores["n_true"] > 0
     assert spinenet_result.note == "n/a (no model)" and not spinenet_result.scores
+
+
+def test_what_a_method_imports_on_first_use_is_imported_before_the_clock(tiny_checkpoint):
+    """The timed call starts with the method's modules loaded, as importing trackpy is outside the
+    peer's time (in a fresh interpreter: this one has imported them all)."""
+    import subprocess
+
+    code = ("import sys; from napari_spine_tracker.core.bench import _PREPARE; "
+            f"_PREPARE['spinenet'](device='cpu', model={str(tiny_checkpoint)!r}); "
+            "print(sorted(m for m in ('napari_spine_tracker.core.detect', 'napari_spine_tracker.core.edits', "
+            "'napari_spine_tracker.core.infer', 'napari_spine_tracker.core.link') if m not in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_run_cases_with_mirror_views_names_the_row(tiny_checkpoint):

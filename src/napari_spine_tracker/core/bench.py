@@ -61,9 +61,10 @@ def _spinenet(image: np.ndarray, voxel_size_um, *, device: str = "auto", model: 
 
 
 def _spinenet_prepare(device: str = "auto", model: str = "spinenet-synth", **_options) -> dict:
-    """Load the model, and import what detection imports on first use (registration, linking,
-    scipy.optimize: 0.4 s), before the clock starts: neither is detection time."""
-    from . import link, register  # noqa: F401
+    """Load the model, and import what detection imports on first use (the detection module,
+    registration, linking, scipy.optimize: 0.4 s), before the clock starts: neither is detection
+    time, as importing trackpy is not the peer's."""
+    from . import detect, link, register  # noqa: F401
     from .models import load_model
 
     return {"loaded": load_model(model, device=device)}
