@@ -961,3 +961,18 @@ def test_a_lowered_threshold_is_told_to_the_user():
     assert threshold_note(table) == ""  # kept
     table.attrs.update(threshold=0.3, threshold_adapted=False)
     assert threshold_note(table) == ""  # the user's own choice
+
+
+def test_the_heap_is_given_back_between_tiles_and_once_at_the_end(random_model, monkeypatch):
+    """Between tiles the heap's free memory goes back to the system (so that blocks no later buffer
+    fits do not pile up), after the last tile only once, when the run ends."""
+    from napari_spine_tracker.core import devices, infer
+
+    trims = []
+    monkeypatch.setattr(devices, "_glibc", lambda: None)  # the end of the run: none without glibc
+    monkeypatch.setattr(infer, "give_back_free_memory", lambda: trims.append(1))
+    series = np.random.default_rng(4).poisson(5, (2, 8, 64, 160)).astype(np.uint16)
+    options = InferenceOptions(max_tile=(8, 64, 64), halo=(0, 16, 16))
+    plan = plan_tiles((8, 64, 160), options.max_tile, options.halo, align=random_model.net.total_stride)
+    predict_series(series, (0.5, 0.1, 0.1), random_model, options=options)
+    assert len(plan.tiles) >= 2 and len(trims) == len(plan.tiles) - 1

@@ -600,7 +600,8 @@ def _predict(data, voxel_size_um, model, motion, session_shapes, options: Infere
             done += len(tiles) * len(times)
             if progress is not None:
                 progress(done, total)
-        give_back_free_memory()  # so that freed blocks no later buffer fits do not pile up across tiles
+        if first + batch_size < len(plan.tiles):  # after the last, reuse_freed_memory's end does it
+            give_back_free_memory()  # so that freed blocks no later buffer fits do not pile up across tiles
     table = pd.DataFrame(np.concatenate(rows) if rows else np.zeros((0, len(DETECTION_COLUMNS))),
                          columns=DETECTION_COLUMNS)
     table["t"] = table["t"].astype(int)
