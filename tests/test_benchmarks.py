@@ -154,3 +154,23 @@ def test_tiling_benchmark_compares_small_tiles_with_one(monkeypatch, capsys):
     # tiles on the network's grid with a halo of 24 find one tile's peaks, and read more voxels
     assert "halo 24:" in line and "same place 1.000" in line
     assert float(line.split("read ")[1].rstrip("x")) > 1
+
+
+def test_scales_benchmark_scores_the_series_as_read_like_detection(monkeypatch, capsys):
+    from napari_spine_tracker.core.bench import QUICK_OVERRIDES
+    from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.metrics import evaluate_tracks
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    with pytest.raises(SystemExit) as exit_:
+        _run("scales.py", "--quick", "--cases", "default", "--seeds", "2000", "--factors", "1", "1.25",
+             monkeypatch=monkeypatch)
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    as_read, magnified = (next(row for row in lines if row.startswith("default") and f" x{f} " in row)
+                          for f in ("1", "1.25"))
+    series = synthesize_series(SynthConfig.preset("default", seed=2000, **QUICK_OVERRIDES))
+    expected = evaluate_tracks(detect_series(series.image, series.voxel_size_um), series.truth,
+                               series.voxel_size_um, tol_um=1.0)
+    assert f"F1 {expected['f1']:.3f}" in as_read
+    assert "F1 " in magnified and lines[-2].split()[0] == "1.00" and lines[-1].split()[0] == "1.25"
