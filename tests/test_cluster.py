@@ -238,26 +238,3 @@ def test_a_batch_gives_memory_back_once_after_its_last_series(tmp_path, tiny_che
     assert settings[:2] == [(devices._M_MMAP_MAX, 0), (devices._M_TRIM_THRESHOLD, 2**30)]
     assert settings[2:] == list(devices._GLIBC_AFTER.items())  # set once, set back once
     assert devices._heap_users == 0
-
-
-def test_on_a_cluster_each_worker_shares_one_heap_for_the_batch(tmp_path, tiny_checkpoint, monkeypatch):
-    """Workers hold the heap from series to series while the batch runs (a worker plugin), and let
-    go of it after: the plugin is removed from a cluster the batch did not start."""
-    distributed = pytest.importorskip("distributed")
-    from napari_spine_tracker.core import devices
-    from napari_spine_tracker.core.dask_plugins import SharedHeap
-
-    libc = _RecordingLibc()
-    monkeypatch.setattr(devices, "_glibc", lambda: libc)
-    # workers as threads of this process, so that they use the recording allocator too
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        report = detect_many(_good_series(tmp_path, 3), tmp_path / "tables", scheduler=client,
-                             model=str(tiny_checkpoint), device="cpu")
-        assert not any(client.run(lambda dask_worker: SharedHeap.name in dask_worker.plugins).values())
-    assert len(report.done) == 3
-    # set once when the first worker took the heap, given back once when the last let go
-    assert libc.calls.count(("trim",)) == 1 and libc.calls[-1] == ("trim",)
-    assert [call[1:] for call in libc.calls if call[0] == "mallopt"][:2] == [(devices._M_MMAP_MAX, 0),
-                                                                               (devices._M_TRIM_THRESHOLD, 2**30)]
-    assert devices._heap_users == 0

@@ -510,9 +510,7 @@ def _default_local_workers(n_jobs: int) -> int:
 def _run_on_dask(jobs: dict[int, _Job], scheduler, workers, progress, should_stop):
     distributed = _import_distributed()
     WaitTimeout, wait = distributed.TimeoutError, distributed.wait
-    from .dask_plugins import SharedHeap
-
-    with _client(scheduler, workers, len(jobs)) as (client, where, torch_threads), _worker_plugin(client, SharedHeap()):
+    with _client(scheduler, workers, len(jobs)) as (client, where, torch_threads):
         n_workers = len(client.scheduler_info().get("workers", {}))
         log.info("running %d series on %s (%d workers now)", len(jobs), where, n_workers)
         futures = {client.submit(_detect_task, replace(job, torch_threads=torch_threads), pure=False,
@@ -536,17 +534,6 @@ def _run_on_dask(jobs: dict[int, _Job], scheduler, workers, progress, should_sto
             if pending:
                 client.cancel(list(pending))
     return results, where, max(n_workers, 1)
-
-
-@contextlib.contextmanager
-def _worker_plugin(client, plugin):
-    """``plugin`` on the client's workers (those joining later too) while the block runs."""
-    client.register_plugin(plugin, name=plugin.name)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):  # a cluster already going away takes its plugins along
-            client.unregister_worker_plugin(plugin.name)
 
 
 def _collect(future, job: _Job) -> SeriesResult:
