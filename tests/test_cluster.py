@@ -224,7 +224,7 @@ class _RecordingLibc:
 
 def test_a_batch_gives_memory_back_once_after_its_last_series(tmp_path, tiny_checkpoint, monkeypatch):
     """The series of a batch share one heap: the memory one freed is reused by the next, not given
-    back to the system and paged in again (10 % of a one-tile series' time on 2 cores); after the
+    back to the system and paged in again (11-16 % of a batch of six one-tile series' time on 2 cores); after the
     batch the allocator is set back and the heap given back once."""
     from napari_spine_tracker.core import devices
 

@@ -91,10 +91,10 @@ def decode_peaks(outputs: dict, stride: tuple[int, int, int], kernel: tuple[int,
     else:
         heads = {name: outputs[name][b, :, z, y, x].float() for name in ("offset", "displacement", "size")}
     stride_t = torch.tensor(stride, dtype=torch.float32, device=logits.device)
-    zyx = (torch.stack([z, y, x], 1).float() + heads["offset"] + 0.5) * stride_t - 0.5
+    grid = torch.stack([z, y, x], 1).float()  # output voxels
     columns = {
-        "zyx": zyx,
-        "voxel": torch.stack([z, y, x], 1).float() * stride_t,
+        "zyx": (grid + heads["offset"] + 0.5) * stride_t - 0.5,
+        "voxel": grid * stride_t,
         "score": torch.sigmoid(logits[b, z, y, x]),
         "displacement_um": heads["displacement"],
         "radius_um": heads["size"][:, 0],

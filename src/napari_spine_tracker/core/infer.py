@@ -639,8 +639,8 @@ def _forward_views(net, x, previous, states: list):
     return outputs, after
 
 
-def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray, margin=(0, 0, 0),
-               bounds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray, margin,
+               bounds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Peaks of one tile-session (tile-input model voxels) -> (rows in session t's native voxels,
     whether each is in the tile's core, its output voxel in reference-frame model voxels).
 
@@ -655,8 +655,7 @@ def _to_native(peaks, tile: Tile, t: int, frames: _Frames, model_vox: np.ndarray
         at = peaks.voxel[:, axis]
         own &= (at >= keep.start) & (at < keep.stop)
         near &= (at >= keep.start - margin[axis]) & (at < keep.stop + margin[axis])
-        if bounds is not None:
-            near &= (at + tile.origin[axis] >= bounds[0][axis]) & (at + tile.origin[axis] < bounds[1][axis])
+        near &= (at + tile.origin[axis] >= bounds[0][axis]) & (at + tile.origin[axis] < bounds[1][axis])
     q = peaks.zyx[near]
     model_pos = q + np.asarray(tile.origin)
     native = frames.to_native(model_pos, t)
