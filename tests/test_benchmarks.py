@@ -174,3 +174,57 @@ def test_scales_benchmark_scores_the_series_as_read_like_detection(monkeypatch, 
                                series.voxel_size_um, tol_um=1.0)
     assert f"F1 {expected['f1']:.3f}" in as_read
     assert "F1 " in magnified and lines[-2].split()[0] == "1.00" and lines[-1].split()[0] == "1.25"
+
+
+def _symmetries_module():
+    return runpy.run_path(str(BENCHMARKS / "symmetries.py"), run_name="symmetries")
+
+
+def test_symmetries_benchmark_views_are_the_shipped_four_and_their_turns():
+    """Its four views average as ``detect --views 4`` does; its sixteen give a heatmap that turns and
+    flips exactly with the input (it would not if a view were turned back wrong)."""
+    import torch
+
+    from napari_spine_tracker.core.infer import _forward_views
+    from napari_spine_tracker.core.model import SpineNet, build_config
+
+    module = _symmetries_module()
+    transforms = module["view_transforms"]("16")
+    assert len(set(transforms)) == 16 and transforms[0] == ((), False)
+    torch.manual_seed(0)
+    net = SpineNet(build_config("tiny")).eval()
+    x = torch.randn(1, 2, 1, 8, 32, 32)
+    with torch.inference_mode():
+        shipped = _forward_views(net, x, None, [None] * 4)[0]["heatmap"]
+        four = module["forward_views"](module["view_transforms"]("4"))(net, x, None, [None] * 4)[0]["heatmap"]
+        torch.testing.assert_close(four, shipped, atol=1e-5, rtol=1e-5)
+        sixteen = module["forward_views"](transforms)
+        averaged = sixteen(net, x, None, [None] * 16)[0]["heatmap"]
+        turned = sixteen(net, x.transpose(-2, -1), None, [None] * 16)[0]["heatmap"]
+        torch.testing.assert_close(turned, averaged.transpose(-2, -1), atol=1e-5, rtol=1e-5)
+        upside_down = sixteen(net, x.flip((-3,)), None, [None] * 16)[0]["heatmap"]
+        torch.testing.assert_close(upside_down, averaged.flip((-3,)), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(four, averaged, atol=1e-4), "sixteen views average more than four"
+
+
+def test_symmetries_benchmark_scores_one_view_like_detection_and_restores_it(monkeypatch, capsys):
+    from napari_spine_tracker.core import infer
+    from napari_spine_tracker.core.bench import QUICK_OVERRIDES
+    from napari_spine_tracker.core.detect import detect_series
+    from napari_spine_tracker.core.metrics import evaluate_tracks
+    from napari_spine_tracker.core.model import SpineNet
+    from napari_spine_tracker.core.synth import SynthConfig, synthesize_series
+
+    before = infer._forward_views, infer.check_views, SpineNet.forward_sessions
+    with pytest.raises(SystemExit) as exit_:
+        _run("symmetries.py", "--quick", "--cases", "default", "--seeds", "2000", "--variants", "1", "8t",
+             "nomemory", "--thresholds", "0.3", "0.4", monkeypatch=monkeypatch)
+    assert exit_.value.code == 0
+    assert (infer._forward_views, infer.check_views, SpineNet.forward_sessions) == before
+    out = capsys.readouterr().out
+    plain = next(row for row in out.splitlines() if row.startswith("default") and " 1  F1" in row)
+    series = synthesize_series(SynthConfig.preset("default", seed=2000, **QUICK_OVERRIDES))
+    expected = evaluate_tracks(detect_series(series.image, series.voxel_size_um), series.truth,
+                               series.voxel_size_um, tol_um=1.0)
+    assert f"F1 {expected['f1']:.3f}  IDF1 {expected['idf1']:.3f}" in plain
+    assert "F1 at 0.3" in out and "8t" in out and "nomemory" in out
