@@ -24,8 +24,8 @@ import contextlib
 import logging
 import sys
 
-#: variant -> (flip dims, swap y and x) of each view; "1" and "nomemory": one plain view
-VARIANTS = {"1": 1, "4": 4, "8t": 8, "8z": 8, "16": 16, "nomemory": 1}
+#: the variants; "1" and "nomemory" run one plain view (see view_transforms)
+VARIANTS = ("1", "4", "8t", "8z", "16", "nomemory")
 
 
 def view_transforms(variant: str) -> list[tuple[tuple[int, ...], bool]]:
@@ -79,7 +79,7 @@ def variant_running(variant: str, net):
     if variant == "nomemory":
         kind.forward_sessions = lambda self, x, previous=None, state=None, **kw: forward_sessions(
             self, x, previous, None, **kw)
-    elif VARIANTS[variant] > 1:
+    elif len(view_transforms(variant)) > 1:
         infer._forward_views, infer.check_views = forward_views(view_transforms(variant)), lambda views: views
     try:
         yield
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=["default", "large_drift", "low_snr", "crowded"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[2000, 2001, 2002],
                         help="series seeds (default: the tuning seeds; the test seeds are 1000-1002)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["1", "4", "8t", "8z", "nomemory"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["1", "4", "8t", "8z", "nomemory"])
     parser.add_argument("--thresholds", nargs="*", type=float, default=[],
                         help="also F1 at these fixed peak thresholds")
     parser.add_argument("--device", default="cpu")
@@ -122,11 +122,12 @@ def main(argv=None) -> int:
             series = synthesize_series(SynthConfig.preset(case, seed=seed, **changes))
             for variant in args.variants:
                 options = alone if variant == "nomemory" else None
+                views = len(view_transforms(variant))
                 with variant_running(variant, model.net):
                     table = detect_series(series.image, series.voxel_size_um, model=model, device=args.device,
-                                          views=VARIANTS[variant], options=options)
+                                          views=views, options=options)
                     low = (detect_series(series.image, series.voxel_size_um, model=model, device=args.device,
-                                         views=VARIANTS[variant], options=options, threshold=min(args.thresholds),
+                                         views=views, options=options, threshold=min(args.thresholds),
                                          track_evidence=False) if args.thresholds else None)
                 scores = evaluate_tracks(table, series.truth, series.voxel_size_um, tol_um=1.0)
                 row = {"case": case, "seed": seed, "variant": variant,

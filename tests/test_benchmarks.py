@@ -176,10 +176,6 @@ def test_scales_benchmark_scores_the_series_as_read_like_detection(monkeypatch, 
     assert "F1 " in magnified and lines[-2].split()[0] == "1.00" and lines[-1].split()[0] == "1.25"
 
 
-def _symmetries_module():
-    return runpy.run_path(str(BENCHMARKS / "symmetries.py"), run_name="symmetries")
-
-
 def test_symmetries_benchmark_views_are_the_shipped_four_and_their_turns():
     """Its four views average as ``detect --views 4`` does; its sixteen give a heatmap that turns and
     flips exactly with the input (it would not if a view were turned back wrong)."""
@@ -188,7 +184,7 @@ def test_symmetries_benchmark_views_are_the_shipped_four_and_their_turns():
     from napari_spine_tracker.core.infer import _forward_views
     from napari_spine_tracker.core.model import SpineNet, build_config
 
-    module = _symmetries_module()
+    module = runpy.run_path(str(BENCHMARKS / "symmetries.py"), run_name="symmetries")
     transforms = module["view_transforms"]("16")
     assert len(set(transforms)) == 16 and transforms[0] == ((), False)
     torch.manual_seed(0)
